@@ -1,0 +1,380 @@
+// CPU implementation of self_reasoning_tokens::attn_fwd / attn_bwd.
+//
+// Flash-style: queries and keys are cut into blocks; the forward keeps a running row max and
+// row sum (online softmax) and saves the log-sum-exp, the backward recomputes P block by block
+// from it. Only per-thread tiles and O(B*H*N) row statistics are ever allocated: never an
+// N x M matrix. Block products run on the BLAS behind at::cpu::mm_out; masks are read through
+// their strides (csrc/mask_semantics.h) one tile at a time.
+//
+// float32 and float64 compute in their own precision; bfloat16/float16 inputs are converted to
+// float32 once (O(N) memory) and the results converted back, so accumulation is always fp32+.
+#include <ATen/Parallel.h>
+#include <ATen/ops/addmm_cpu_dispatch.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../attn_params.h"
+#include "../mask_semantics.h"
+#include "row_ops.h"
+
+namespace srt::cpu {
+namespace {
+
+// Tile sizes: large enough for the BLAS to run near its peak, small enough that the three
+// Bq x Bk fp32 tiles of the backward stay in L2.
+constexpr int64_t kBlockQ = 128;
+constexpr int64_t kBlockK = 256;
+
+template <typename T>
+at::Tensor wrap(const T* ptr, int64_t rows, int64_t cols, int64_t ld) {
+  return at::from_blob(const_cast<T*>(ptr), {rows, cols}, {ld, 1},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
+// c (rows x cols, contiguous with leading dim ldc) = a @ b, or += when accumulate.
+void matmul_into(at::Tensor c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  if (accumulate) {
+    at::cpu::addmm_out(c, c, a, b);
+  } else {
+    at::cpu::mm_out(c, a, b);
+  }
+}
+
+template <typename T>
+constexpr T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+// Sets to -inf every score of the tile that the forward attention does not allow.
+// s: rows x cols tile (leading dim ld) for query rows i0.. and keys j0.., head (b, h).
+template <typename T>
+void mask_scores_tile(const AttnParams& p, int64_t b, int64_t h, int64_t i0, int64_t rows,
+                      int64_t j0, int64_t cols, T* s, int64_t ld) {
+  const bool hard_region = !p.reasoning.stop_grad && p.reasoning.on_head(h);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r;
+    T* row = s + r * ld;
+    if (p.causal) {
+      const int64_t first_hidden = i + p.shift + 1 - j0;  // keys >= this column are in the future
+      for (int64_t c = std::max<int64_t>(first_hidden, 0); c < cols; ++c) row[c] = neg_inf<T>();
+    }
+    if (p.key_padding.present()) {
+      const bool* kp = static_cast<const bool*>(p.key_padding.ptr) + b * p.key_padding.sb;
+      for (int64_t c = 0; c < cols; ++c)
+        if (!kp[(j0 + c) * p.key_padding.sj]) row[c] = neg_inf<T>();
+    }
+    if (p.attn_mask.present()) {
+      const bool* am = static_cast<const bool*>(p.attn_mask.ptr) + p.attn_mask.offset(b, h, i, j0);
+      const int64_t sj = p.attn_mask.sj;
+      for (int64_t c = 0; c < cols; ++c)
+        if (!am[c * sj]) row[c] = neg_inf<T>();
+    }
+    if (hard_region) {
+      int64_t lo, hi;
+      region_key_range(p.reasoning, i + p.shift, &lo, &hi);
+      lo = std::max(lo, j0);
+      hi = std::min(hi, j0 + cols);
+      for (int64_t j = lo; j < hi; ++j)
+        if (p.reasoning.is_reason(j)) row[j - j0] = neg_inf<T>();
+    }
+  }
+}
+
+// Does any element of the tile need a mask test? (False lets the row loop skip mask_scores_tile.)
+bool tile_needs_masking(const AttnParams& p, int64_t h, int64_t i0, int64_t rows, int64_t j0,
+                        int64_t cols) {
+  if (p.any_mask_in_forward(h)) return true;
+  return p.causal && (j0 + cols - 1 > i0 + p.shift);  // the tile crosses the diagonal
+}
+
+// Hard mode: is the whole tile hidden by the reasoning region?
+bool tile_hidden_by_region(const AttnParams& p, int64_t h, int64_t i0, int64_t rows, int64_t j0,
+                           int64_t cols) {
+  return !p.reasoning.stop_grad && p.reasoning.on_head(h) &&
+         p.reasoning.tile_inside_region(i0 + p.shift, i0 + rows - 1 + p.shift, j0, j0 + cols - 1);
+}
+
+// Number of keys any query row in [i0, i0 + rows) may see under causality.
+int64_t key_end(const AttnParams& p, int64_t i0, int64_t rows) {
+  if (!p.causal) return p.M;
+  return std::clamp<int64_t>(i0 + rows - 1 + p.shift + 1, 0, p.M);
+}
+
+// Stop-gradient factors of a tile: f[r*ld + c] = F(b, h, i0 + r, j0 + c), including the
+// reasoning pattern's zero on the region for k and v (with_region). Returns false when every
+// factor is 1 (the caller then skips the multiply).
+template <typename T>
+bool load_factor_tile(const MaskView& mv, bool with_region, const AttnParams& p, int64_t b,
+                      int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols, T* f,
+                      int64_t ld) {
+  const bool region = with_region && p.reasoning.stop_grad && p.reasoning.on_head(h);
+  if (!mv.present() && !region) return false;
+  for (int64_t r = 0; r < rows; ++r) {
+    T* row = f + r * ld;
+    const int64_t i = i0 + r;
+    if (mv.present()) {
+      const int64_t base = mv.offset(b, h, i, j0);
+      switch (mv.kind) {  // the type switch stays outside the column loop
+        case kBool: {
+          const bool* m = static_cast<const bool*>(mv.ptr) + base;
+          for (int64_t c = 0; c < cols; ++c) row[c] = m[c * mv.sj] ? T(0) : T(1);
+          break;
+        }
+        case kFloat32: {
+          const float* m = static_cast<const float*>(mv.ptr) + base;
+          for (int64_t c = 0; c < cols; ++c) row[c] = static_cast<T>(m[c * mv.sj]);
+          break;
+        }
+        case kFloat64: {
+          const double* m = static_cast<const double*>(mv.ptr) + base;
+          for (int64_t c = 0; c < cols; ++c) row[c] = static_cast<T>(m[c * mv.sj]);
+          break;
+        }
+        default:
+          for (int64_t c = 0; c < cols; ++c) row[c] = stop_factor_at<T>(mv, base + c * mv.sj);
+      }
+    } else {
+      std::fill(row, row + cols, T(1));
+    }
+    if (region) {
+      int64_t lo, hi;
+      region_key_range(p.reasoning, i + p.shift, &lo, &hi);
+      lo = std::max(lo, j0);
+      hi = std::min(hi, j0 + cols);
+      for (int64_t j = lo; j < hi; ++j)
+        if (p.reasoning.is_reason(j)) row[j - j0] = T(0);
+    }
+  }
+  return true;
+}
+
+template <typename T>
+void forward_kernel(const AttnParams& p, const T* Q, const T* K, const T* V, T* O, T* LSE) {
+  const int64_t B = p.B, H = p.H, N = p.N, M = p.M, D = p.D;
+  const int64_t nqb = (N + kBlockQ - 1) / kBlockQ;
+  const T scale = static_cast<T>(p.scale);
+  at::parallel_for(0, B * H * nqb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> s_buf(kBlockQ * kBlockK), acc_buf(kBlockQ * D), m_buf(kBlockQ), l_buf(kBlockQ);
+    at::Tensor s_t = wrap(s_buf.data(), kBlockQ, kBlockK, kBlockK);
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t bh = idx / nqb, qb = idx % nqb;
+      const int64_t b = bh / H, h = bh % H;
+      const int64_t i0 = qb * kBlockQ, rows = std::min(kBlockQ, N - i0);
+      const T* q = Q + (bh * N + i0) * D;
+      const T* k = K + bh * M * D;
+      const T* v = V + bh * M * D;
+      std::fill(acc_buf.begin(), acc_buf.end(), T(0));
+      std::fill(m_buf.begin(), m_buf.end(), neg_inf<T>());
+      std::fill(l_buf.begin(), l_buf.end(), T(0));
+      at::Tensor acc_t = wrap(acc_buf.data(), rows, D, D);
+      at::Tensor q_t = wrap(q, rows, D, D);
+      const int64_t jend = key_end(p, i0, rows);
+      for (int64_t j0 = 0; j0 < jend; j0 += kBlockK) {
+        const int64_t cols = std::min(kBlockK, jend - j0);
+        if (tile_hidden_by_region(p, h, i0, rows, j0, cols)) continue;
+        at::Tensor s = wrap(s_buf.data(), rows, cols, cols);
+        matmul_into(s, q_t, wrap(k + j0 * D, cols, D, D).t(), false);
+        T* sp = s_buf.data();
+        scale_row(sp, rows * cols, scale);
+        if (tile_needs_masking(p, h, i0, rows, j0, cols))
+          mask_scores_tile(p, b, h, i0, rows, j0, cols, sp, cols);
+        for (int64_t r = 0; r < rows; ++r) {
+          T* row = sp + r * cols;
+          const T m_old = m_buf[r];
+          const T m_new = std::max(m_old, row_max(row, cols));
+          if (m_new == neg_inf<T>()) {  // nothing visible to this row yet
+            std::fill(row, row + cols, T(0));
+            continue;
+          }
+          const T sum = exp_sub_sum(row, cols, m_new);
+          const T alpha = m_old == neg_inf<T>() ? T(0) : std::exp(m_old - m_new);
+          if (alpha != T(1)) scale_row(acc_buf.data() + r * D, D, alpha);
+          l_buf[r] = l_buf[r] * alpha + sum;
+          m_buf[r] = m_new;
+        }
+        matmul_into(acc_t, s, wrap(v + j0 * D, cols, D, D), true);
+      }
+      T* o = O + (bh * N + i0) * D;
+      T* lse = LSE + bh * N + i0;
+      for (int64_t r = 0; r < rows; ++r) {
+        if (l_buf[r] == T(0)) {  // a row with no allowed key: zero output, lse = -inf
+          std::fill(o + r * D, o + (r + 1) * D, T(0));
+          lse[r] = neg_inf<T>();
+        } else {
+          const T inv = T(1) / l_buf[r];
+          for (int64_t d = 0; d < D; ++d) o[r * D + d] = acc_buf[r * D + d] * inv;
+          lse[r] = m_buf[r] + std::log(l_buf[r]);
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_kernel(const AttnParams& p, const T* Q, const T* K, const T* V, const T* O,
+                     const T* dO, const T* LSE, T* dQ, T* dK, T* dV) {
+  const int64_t B = p.B, H = p.H, N = p.N, M = p.M, D = p.D;
+  const T scale = static_cast<T>(p.scale);
+  const int64_t tile = kBlockQ * kBlockK;
+  // One task per (batch, head): a thread owns that head's dQ, dK and dV rows, so no atomics.
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> P(tile), dS(tile), Fq(tile), Fk(tile), Fv(tile), tmp(tile), Drow(N);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const T* q = Q + bh * N * D;
+      const T* k = K + bh * M * D;
+      const T* v = V + bh * M * D;
+      const T* o = O + bh * N * D;
+      const T* dout = dO + bh * N * D;
+      const T* lse = LSE + bh * N;
+      T* dq = dQ + bh * N * D;
+      T* dk = dK + bh * M * D;
+      T* dv = dV + bh * M * D;
+      std::fill(dq, dq + N * D, T(0));
+      std::fill(dk, dk + M * D, T(0));
+      std::fill(dv, dv + M * D, T(0));
+      for (int64_t i = 0; i < N; ++i) Drow[i] = dot_row(dout + i * D, o + i * D, D);
+
+      for (int64_t i0 = 0; i0 < N; i0 += kBlockQ) {
+        const int64_t rows = std::min(kBlockQ, N - i0);
+        at::Tensor q_t = wrap(q + i0 * D, rows, D, D);
+        at::Tensor do_t = wrap(dout + i0 * D, rows, D, D);
+        at::Tensor dq_t = wrap(dq + i0 * D, rows, D, D);
+        const int64_t jend = key_end(p, i0, rows);
+        for (int64_t j0 = 0; j0 < jend; j0 += kBlockK) {
+          const int64_t cols = std::min(kBlockK, jend - j0);
+          if (tile_hidden_by_region(p, h, i0, rows, j0, cols)) continue;
+          at::Tensor k_t = wrap(k + j0 * D, cols, D, D);
+          at::Tensor v_t = wrap(v + j0 * D, cols, D, D);
+          at::Tensor p_t = wrap(P.data(), rows, cols, cols);
+          at::Tensor ds_t = wrap(dS.data(), rows, cols, cols);
+
+          // P = exp(scale * q k^T - lse), zero where not allowed
+          matmul_into(p_t, q_t, k_t.t(), false);
+          T* pp = P.data();
+          scale_row(pp, rows * cols, scale);
+          if (tile_needs_masking(p, h, i0, rows, j0, cols))
+            mask_scores_tile(p, b, h, i0, rows, j0, cols, pp, cols);
+          for (int64_t r = 0; r < rows; ++r) {
+            T* row = pp + r * cols;
+            if (lse[i0 + r] == neg_inf<T>()) {
+              std::fill(row, row + cols, T(0));
+            } else {
+              exp_sub_sum(row, cols, lse[i0 + r]);
+            }
+          }
+
+          // dV += (Fv * P)^T dO
+          if (load_factor_tile(p.v_stop, true, p, b, h, i0, rows, j0, cols, Fv.data(), cols)) {
+            mul_row(tmp.data(), pp, Fv.data(), rows * cols);
+            matmul_into(wrap(dv + j0 * D, cols, D, D), wrap(tmp.data(), rows, cols, cols).t(), do_t, true);
+          } else {
+            matmul_into(wrap(dv + j0 * D, cols, D, D), p_t.t(), do_t, true);
+          }
+
+          // dS = P * (dO v^T - D)
+          matmul_into(ds_t, do_t, v_t.t(), false);
+          T* dsp = dS.data();
+          for (int64_t r = 0; r < rows; ++r)
+            softmax_grad_row(dsp + r * cols, pp + r * cols, dsp + r * cols, Drow[i0 + r], cols);
+
+          // dQ += (Fq * dS) k      (scale applied once at the end)
+          if (load_factor_tile(p.q_stop, false, p, b, h, i0, rows, j0, cols, Fq.data(), cols)) {
+            mul_row(tmp.data(), dsp, Fq.data(), rows * cols);
+            matmul_into(dq_t, wrap(tmp.data(), rows, cols, cols), k_t, true);
+          } else {
+            matmul_into(dq_t, ds_t, k_t, true);
+          }
+
+          // dK += (Fk * dS)^T q
+          if (load_factor_tile(p.k_stop, true, p, b, h, i0, rows, j0, cols, Fk.data(), cols)) {
+            mul_row(tmp.data(), dsp, Fk.data(), rows * cols);
+            matmul_into(wrap(dk + j0 * D, cols, D, D), wrap(tmp.data(), rows, cols, cols).t(), q_t, true);
+          } else {
+            matmul_into(wrap(dk + j0 * D, cols, D, D), ds_t.t(), q_t, true);
+          }
+        }
+      }
+      scale_row(dq, N * D, scale);
+      scale_row(dk, M * D, scale);
+    }
+  });
+}
+
+// Float32 working copy for reduced-precision inputs; the tensor itself otherwise.
+at::Tensor working(const at::Tensor& t) {
+  if (t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf)
+    return t.to(at::kFloat).contiguous();
+  return t.contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> attn_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& key_padding, const std::optional<at::Tensor>& attn_mask,
+    const std::optional<at::Tensor>& q_stop, const std::optional<at::Tensor>& k_stop,
+    const std::optional<at::Tensor>& v_stop, bool causal, double scale, int64_t num_reason_tokens,
+    int64_t reason_window, bool reason_stop_grad, const std::optional<at::Tensor>& reason_heads) {
+  AttnParams p = make_forward_params(q, k, v, key_padding, attn_mask, causal, scale,
+                                     num_reason_tokens, reason_window, reason_stop_grad,
+                                     reason_heads);
+  add_stop_masks(p, q, q_stop, k_stop, v_stop);  // checked here so bad masks fail before any work
+  at::Tensor qw = working(q), kw = working(k), vw = working(v);
+  at::Tensor out = at::empty_like(qw);
+  at::Tensor lse = at::empty({p.B, p.H, p.N}, qw.options().dtype(lse_dtype(q.scalar_type())));
+  if (qw.numel() > 0 && p.M > 0) {
+    AT_DISPATCH_FLOATING_TYPES(qw.scalar_type(), "attn_fwd_cpu", [&] {
+      forward_kernel<scalar_t>(p, qw.data_ptr<scalar_t>(), kw.data_ptr<scalar_t>(),
+                               vw.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                               lse.data_ptr<scalar_t>());
+    });
+  } else {  // no keys at all: every row is fully masked
+    out.zero_();
+    lse.fill_(-std::numeric_limits<double>::infinity());
+  }
+  return {out.to(q.scalar_type()), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& key_padding,
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& q_stop,
+    const std::optional<at::Tensor>& k_stop, const std::optional<at::Tensor>& v_stop, bool causal,
+    double scale, int64_t num_reason_tokens, int64_t reason_window, bool reason_stop_grad,
+    const std::optional<at::Tensor>& reason_heads) {
+  AttnParams p = make_forward_params(q, k, v, key_padding, attn_mask, causal, scale,
+                                     num_reason_tokens, reason_window, reason_stop_grad,
+                                     reason_heads);
+  add_stop_masks(p, q, q_stop, k_stop, v_stop);
+  check_backward_inputs(p, grad_out, q, out, lse);
+  at::Tensor qw = working(q), kw = working(k), vw = working(v), ow = working(out),
+             dow = working(grad_out), lw = lse.contiguous();
+  at::Tensor dq = at::empty_like(qw), dk = at::empty_like(kw), dv = at::empty_like(vw);
+  if (qw.numel() > 0 && kw.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES(qw.scalar_type(), "attn_bwd_cpu", [&] {
+      backward_kernel<scalar_t>(p, qw.data_ptr<scalar_t>(), kw.data_ptr<scalar_t>(),
+                                vw.data_ptr<scalar_t>(), ow.data_ptr<scalar_t>(),
+                                dow.data_ptr<scalar_t>(), lw.data_ptr<scalar_t>(),
+                                dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
+                                dv.data_ptr<scalar_t>());
+    });
+  } else {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+  }
+  return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(self_reasoning_tokens, CPU, m) {
+  m.impl("attn_fwd", &attn_fwd_cpu);
+  m.impl("attn_bwd", &attn_bwd_cpu);
+}
+
+}  // namespace srt::cpu

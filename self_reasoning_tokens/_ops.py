@@ -1,0 +1,97 @@
+"""Loads the compiled library and registers fake kernels and autograd for its ops.
+
+The ops themselves (schemas and CPU/CUDA kernels) are defined in C++ (csrc/ops.cpp); importing
+the pybind11 module `self_reasoning_tokens._C` loads the shared library, which registers them in
+the dispatcher as torch.ops.self_reasoning_tokens.attn_fwd / attn_bwd.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (loading registers the ops)
+
+    HAS_EXTENSION = True
+    _IMPORT_ERROR: Exception | None = None
+except ImportError as e:  # the package still imports; calling an op then raises a clear error
+    HAS_EXTENSION = False
+    _IMPORT_ERROR = e
+    warnings.warn(
+        "self_reasoning_tokens: the compiled extension self_reasoning_tokens._C could not be "
+        f"loaded ({e}). Build it with `pip install --no-build-isolation .` or "
+        "`python setup.py build_ext --inplace`. Only the pure-PyTorch reference is available.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def require_extension() -> None:
+    if not HAS_EXTENSION:
+        raise RuntimeError(
+            "self_reasoning_tokens: the compiled extension is not available "
+            f"({_IMPORT_ERROR}); build it with `pip install --no-build-isolation .`"
+        )
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def cuda_kernels_available() -> bool:
+    """Whether the library was compiled with its CUDA kernels."""
+    return HAS_EXTENSION and bool(torch.ops.self_reasoning_tokens.compiled_with_cuda())
+
+
+if HAS_EXTENSION:
+    ops = torch.ops.self_reasoning_tokens
+
+    @torch.library.register_fake("self_reasoning_tokens::attn_fwd")
+    def _attn_fwd_fake(q, k, v, key_padding, attn_mask, q_stop_grad_mask, k_stop_grad_mask,
+                       v_stop_grad_mask, causal, scale, num_reason_tokens=0, reason_window=0,
+                       reason_stop_grad=True, reason_heads=None):
+        torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4)
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        lse = q.new_empty((q.shape[0], q.shape[1], q.shape[2]), dtype=lse_dtype(q.dtype))
+        return out, lse
+
+    @torch.library.register_fake("self_reasoning_tokens::attn_bwd")
+    def _attn_bwd_fake(grad_out, q, k, v, out, lse, key_padding, attn_mask, q_stop_grad_mask,
+                       k_stop_grad_mask, v_stop_grad_mask, causal, scale, num_reason_tokens=0,
+                       reason_window=0, reason_stop_grad=True, reason_heads=None):
+        return (torch.empty_like(q, memory_format=torch.contiguous_format),
+                torch.empty_like(k, memory_format=torch.contiguous_format),
+                torch.empty_like(v, memory_format=torch.contiguous_format))
+
+    def _setup_context(ctx, inputs, output):
+        (q, k, v, key_padding, attn_mask, q_stop, k_stop, v_stop, causal, scale,
+         num_reason_tokens, reason_window, reason_stop_grad, reason_heads) = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, out, lse, key_padding, attn_mask, q_stop, k_stop, v_stop,
+                              reason_heads)
+        ctx.flags = (causal, scale, num_reason_tokens, reason_window, reason_stop_grad)
+
+    def _backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse, key_padding, attn_mask, q_stop, k_stop, v_stop, reason_heads = ctx.saved_tensors
+        causal, scale, num_reason_tokens, reason_window, reason_stop_grad = ctx.flags
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv = ops.attn_bwd(grad_out.contiguous(), q, k, v, out, lse, key_padding,
+                                  attn_mask, q_stop, k_stop, v_stop, causal, scale,
+                                  num_reason_tokens, reason_window, reason_stop_grad, reason_heads)
+        # Masks (even floating ones) are constants: they receive no gradient.
+        return (dq, dk, dv) + (None,) * 11
+
+    torch.library.register_autograd("self_reasoning_tokens::attn_fwd", _backward,
+                                    setup_context=_setup_context)
+
+    def _no_double_backward(ctx, *grads):
+        raise RuntimeError("self_reasoning_tokens: double backward through attention is not supported")
+
+    def _bwd_setup_context(ctx, inputs, output):
+        pass
+
+    torch.library.register_autograd("self_reasoning_tokens::attn_bwd", _no_double_backward,
+                                    setup_context=_bwd_setup_context)

@@ -1,0 +1,115 @@
+"""The reasoning-token layout and pattern (SPEC 3).
+
+A sequence of L real tokens with R reasoning tokens after each becomes N = L*(R+1) positions
+``[x_0, r_1..r_R, x_1, r_1..r_R, ...]``. Position p has step ``p // (R+1)`` and is a reasoning
+token iff ``p % (R+1) != 0``. With W = num_steps_future_can_use_reason the *region* is::
+
+    region(i, j) = is_reason(j) and step(i) > step(j) and step(i) - W <= step(j)
+
+i.e. the reasoning tokens of the W steps just before query i's step. In stop-grad mode the keys
+and values of region entries get no gradient (the next W steps cannot train a reasoning token);
+in hard mode region entries are masked out of attention.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+__all__ = ["ReasoningPattern", "reasoning_stop_grad_mask", "reasoning_region"]
+
+
+def reasoning_region(n_queries: int, n_keys: int, num_reason_tokens: int,
+                     num_steps_future_can_use_reason: int, device=None) -> torch.Tensor:
+    """Dense bool (n_queries, n_keys) region where query i sits at absolute position
+    ``i + n_keys - n_queries`` (the KV-cache convention)."""
+    period = num_reason_tokens + 1
+    qpos = torch.arange(n_queries, device=device) + (n_keys - n_queries)
+    kpos = torch.arange(n_keys, device=device)
+    qstep = (qpos // period)[:, None]
+    kstep = (kpos // period)[None, :]
+    is_reason = (kpos % period != 0)[None, :]
+    return is_reason & (qstep > kstep) & (qstep - num_steps_future_can_use_reason <= kstep)
+
+
+def reasoning_stop_grad_mask(seq_len: int, num_reason_tokens: int,
+                             num_steps_future_can_use_reason: int, device=None) -> torch.Tensor:
+    """The region as a dense bool (N, N) tensor, N = seq_len * (num_reason_tokens + 1).
+
+    True marks (query, key) pairs whose key/value gradient is stopped (stop-grad mode) or that
+    are masked out (hard mode). Memory is O(N^2): the kernels evaluate the same pattern from
+    indices instead (pass a :class:`ReasoningPattern`).
+    """
+    _check_count("seq_len", seq_len, minimum=0)
+    _check_count("num_reason_tokens", num_reason_tokens, minimum=0)
+    _check_count("num_steps_future_can_use_reason", num_steps_future_can_use_reason, minimum=0)
+    n = seq_len * (num_reason_tokens + 1)
+    return reasoning_region(n, n, num_reason_tokens, num_steps_future_can_use_reason, device)
+
+
+def _check_count(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+@dataclass(frozen=True)
+class ReasoningPattern:
+    """The reasoning-token pattern, evaluated inside the kernels from indices (no mask memory).
+
+    Args:
+        num_reason_tokens: R, reasoning tokens after every real token.
+        num_steps_future_can_use_reason: W, how many following steps are kept from training a
+            reasoning token (stop-grad mode) or from seeing it (hard mode).
+        stop_grad: True (default): plain causal forward, k/v gradients stopped on the region.
+            False: the region is masked out of attention.
+        heads: optional head indices (or a bool mask over heads) the pattern applies to; the
+            other heads attend and learn as without reasoning tokens. None = all heads.
+
+    Pass it as ``stop_graddable_attn(..., reasoning=pattern)``; the result equals what dense
+    masks from :func:`reasoning_stop_grad_mask` give.
+    """
+
+    num_reason_tokens: int
+    num_steps_future_can_use_reason: int
+    stop_grad: bool = True
+    heads: Optional[Union[Sequence[int], torch.Tensor]] = None
+
+    def __post_init__(self):
+        _check_count("num_reason_tokens", self.num_reason_tokens, minimum=0)
+        _check_count("num_steps_future_can_use_reason", self.num_steps_future_can_use_reason, minimum=0)
+        if not isinstance(self.stop_grad, bool):
+            raise TypeError(f"stop_grad must be a bool, got {type(self.stop_grad).__name__}")
+        if self.heads is not None and not isinstance(self.heads, torch.Tensor):
+            heads = tuple(self.heads)
+            for h in heads:
+                _check_count("heads entries", h, minimum=0)
+            object.__setattr__(self, "heads", heads)
+
+    def head_flags(self, num_heads: int, device) -> Optional[torch.Tensor]:
+        """(num_heads,) bool tensor of the heads the pattern applies to, or None for all."""
+        if self.heads is None:
+            return None
+        if isinstance(self.heads, torch.Tensor):
+            if self.heads.dtype != torch.bool or self.heads.shape != (num_heads,):
+                raise ValueError(f"reasoning.heads as a tensor must be bool of shape ({num_heads},), "
+                                 f"got {self.heads.dtype} {tuple(self.heads.shape)}")
+            return self.heads.to(device).contiguous()
+        flags = torch.zeros(num_heads, dtype=torch.bool)
+        for h in self.heads:
+            if h >= num_heads:
+                raise ValueError(f"reasoning.heads entry {h} is out of range for {num_heads} heads")
+            flags[h] = True
+        return flags.to(device)
+
+    def region(self, n_queries: int, n_keys: int, num_heads: int, device=None) -> torch.Tensor:
+        """Dense region, (n_queries, n_keys) or (num_heads, n_queries, n_keys) with a head subset.
+        For references and tests; the kernels never build it."""
+        reg = reasoning_region(n_queries, n_keys, self.num_reason_tokens,
+                               self.num_steps_future_can_use_reason, device)
+        flags = self.head_flags(num_heads, device)
+        if flags is None:
+            return reg
+        return reg[None] & flags[:, None, None]
