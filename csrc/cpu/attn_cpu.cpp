@@ -105,41 +105,48 @@ int64_t key_end(const AttnParams& p, int64_t i0, int64_t rows) {
   return std::clamp<int64_t>(i0 + rows - 1 + p.shift + 1, 0, p.M);
 }
 
-// Stop-gradient factors of a tile: f[r*ld + c] = F(b, h, i0 + r, j0 + c), including the
-// reasoning pattern's zero on the region for k and v (with_region). Returns false when every
-// factor is 1 (the caller then skips the multiply).
+// dst = F * src over a rows x cols tile (leading dim cols), where F is the stop-gradient factor
+// of mask `mv` at (b, h, i0 + r, j0 + c), times the reasoning pattern's 0 on the region for k and
+// v (with_region). Returns false, touching nothing, when every factor is 1 (the caller then uses
+// src as is). The mask is read through its strides one row at a time; never expanded.
 template <typename T>
-bool load_factor_tile(const MaskView& mv, bool with_region, const AttnParams& p, int64_t b,
-                      int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols, T* f,
-                      int64_t ld) {
+bool apply_factor_tile(const MaskView& mv, bool with_region, const AttnParams& p, int64_t b,
+                       int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
+                       const T* src, T* dst) {
   const bool region = with_region && p.reasoning.stop_grad && p.reasoning.on_head(h);
   if (!mv.present() && !region) return false;
   for (int64_t r = 0; r < rows; ++r) {
-    T* row = f + r * ld;
+    const T* in = src + r * cols;
+    T* out = dst + r * cols;
     const int64_t i = i0 + r;
     if (mv.present()) {
       const int64_t base = mv.offset(b, h, i, j0);
+      const int64_t sj = mv.sj;
       switch (mv.kind) {  // the type switch stays outside the column loop
         case kBool: {
           const bool* m = static_cast<const bool*>(mv.ptr) + base;
-          for (int64_t c = 0; c < cols; ++c) row[c] = m[c * mv.sj] ? T(0) : T(1);
+          if (sj == 1) {
+            stop_row(out, in, m, cols);
+          } else {
+            for (int64_t c = 0; c < cols; ++c) out[c] = m[c * sj] ? T(0) : in[c];
+          }
           break;
         }
         case kFloat32: {
           const float* m = static_cast<const float*>(mv.ptr) + base;
-          for (int64_t c = 0; c < cols; ++c) row[c] = static_cast<T>(m[c * mv.sj]);
+          for (int64_t c = 0; c < cols; ++c) out[c] = in[c] * static_cast<T>(m[c * sj]);
           break;
         }
         case kFloat64: {
           const double* m = static_cast<const double*>(mv.ptr) + base;
-          for (int64_t c = 0; c < cols; ++c) row[c] = static_cast<T>(m[c * mv.sj]);
+          for (int64_t c = 0; c < cols; ++c) out[c] = in[c] * static_cast<T>(m[c * sj]);
           break;
         }
         default:
-          for (int64_t c = 0; c < cols; ++c) row[c] = stop_factor_at<T>(mv, base + c * mv.sj);
+          for (int64_t c = 0; c < cols; ++c) out[c] = in[c] * stop_factor_at<T>(mv, base + c * sj);
       }
     } else {
-      std::fill(row, row + cols, T(1));
+      std::copy(in, in + cols, out);
     }
     if (region) {
       int64_t lo, hi;
@@ -147,7 +154,7 @@ bool load_factor_tile(const MaskView& mv, bool with_region, const AttnParams& p,
       lo = std::max(lo, j0);
       hi = std::min(hi, j0 + cols);
       for (int64_t j = lo; j < hi; ++j)
-        if (p.reasoning.is_reason(j)) row[j - j0] = T(0);
+        if (p.reasoning.is_reason(j)) out[j - j0] = T(0);
     }
   }
   return true;
@@ -223,7 +230,7 @@ void backward_kernel(const AttnParams& p, const T* Q, const T* K, const T* V, co
   const int64_t tile = kBlockQ * kBlockK;
   // One task per (batch, head): a thread owns that head's dQ, dK and dV rows, so no atomics.
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> P(tile), dS(tile), Fq(tile), Fk(tile), Fv(tile), tmp(tile), Drow(N);
+    std::vector<T> P(tile), dS(tile), tmp(tile), Drow(N);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       const T* q = Q + bh * N * D;
@@ -270,8 +277,7 @@ void backward_kernel(const AttnParams& p, const T* Q, const T* K, const T* V, co
           }
 
           // dV += (Fv * P)^T dO
-          if (load_factor_tile(p.v_stop, true, p, b, h, i0, rows, j0, cols, Fv.data(), cols)) {
-            mul_row(tmp.data(), pp, Fv.data(), rows * cols);
+          if (apply_factor_tile(p.v_stop, true, p, b, h, i0, rows, j0, cols, pp, tmp.data())) {
             matmul_into(wrap(dv + j0 * D, cols, D, D), wrap(tmp.data(), rows, cols, cols).t(), do_t, true);
           } else {
             matmul_into(wrap(dv + j0 * D, cols, D, D), p_t.t(), do_t, true);
@@ -284,16 +290,14 @@ void backward_kernel(const AttnParams& p, const T* Q, const T* K, const T* V, co
             softmax_grad_row(dsp + r * cols, pp + r * cols, dsp + r * cols, Drow[i0 + r], cols);
 
           // dQ += (Fq * dS) k      (scale applied once at the end)
-          if (load_factor_tile(p.q_stop, false, p, b, h, i0, rows, j0, cols, Fq.data(), cols)) {
-            mul_row(tmp.data(), dsp, Fq.data(), rows * cols);
+          if (apply_factor_tile(p.q_stop, false, p, b, h, i0, rows, j0, cols, dsp, tmp.data())) {
             matmul_into(dq_t, wrap(tmp.data(), rows, cols, cols), k_t, true);
           } else {
             matmul_into(dq_t, ds_t, k_t, true);
           }
 
           // dK += (Fk * dS)^T q
-          if (load_factor_tile(p.k_stop, true, p, b, h, i0, rows, j0, cols, Fk.data(), cols)) {
-            mul_row(tmp.data(), dsp, Fk.data(), rows * cols);
+          if (apply_factor_tile(p.k_stop, true, p, b, h, i0, rows, j0, cols, dsp, tmp.data())) {
             matmul_into(wrap(dk + j0 * D, cols, D, D), wrap(tmp.data(), rows, cols, cols).t(), q_t, true);
           } else {
             matmul_into(wrap(dk + j0 * D, cols, D, D), ds_t.t(), q_t, true);

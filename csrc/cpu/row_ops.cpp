@@ -90,11 +90,12 @@ void softmax_grad_row(double* out, const double* p, const double* dp, double d, 
   for (int64_t j = 0; j < n; ++j) out[j] = p[j] * (dp[j] - d);
 }
 
-SRT_CLONES void mul_row(float* out, const float* a, const float* f, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) out[j] = a[j] * f[j];
+SRT_CLONES void stop_row(float* out, const float* a, const bool* stop, int64_t n) {
+  const uint8_t* s = reinterpret_cast<const uint8_t*>(stop);
+  for (int64_t j = 0; j < n; ++j) out[j] = s[j] ? 0.0f : a[j];
 }
-void mul_row(double* out, const double* a, const double* f, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) out[j] = a[j] * f[j];
+void stop_row(double* out, const double* a, const bool* stop, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) out[j] = stop[j] ? 0.0 : a[j];
 }
 
 SRT_CLONES float dot_row(const float* a, const float* b, int64_t n) {

@@ -24,9 +24,9 @@ double row_max(const double* x, int64_t n);
 void softmax_grad_row(float* out, const float* p, const float* dp, float d, int64_t n);
 void softmax_grad_row(double* out, const double* p, const double* dp, double d, int64_t n);
 
-// out[j] = a[j] * f[j]
-void mul_row(float* out, const float* a, const float* f, int64_t n);
-void mul_row(double* out, const double* a, const double* f, int64_t n);
+// out[j] = stop[j] ? 0 : a[j]   (a contiguous bool stop mask)
+void stop_row(float* out, const float* a, const bool* stop, int64_t n);
+void stop_row(double* out, const double* a, const bool* stop, int64_t n);
 
 // sum_j a[j] * b[j]
 float dot_row(const float* a, const float* b, int64_t n);
