@@ -1,0 +1,198 @@
+"""CPU benchmark: forward+backward time and peak memory of the attention contenders.
+
+Contenders, alternated round by round in one process so that they see the same machine state:
+  ours          stop_graddable_attn, causal, no masks
+  ours+kv-mask  stop_graddable_attn, causal, dense (h, n, n) bool k and v stop masks
+  reference     the O(n^2) autograd reference (self_reasoning_tokens.reference), no masks
+  sdpa          torch.nn.functional.scaled_dot_product_attention (PyTorch's CPU flash kernel)
+
+Peak memory is the process's peak resident set size during one fwd+bwd minus the resident size
+just before it (Linux: the peak is reset through /proc/self/clear_refs), so it counts everything
+the call allocates, the n x n matrices of the reference included, but not the inputs.
+
+    python benchmarks/bench_attention.py                 # n = 1024, 4096, 8192
+    python benchmarks/bench_attention.py --n 1024 --repeats 2 --out /tmp/a.json
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import self_reasoning_tokens as srt  # noqa: E402
+from self_reasoning_tokens.reference import reference_attention  # noqa: E402
+
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "attention_cpu.json")
+
+
+def return_freed_memory_to_os() -> None:
+    """Make glibc malloc hand freed blocks back to the OS, so that a peak-RSS reading counts
+    every byte a call allocates instead of reusing pages an earlier round left resident."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)  # fixed: also disables the dynamic threshold
+        libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
+    except (OSError, AttributeError):
+        pass
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("VmHWM not found in /proc/self/status")
+
+
+def make_contenders(b, h, n, d, dtype):
+    q, k, v = (torch.randn(b, h, n, d, dtype=dtype, requires_grad=True) for _ in range(3))
+    do = torch.randn(b, h, n, d, dtype=dtype)
+    stop = torch.rand(h, n, n) < 0.5  # dense per-head bool masks, as a user would build them
+
+    def run(fn):
+        def step():
+            out = fn()
+            out.backward(do)
+        return step
+
+    def clear_grads():
+        q.grad = k.grad = v.grad = None
+
+    return clear_grads, {
+        "ours": run(lambda: srt.stop_graddable_attn(q, k, v, causal=True)),
+        "ours+kv-mask": run(lambda: srt.stop_graddable_attn(q, k, v, causal=True, k_stop_grad_mask=stop,
+                                                            v_stop_grad_mask=stop)),
+        "reference": run(lambda: reference_attention(q, k, v, causal=True)),
+        "sdpa": run(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
+    }
+
+
+def reference_bytes_estimate(b, h, n, d, itemsize):
+    # the reference keeps about ten (b, h, n, n) matrices alive at its peak
+    return 10 * b * h * n * n * itemsize
+
+
+def measure(step, clear_grads, can_reset):
+    clear_grads()  # the gradients of the last round are not part of this one's baseline
+    gc.collect()
+    base = rss_bytes()
+    if can_reset:
+        reset_peak()
+    t0 = time.perf_counter()
+    step()
+    dt = time.perf_counter() - t0
+    peak = peak_rss_bytes() - base if can_reset else float("nan")
+    return dt, peak
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, nargs="+", default=[1024, 4096, 8192])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3, help="timed rounds per size (median reported)")
+    ap.add_argument("--max-reference-gb", type=float, default=12.0,
+                    help="skip the reference where its estimated memory exceeds this")
+    ap.add_argument("--out", default=DEFAULT_OUT)
+    args = ap.parse_args(argv)
+
+    dtype = torch.float32
+    return_freed_memory_to_os()
+    can_reset = reset_peak()
+    results = []
+    for n in args.n:
+        clear_grads, contenders = make_contenders(args.batch, args.heads, n, args.head_dim, dtype)
+        est = reference_bytes_estimate(args.batch, args.heads, n, args.head_dim, 4)
+        skip = {}
+        if est > args.max_reference_gb * 2**30:
+            skip["reference"] = f"estimated {est / 2**30:.0f} GB > --max-reference-gb {args.max_reference_gb:g}"
+        times = {name: [] for name in contenders}
+        peaks = {name: [] for name in contenders}
+        for name, step in contenders.items():  # warm-up round
+            if name not in skip:
+                step()
+                clear_grads()
+        for r in range(args.repeats):
+            for name, step in contenders.items():
+                if name in skip:
+                    continue
+                dt, pk = measure(step, clear_grads, can_reset)
+                times[name].append(dt)
+                peaks[name].append(pk)
+                print(f"  n={n:<6d} round {r + 1}/{args.repeats} {name:<13s} {dt:8.3f} s  peak +{pk / 2**20:8.1f} MiB",
+                      file=sys.stderr, flush=True)
+        sdpa_t = statistics.median(times["sdpa"])
+        sdpa_m = max(peaks["sdpa"])
+        for name in contenders:
+            if name in skip:
+                results.append({"n": n, "contender": name, "skipped": skip[name]})
+                continue
+            t = statistics.median(times[name])
+            m = max(peaks[name])
+            results.append({"n": n, "contender": name, "fwd_bwd_s": t, "times_s": times[name],
+                            "peak_mem_bytes": m, "time_vs_sdpa": t / sdpa_t,
+                            "mem_vs_sdpa": m / sdpa_m if sdpa_m > 0 else None})
+        del contenders
+        gc.collect()
+
+    print()
+    print(f"fwd+bwd, b={args.batch}, h={args.heads}, d={args.head_dim}, float32, causal, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"{'n':>6}  {'contender':<13} {'time (s)':>9} {'x sdpa':>7} {'peak mem (MiB)':>15} {'x sdpa':>7}")
+    for r in results:
+        if "skipped" in r:
+            print(f"{r['n']:>6}  {r['contender']:<13} {'skipped: ' + r['skipped']}")
+        else:
+            mv = f"{r['mem_vs_sdpa']:.2f}" if r["mem_vs_sdpa"] is not None else "-"
+            print(f"{r['n']:>6}  {r['contender']:<13} {r['fwd_bwd_s']:>9.3f} {r['time_vs_sdpa']:>7.2f} "
+                  f"{r['peak_mem_bytes'] / 2**20:>15.1f} {mv:>7}")
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+            "processor": _cpu_name(), "batch": args.batch, "heads": args.heads, "head_dim": args.head_dim,
+            "dtype": "float32", "causal": True, "repeats": args.repeats,
+            "memory": "peak RSS during one fwd+bwd minus RSS before it" if can_reset else "unavailable"}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=2)
+    print(f"\nwrote {args.out}")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    main()
