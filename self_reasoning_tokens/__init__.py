@@ -4,6 +4,7 @@ from ._ops import HAS_EXTENSION, cuda_kernels_available
 from .attention import stop_graddable_attn
 from .reasoning import ReasoningPattern, reasoning_stop_grad_mask
 from .reference import reference_attention
+from .transformer import CausalAttention, Transformer
 
 __version__ = "0.1.0"
 
@@ -12,6 +13,8 @@ __all__ = [
     "ReasoningPattern",
     "reasoning_stop_grad_mask",
     "reference_attention",
+    "CausalAttention",
+    "Transformer",
     "HAS_EXTENSION",
     "cuda_kernels_available",
 ]

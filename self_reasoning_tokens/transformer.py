@@ -1,0 +1,387 @@
+"""A small decoder-only Transformer that trains self reasoning tokens (SPEC 4).
+
+Same constructor and forward as the seed (lucidrains' self-reasoning-tokens-pytorch), without its
+bugs: attention stays causal in the stop-gradient path, and the q / k / v masks are never aliased.
+R learned reasoning tokens follow every real token (SPEC 3 layout); the reasoning pattern is
+evaluated inside the attention kernels by default (`attend_impl="kernel"`, O(N) memory), or
+built as dense (N, N) masks for the compiled op (`"dense"`) or for the autograd reference
+(`"reference"`), which is what the tests and the benchmark compare against.
+
+    model = Transformer(dim=512, depth=4, num_tokens=256, stop_grad_next_tokens_to_reason=True)
+    loss = model(x, num_reason_tokens=4, num_steps_future_can_use_reason=16, return_loss=True)
+    tokens = model.generate(prompt, 32, num_reason_tokens=4, temperature=0.)
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn import Module, ModuleList
+
+from .attention import stop_graddable_attn
+from .reasoning import ReasoningPattern, reasoning_region, reasoning_stop_grad_mask
+from .reference import reference_attention
+
+__all__ = ["CausalAttention", "Transformer", "FeedForward", "ATTEND_IMPLS"]
+
+# kernel:    stop_graddable_attn(..., reasoning=ReasoningPattern)  - pattern from indices, O(N) memory
+# dense:     stop_graddable_attn with dense (N, N) masks from reasoning_stop_grad_mask
+# reference: the O(N^2) autograd reference_attention with the same dense masks
+ATTEND_IMPLS = ("kernel", "dense", "reference")
+
+KVCache = Tuple[torch.Tensor, torch.Tensor]  # k, v: (b, h, m, d) each
+
+# helpers
+
+
+def exists(v):
+    return v is not None
+
+
+def default(v, d):
+    return v if exists(v) else d
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_attend_impl(impl):
+    if impl not in ATTEND_IMPLS:
+        raise ValueError(f"attend_impl must be one of {', '.join(map(repr, ATTEND_IMPLS))}, got {impl!r}")
+
+
+def dense_reasoning_masks(reasoning: Optional[ReasoningPattern], n: int, m: int, heads: int,
+                          device) -> dict:
+    """The pattern as dense bool masks (keyword arguments of the attention), for n queries at
+    absolute positions m - n .. m - 1 over m keys. Stop-grad mode: k and v stop masks; hard
+    mode: attn_mask = ~region. O(n m) memory: this is what the in-kernel pattern avoids."""
+    if not exists(reasoning) or reasoning.num_reason_tokens == 0:
+        return {}
+    R, W = reasoning.num_reason_tokens, reasoning.num_steps_future_can_use_reason
+    if n == m and n % (R + 1) == 0:
+        region = reasoning_stop_grad_mask(n // (R + 1), R, W, device=device)  # (N, N)
+    else:
+        region = reasoning_region(n, m, R, W, device=device)                 # (n, m), KV cache
+    flags = reasoning.head_flags(heads, device)
+    if exists(flags):
+        region = region[None] & flags[:, None, None]                           # (h, n, m)
+    if reasoning.stop_grad:  # read-only and shared by k and v: the kernels never write to masks
+        return dict(k_stop_grad_mask=region, v_stop_grad_mask=region)
+    return dict(attn_mask=~region)
+
+
+# modules
+
+
+def FeedForward(dim, mult=4):
+    dim_inner = int(dim * mult)
+    return nn.Sequential(
+        nn.RMSNorm(dim),
+        nn.Linear(dim, dim_inner),
+        nn.GELU(),
+        nn.Linear(dim_inner, dim)
+    )
+
+
+class CausalAttention(Module):
+    """Pre-norm causal multi-head attention; the reasoning pattern (if any) is applied by
+    `attend_impl`. With a cache of earlier keys / values the new positions are the last ones
+    (absolute query position i + m - n), as in KV-cached decoding."""
+
+    def __init__(self, dim, *, dim_head=64, heads=8, attend_impl="kernel"):
+        super().__init__()
+        _check_attend_impl(attend_impl)
+        self.heads, self.dim_head = heads, dim_head
+        self.attend_impl = attend_impl
+        dim_inner = dim_head * heads
+
+        self.norm = nn.RMSNorm(dim)
+        self.to_qkv = nn.Linear(dim, dim_inner * 3, bias=False)
+        self.to_out = nn.Linear(dim_inner, dim, bias=False)
+
+    def attend(self, q, k, v, reasoning=None, dense_masks=None):
+        # q (b, h, n, d), k v (b, h, m, d) -> (b, h, n, d); always causal
+        if self.attend_impl == "kernel":
+            return stop_graddable_attn(q, k, v, causal=True, reasoning=reasoning)
+        masks = dense_masks
+        if not exists(masks):
+            masks = dense_reasoning_masks(reasoning, q.shape[-2], k.shape[-2], q.shape[1], q.device)
+        attn_fn = stop_graddable_attn if self.attend_impl == "dense" else reference_attention
+        return attn_fn(q, k, v, causal=True, **masks)
+
+    def forward(self, x, reasoning: Optional[ReasoningPattern] = None,
+                cache: Optional[KVCache] = None, return_cache=False, dense_masks=None):
+        # x (b, n, dim) -> (b, n, dim); dense_masks: precomputed dense_reasoning_masks (shared by layers)
+        qkv = self.to_qkv(self.norm(x))                                  # (b, n, 3 h d)
+        qkv = qkv.unflatten(-1, (3, self.heads, self.dim_head))          # (b, n, 3, h, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                   # (b, h, n, d) each
+
+        if exists(cache):
+            cached_k, cached_v = cache
+            k = torch.cat((cached_k, k), dim=-2)                         # (b, h, m, d)
+            v = torch.cat((cached_v, v), dim=-2)
+
+        out = self.attend(q, k, v, reasoning, dense_masks)              # (b, h, n, d)
+        out = self.to_out(out.transpose(1, 2).flatten(2))               # (b, n, dim)
+
+        if not return_cache:
+            return out
+        return out, (k, v)
+
+
+class Transformer(Module):
+    """Decoder-only Transformer with interleaved self reasoning tokens.
+
+    Args (seed's, pinned): dim, num_tokens, depth, max_seq_len (real tokens, not positions),
+        max_reason_seq_len (largest R), dim_head, heads, ignore_index,
+        stop_grad_next_tokens_to_reason (True: stop-grad mode, False: hard mode; SPEC 3).
+    Extra args: ff_mult; attend_impl ("kernel" | "dense" | "reference", also settable later);
+        reason_heads (head indices the pattern applies to; None = all heads).
+    """
+
+    def __init__(
+        self,
+        *,
+        dim,
+        num_tokens,
+        depth,
+        max_seq_len=2048,
+        max_reason_seq_len=4,
+        dim_head=64,
+        heads=8,
+        ignore_index=-1,
+        stop_grad_next_tokens_to_reason=False,
+        ff_mult=4,
+        attend_impl="kernel",
+        reason_heads: Optional[Sequence[int]] = None
+    ):
+        super().__init__()
+        for name, value, minimum in (("dim", dim, 1), ("num_tokens", num_tokens, 1), ("depth", depth, 0),
+                                     ("max_seq_len", max_seq_len, 1), ("max_reason_seq_len", max_reason_seq_len, 0),
+                                     ("dim_head", dim_head, 1), ("heads", heads, 1), ("ignore_index", ignore_index, -2**63)):
+            _check_int(name, value, minimum)
+        if not isinstance(stop_grad_next_tokens_to_reason, bool):
+            raise TypeError(f"stop_grad_next_tokens_to_reason must be a bool, got {type(stop_grad_next_tokens_to_reason).__name__}")
+        _check_attend_impl(attend_impl)
+        if exists(reason_heads):
+            reason_heads = tuple(reason_heads)
+            for h in reason_heads:
+                _check_int("reason_heads entries", h, 0)
+                if h >= heads:
+                    raise ValueError(f"reason_heads entry {h} is out of range for heads={heads}")
+
+        self.num_tokens = num_tokens
+        self.max_seq_len = max_seq_len
+        self.max_reason_seq_len = max_reason_seq_len
+        self.ignore_index = ignore_index
+        self.stop_grad_next_tokens_to_reason = stop_grad_next_tokens_to_reason
+        self.reason_heads = reason_heads
+
+        # embed: tokens, absolute positions (one per step), reasoning tokens
+
+        self.token_emb = nn.Embedding(num_tokens, dim)
+        self.pos_emb = nn.Embedding(max_seq_len, dim)
+        self.reason_tokens = nn.Parameter(torch.randn(max_reason_seq_len, dim) * 0.02)
+
+        # layers
+
+        self.layers = ModuleList([])
+        for _ in range(depth):
+            self.layers.append(ModuleList([
+                CausalAttention(dim, dim_head=dim_head, heads=heads, attend_impl=attend_impl),
+                FeedForward(dim, ff_mult)
+            ]))
+
+        self.norm = nn.RMSNorm(dim)
+        self.to_logits = nn.Linear(dim, num_tokens, bias=False)
+        self._attend_impl = attend_impl
+
+    @property
+    def attend_impl(self):
+        return self._attend_impl
+
+    @attend_impl.setter
+    def attend_impl(self, impl):
+        _check_attend_impl(impl)
+        self._attend_impl = impl
+        for attn, _ in self.layers:
+            attn.attend_impl = impl
+
+    # argument checks
+
+    def _check_reasoning_args(self, num_reason_tokens, num_steps_future_can_use_reason):
+        _check_int("num_reason_tokens", num_reason_tokens, 0)
+        _check_int("num_steps_future_can_use_reason", num_steps_future_can_use_reason, 0)
+        if num_reason_tokens > self.max_reason_seq_len:
+            raise ValueError(f"num_reason_tokens={num_reason_tokens} exceeds max_reason_seq_len="
+                             f"{self.max_reason_seq_len} the model was built with")
+
+    def _check_tokens(self, name, x, allow_ignore_index=False):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor of token ids, got {type(x).__name__}")
+        if x.dtype == torch.bool or x.is_floating_point() or x.is_complex():
+            raise TypeError(f"{name} must hold integer token ids, got dtype {x.dtype}")
+        if x.dim() != 2 or x.numel() == 0:
+            raise ValueError(f"{name} must have shape (batch, seq) with batch, seq >= 1, got {tuple(x.shape)}")
+        if x.device != self.token_emb.weight.device:
+            raise ValueError(f"{name} is on {x.device} but the model is on {self.token_emb.weight.device}")
+        valid = (x >= 0) & (x < self.num_tokens)
+        if allow_ignore_index:
+            valid = valid | (x == self.ignore_index)
+        if not bool(valid.all()):
+            bad = x[~valid][0].item()
+            extra = f" or ignore_index={self.ignore_index}" if allow_ignore_index else ""
+            raise ValueError(f"{name} holds token id {bad}; ids must be in [0, {self.num_tokens}){extra}")
+
+    # building blocks
+
+    def reasoning_pattern(self, num_reason_tokens, num_steps_future_can_use_reason) -> Optional[ReasoningPattern]:
+        if num_reason_tokens == 0:
+            return None
+        return ReasoningPattern(num_reason_tokens, num_steps_future_can_use_reason,
+                                stop_grad=self.stop_grad_next_tokens_to_reason, heads=self.reason_heads)
+
+    def embed(self, tokens, num_reason_tokens, start_step=0):
+        # tokens (b, l) -> (b, l * (R + 1), dim): [x_t, r_1 .. r_R] per step t, all at position t
+        batch, seq = tokens.shape
+        x = self.token_emb(tokens)[:, :, None]                                       # (b, l, 1, d)
+
+        if num_reason_tokens > 0:
+            reason = self.reason_tokens[:num_reason_tokens]                          # (R, d)
+            reason = reason.expand(batch, seq, *reason.shape)                        # (b, l, R, d)
+            x = torch.cat((x, reason), dim=2)                                        # (b, l, R + 1, d)
+
+        steps = torch.arange(start_step, start_step + seq, device=tokens.device)
+        x = x + self.pos_emb(steps)[:, None]                                         # (l, 1, d) broadcast
+        return x.flatten(1, 2)
+
+    def transform(self, x, reasoning=None, caches: Optional[List[KVCache]] = None):
+        # x (b, n, dim) -> logits (b, n, num_tokens), and the layers' kv caches (b, h, m, d)
+        caches = default(caches, [None] * len(self.layers))
+        new_caches = []
+
+        # dense impls: the (n, m) masks are built once per call and shared by all layers
+        dense_masks = None
+        if self.attend_impl != "kernel" and len(self.layers) > 0:
+            n, m = x.shape[1], x.shape[1] + (caches[0][0].shape[-2] if exists(caches[0]) else 0)
+            dense_masks = dense_reasoning_masks(reasoning, n, m, self.layers[0][0].heads, x.device)
+
+        for (attn, ff), cache in zip(self.layers, caches):
+            attn_out, kv = attn(x, reasoning, cache=cache, return_cache=True, dense_masks=dense_masks)
+            x = x + attn_out
+            x = x + ff(x)
+            new_caches.append(kv)
+
+        return self.to_logits(self.norm(x)), new_caches
+
+    def forward(
+        self,
+        x,
+        num_reason_tokens=0,
+        num_steps_future_can_use_reason=2,     # reason tokens are kept from (stop-grad: trained by) the next W steps
+        remove_reason_tokens_at_end=False,
+        return_loss=False
+    ):
+        """x (b, l) token ids -> logits (b, l * (R + 1), num_tokens), or (b, l, num_tokens) with
+        remove_reason_tokens_at_end. With return_loss, x (b, l + 1) is split into inputs and
+        next-token labels (repeated over each step's reasoning positions unless they are removed)
+        and the mean cross entropy is returned; labels equal to ignore_index are skipped (inputs
+        equal to an out-of-vocabulary ignore_index, i.e. padding, are embedded as token 0)."""
+        self._check_reasoning_args(num_reason_tokens, num_steps_future_can_use_reason)
+        self._check_tokens("x", x, allow_ignore_index=return_loss)
+
+        if return_loss:
+            if x.shape[1] < 2:
+                raise ValueError(f"return_loss needs at least 2 tokens per row (inputs and labels), got {x.shape[1]}")
+            x, labels = x[:, :-1], x[:, 1:]
+            x = x.masked_fill(x == self.ignore_index, 0)
+
+        seq = x.shape[1]
+        if seq > self.max_seq_len:
+            raise ValueError(f"sequence of {seq} tokens exceeds max_seq_len={self.max_seq_len}")
+
+        period = num_reason_tokens + 1
+        reasoning = self.reasoning_pattern(num_reason_tokens, num_steps_future_can_use_reason)
+
+        logits, _ = self.transform(self.embed(x, num_reason_tokens), reasoning)     # (b, l * (R + 1), c)
+
+        if remove_reason_tokens_at_end:
+            logits = logits[:, ::period]                                             # (b, l, c)
+
+        if not return_loss:
+            return logits
+
+        labels = labels.long()
+        if not remove_reason_tokens_at_end:
+            labels = labels.repeat_interleave(period, dim=1)                         # (b, l * (R + 1))
+
+        return F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=self.ignore_index)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt,
+        max_new_tokens,
+        num_reason_tokens=0,
+        num_steps_future_can_use_reason=2,
+        temperature=1.0,
+        top_k=None
+    ):
+        """prompt (b, l) -> (b, l + max_new_tokens) token ids, with a KV cache.
+
+        The prompt (real and reasoning tokens) is prefilled once; each new token and its R
+        reasoning tokens then attend to the cache (n = R + 1 queries over m keys, pattern at
+        absolute positions), so a step costs O(current length). The next token is drawn from the
+        logits of the last position - the last reasoning token of the last step - exactly what
+        `model(seq, ...)[:, -1]` gives. temperature 0 = greedy; top_k keeps the k likeliest."""
+        self._check_tokens("prompt", prompt)
+        self._check_reasoning_args(num_reason_tokens, num_steps_future_can_use_reason)
+        _check_int("max_new_tokens", max_new_tokens, 0)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+        if exists(top_k):
+            _check_int("top_k", top_k, 1)
+
+        total = prompt.shape[1] + max_new_tokens
+        if total > self.max_seq_len:
+            raise ValueError(f"prompt ({prompt.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
+                             f"exceeds max_seq_len={self.max_seq_len}")
+
+        out = prompt
+        if max_new_tokens == 0:
+            return out
+
+        reasoning = self.reasoning_pattern(num_reason_tokens, num_steps_future_can_use_reason)
+        logits, caches = self.transform(self.embed(prompt, num_reason_tokens), reasoning)  # prefill
+
+        for i in range(max_new_tokens):
+            token = sample(logits[:, -1], temperature, top_k).to(prompt.dtype)      # (b,)
+            out = torch.cat((out, token[:, None]), dim=1)
+
+            if i == max_new_tokens - 1:
+                break
+
+            x = self.embed(token[:, None], num_reason_tokens, start_step=out.shape[1] - 1)  # (b, R + 1, d)
+            logits, caches = self.transform(x, reasoning, caches)
+
+        return out
+
+
+def sample(logits, temperature=1.0, top_k=None):
+    # logits (b, c) -> (b,) token ids
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+
+    logits = logits.float() / temperature
+
+    if exists(top_k) and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+
+    return torch.multinomial(logits.softmax(dim=-1), 1).squeeze(-1)
