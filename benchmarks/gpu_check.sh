@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# The one prepared GPU run (issue 3): on a machine with a CUDA GPU, builds the extension in place
+# for sm_90, runs the whole test suite (CPU and CUDA; tests/conftest.py parametrises over the
+# available devices), then the GPU benchmark, and writes logs and JSON under OUTDIR.
+#
+#   benchmarks/gpu_check.sh OUTDIR
+#
+# Budget: all stages together stay inside ~7.5 minutes on an H100 (each stage has its own
+# timeout and the stages share one deadline), so a hang in one stage still leaves every log.
+# OUTDIR gets at most 8 flat files: env.log, build.log, tests.log, tests.xml, bench.log,
+# bench.json, bench_table.txt, summary.txt. The summary is printed last.
+# Environment: PYTHON (python3), SRT_GPU_CHECK_BUDGET_S (450), TORCH_CUDA_ARCH_LIST (9.0),
+# MAX_JOBS (16), BENCH_ARGS (extra arguments for benchmarks/bench_gpu.py).
+set -uo pipefail  # no -e: a failing stage is recorded and the next stages still run
+
+OUTDIR="${1:?usage: benchmarks/gpu_check.sh OUTDIR}"
+mkdir -p "$OUTDIR"
+OUTDIR="$(cd "$OUTDIR" && pwd)"
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+export MAX_JOBS="${MAX_JOBS:-16}"
+T0=$(date +%s)
+DEADLINE=$(( T0 + ${SRT_GPU_CHECK_BUDGET_S:-450} ))
+SUMMARY="$OUTDIR/summary.txt"
+: > "$SUMMARY"
+failed=()
+
+note() { echo "$*" | tee -a "$SUMMARY"; }
+
+# stage NAME LIMIT_S CMD...: runs CMD with stdout+stderr to OUTDIR/NAME.log (and the console),
+# killed after min(LIMIT_S, time left before the deadline).
+stage() {
+  local name="$1" limit="$2"; shift 2
+  local left=$(( DEADLINE - $(date +%s) ))
+  (( left < limit )) && limit=$left
+  if (( limit < 10 )); then
+    note "== $name: SKIPPED (no time left in the budget)"; failed+=("$name"); return 1
+  fi
+  echo "== $name (timeout ${limit}s): $*"
+  local t=$(date +%s)
+  timeout --kill-after=15 "$limit" "$@" 2>&1 | tee "$OUTDIR/$name.log"
+  local rc=${PIPESTATUS[0]}
+  local dt=$(( $(date +%s) - t ))
+  if (( rc == 0 )); then
+    note "== $name: ok in ${dt}s"
+  else
+    [[ $rc == 124 || $rc == 137 ]] && note "== $name: TIMED OUT after ${dt}s" || note "== $name: FAILED (exit $rc) after ${dt}s"
+    failed+=("$name")
+  fi
+  return $rc
+}
+
+env_report() {
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+  echo "nvcc: $(command -v nvcc) $(nvcc --version 2>/dev/null | tail -n 1)"
+  "$PY" - <<'EOF'
+import importlib.util, platform, sys
+import torch
+print(f"python {platform.python_version()} ({sys.executable})")
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"device: {p.name}, capability {p.major}.{p.minor}, {p.multi_processor_count} SMs, "
+          f"{p.total_memory / 2**30:.1f} GiB")
+else:
+    print("device: NO CUDA DEVICE VISIBLE")
+missing = [m for m in ("setuptools", "ninja", "pybind11", "pytest", "hypothesis", "numpy", "tqdm", "matplotlib")
+           if importlib.util.find_spec(m) is None]
+print("python packages: " + ("all present (setuptools, ninja, pybind11, pytest, hypothesis, numpy, tqdm, matplotlib)"
+                            if not missing else "MISSING: " + ", ".join(missing)))
+EOF
+}
+
+tests_summary() {
+  "$PY" - "$OUTDIR/tests.xml" <<'EOF'
+import sys, xml.etree.ElementTree as ET
+try:
+    root = ET.parse(sys.argv[1]).getroot()
+except Exception as e:  # no XML: pytest did not finish
+    print(f"tests: no junit XML ({e})"); sys.exit(0)
+counts = {"all": {}, "cuda": {}}
+for case in root.iter("testcase"):
+    name = case.get("classname", "") + "::" + case.get("name", "")
+    kind = "failed" if case.find("failure") is not None or case.find("error") is not None else \
+           "skipped" if case.find("skipped") is not None else "passed"
+    for group in ("all", "cuda"):
+        if group == "all" or "cuda" in name.lower():
+            counts[group][kind] = counts[group].get(kind, 0) + 1
+for group, c in counts.items():
+    label = "all tests" if group == "all" else "CUDA tests (ids containing 'cuda')"
+    print(f"{label}: {c.get('passed', 0)} passed, {c.get('failed', 0)} failed, {c.get('skipped', 0)} skipped")
+EOF
+}
+
+echo "== env"
+env_report 2>&1 | tee "$OUTDIR/env.log"
+note "$(grep -E '^(device|torch|python|nvcc)' "$OUTDIR/env.log")"
+
+stage build 200 env FORCE_CUDA=1 "$PY" setup.py build_ext --inplace
+build_ok=$?
+if (( build_ok == 0 )); then
+  "$PY" -c "import torch, self_reasoning_tokens as s; print('cuda kernels:', s.cuda_kernels_available(), \
+[torch._C._dispatch_has_kernel_for_dispatch_key(f'self_reasoning_tokens::{o}', 'CUDA') for o in ('attn_fwd', 'attn_bwd')])" 2>&1 | tee -a "$SUMMARY"
+
+  # Whole suite; CUDA tests run because a GPU is visible.
+  stage tests 210 "$PY" -m pytest tests -q -p no:cacheprovider --junitxml="$OUTDIR/tests.xml"
+  tests_summary | tee -a "$SUMMARY"
+  grep -E "^(FAILED|ERROR) " "$OUTDIR/tests.log" | head -n 30 | tee -a "$SUMMARY"
+
+  # shellcheck disable=SC2086
+  stage bench 170 "$PY" benchmarks/bench_gpu.py --out "$OUTDIR/bench.json" \
+        --table-out "$OUTDIR/bench_table.txt" ${BENCH_ARGS:-}
+else
+  note "== tests, bench: not run (the build failed; see build.log)"
+  tail -n 40 "$OUTDIR/build.log"
+fi
+
+[[ -f "$OUTDIR/bench_table.txt" ]] && cat "$OUTDIR/bench_table.txt" >> "$SUMMARY"
+echo
+echo "================ summary ($(( $(date +%s) - T0 )) s) ================"
+cat "$SUMMARY"
+if (( ${#failed[@]} )); then
+  echo "gpu_check: FAILED stages: ${failed[*]}" | tee -a "$SUMMARY"
+  exit 1
+fi
+echo "gpu_check: all stages passed" | tee -a "$SUMMARY"

@@ -1,0 +1,10 @@
+// Explicit instantiations of the forward launcher for __nv_bfloat16, one per supported head dim.
+// One translation unit per dtype and direction, so that a parallel build compiles them at once.
+#include "fwd_kernel.cuh"
+
+namespace srt::cuda {
+template cudaError_t launch_attn_fwd<__nv_bfloat16, 32>(const KernelParams&, cudaStream_t);
+template cudaError_t launch_attn_fwd<__nv_bfloat16, 64>(const KernelParams&, cudaStream_t);
+template cudaError_t launch_attn_fwd<__nv_bfloat16, 96>(const KernelParams&, cudaStream_t);
+template cudaError_t launch_attn_fwd<__nv_bfloat16, 128>(const KernelParams&, cudaStream_t);
+}  // namespace srt::cuda
