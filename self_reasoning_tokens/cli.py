@@ -1,0 +1,486 @@
+"""Command line: ``python -m self_reasoning_tokens`` / ``srt``.
+
+    srt compare [--out runs/compare]          baseline vs reasoning tokens (R=1, R=3): table, JSON, PNG
+    srt train --out DIR [--num-reason-tokens R] [--resume]   one run, atomic checkpoints
+    srt generate --checkpoint DIR/checkpoint.pt --prompt "def "   sample with the KV cache
+    torchrun --nproc_per_node 2 -m self_reasoning_tokens train ...  data parallel (gloo / nccl)
+
+User errors (bad options, missing or empty data, corrupt checkpoint, ...) print one line on
+stderr and exit with code 2; all options are checked and the data is loaded before anything is
+written, and files are replaced atomically, so a failed run never damages earlier results.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Optional
+
+__all__ = ["main", "build_parser"]
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """A problem with what the user asked for: reported in one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (no usage dump), exit code 2."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+# Options that map 1:1 onto RunConfig fields; their argparse default is None so that we know
+# which ones the user gave (a resumed run keeps its checkpoint's value for the others).
+def _add_run_options(p: argparse.ArgumentParser, defaults) -> None:
+    d = defaults
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="'stdlib' (default: the Python standard library's .py files, "
+                   "byte level), 'arithmetic' (multi-digit additions, most significant digit first) "
+                   "or a path to a UTF-8 text file or a folder of text files")
+    g.add_argument("--max-data-bytes", type=_positive_int,
+                   help="read at most this many bytes of stdlib / PATH data (default: all)")
+    g.add_argument("--arith-digits", type=_positive_int, help=f"operand digits for --data arithmetic "
+                   f"(default {d.arith_digits})")
+    g = p.add_argument_group("model")
+    g.add_argument("--dim", type=_positive_int, help=f"model width (default {d.dim})")
+    g.add_argument("--depth", type=_positive_int, help=f"layers (default {d.depth})")
+    g.add_argument("--heads", type=_positive_int, help=f"attention heads (default {d.heads})")
+    g.add_argument("--dim-head", type=_positive_int, help=f"head dim (default {d.dim_head}; use 32, 64, "
+                   "96 or 128 on CUDA)")
+    g.add_argument("--max-seq-len", type=_positive_int,
+                   help="learned positions = longest sequence the model takes, training and "
+                   "generation (default: --seq-len)")
+    g.add_argument("--max-reason-seq-len", type=_nonneg_int,
+                   help=f"most reasoning tokens per step the model holds (default {d.max_reason_seq_len})")
+    g = p.add_argument_group("reasoning tokens")
+    g.add_argument("--steps-future", type=_nonneg_int, help="W: the next W steps may not train "
+                   f"(stop-grad mode) or see (hard mode) a reasoning token (default {d.steps_future})")
+    g.add_argument("--hard-mode", action="store_const", const=True, default=None,
+                   help="mask the reasoning region out of attention instead of stopping its gradient")
+    g.add_argument("--objective", choices=("all", "last"), help="train on every position (default "
+                   "'all', the model's return_loss: labels repeated over reasoning positions) or "
+                   "only on each step's last position")
+    g = p.add_argument_group("training")
+    g.add_argument("--seq-len", type=_positive_int, help=f"real tokens (bytes) per sequence "
+                   f"(default {d.seq_len}); a model with R reasoning tokens sees seq-len*(R+1) positions")
+    g.add_argument("--batch-size", type=_positive_int, help=f"global batch, split over processes "
+                   f"(default {d.batch_size})")
+    g.add_argument("--steps", type=_positive_int, help=f"optimizer steps per run (default {d.steps})")
+    g.add_argument("--lr", type=_nonneg_float, help=f"peak AdamW learning rate, cosine decay "
+                   f"(default {d.lr})")
+    g.add_argument("--warmup", type=_nonneg_int, help=f"warmup steps (default {d.warmup})")
+    g.add_argument("--weight-decay", type=_nonneg_float, help=f"(default {d.weight_decay})")
+    g.add_argument("--grad-clip", type=_nonneg_float, help=f"gradient norm clip, 0 = off (default {d.grad_clip})")
+    g.add_argument("--seed", type=_nonneg_int, help=f"seed for weights and data (default {d.seed})")
+    g.add_argument("--eval-every", type=_positive_int, help=f"validate every N steps (default {d.eval_every})")
+    g.add_argument("--eval-windows", type=_positive_int,
+                   help=f"validation windows of --seq-len bytes (default {d.eval_windows})")
+    g.add_argument("--device", help="cpu (default) or cuda (the CUDA kernels); under torchrun each "
+                   "rank takes cuda:LOCAL_RANK")
+    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="float32 (default); bfloat16 / float16 run the model under autocast "
+                   "(float16: CUDA only, with a gradient scaler)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+_RUN_FIELDS = ("data", "max_data_bytes", "arith_digits", "dim", "depth", "heads", "dim_head",
+               "max_seq_len", "max_reason_seq_len", "steps_future", "hard_mode", "objective",
+               "seq_len", "batch_size", "steps", "lr", "warmup", "weight_decay", "grad_clip", "seed",
+               "eval_every", "eval_windows", "device", "dtype")
+# What a resumed run may change: run control and hardware, not the model, data or optimizer.
+_RESUME_MAY_CHANGE = ("steps", "eval_every", "device", "dtype")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .training import RunConfig
+
+    d = RunConfig()
+    parser = _Parser(prog="srt", description="Self reasoning tokens: train and compare byte-level "
+                     "language models with and without reasoning tokens (no download needed).")
+    sub = parser.add_subparsers(dest="command", metavar="{compare,train,generate}", required=True)
+
+    p = sub.add_parser("compare", help="train a baseline and reasoning-token models from the same "
+                       "seed and data; table, results.json and loss_curves.png in --out",
+                       description="Train a baseline (no reasoning tokens) and reasoning-token models "
+                       "(default R=1 and R=3, stop-grad mode) from the same seed and data; report "
+                       "validation bits per byte and wall time as a table, results.json and "
+                       "loss_curves.png in --out (each run's final checkpoint is saved there too).")
+    p.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
+    p.add_argument("--num-reason-tokens", type=_nonneg_int, nargs="+", default=[1, 3], metavar="R",
+                   help="reasoning tokens per step of the reasoning runs (default 1 3); the baseline "
+                   "(R=0) always runs")
+    _add_run_options(p, d)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("train", help="train one model with atomic checkpoints (resumable)",
+                       description="Train one model. Saves DIR/checkpoint.pt every --save-every steps "
+                       "and at the end (temporary file + rename), DIR/metrics.json and DIR/loss.png. "
+                       "--resume continues exactly where the checkpoint stopped.")
+    p.add_argument("--out", help="output folder (default runs/train, or the folder of --resume CKPT)")
+    p.add_argument("--num-reason-tokens", type=_nonneg_int, metavar="R",
+                   help="reasoning tokens per step (default 0)")
+    p.add_argument("--save-every", type=_positive_int, default=100,
+                   help="checkpoint every N steps (default 100), and always at the end")
+    p.add_argument("--resume", nargs="?", const=True, metavar="CKPT",
+                   help="continue from --out's checkpoint.pt (or CKPT); starts fresh if --out has "
+                   "none yet. Model, data and optimizer options come from the checkpoint.")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over even if --out already holds a checkpoint")
+    p.add_argument("--rank-dumps", help=argparse.SUPPRESS)  # tests: each rank writes its weights here
+    _add_run_options(p, d)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint (KV cache)",
+                       description="Print the prompt and a sample continuing it, from a checkpoint "
+                       "of train or compare, with the model's KV-cache generate.")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by train or compare")
+    p.add_argument("--prompt", required=True, help="UTF-8 text to continue (bytes are the tokens)")
+    p.add_argument("--max-new-tokens", type=_nonneg_int, default=256,
+                   help="bytes to generate (default 256); beyond the model's max_seq_len the "
+                   "context slides (cropped to its last max_seq_len/2 bytes)")
+    p.add_argument("--temperature", type=_nonneg_float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=_positive_int, help="sample among the k likeliest bytes")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def _given(args) -> dict:
+    return {f: getattr(args, f) for f in _RUN_FIELDS if getattr(args, f, None) is not None}
+
+
+def _load_data(cfg):
+    from .data import load_corpus
+
+    corpus = load_corpus(cfg.data, seed=cfg.seed, max_bytes=cfg.max_data_bytes, arith_digits=cfg.arith_digits)
+    corpus.check_fits(cfg.seq_len)
+    return corpus
+
+
+def _say(info, text: str) -> None:
+    if info.is_main:
+        print(text, flush=True)
+
+
+# ------------------------------------------------------------------------------------------
+# train
+
+
+def cmd_train(args) -> int:
+    from .training import (CheckpointError, DistInfo, RunConfig, Trainer, atomic_write_bytes,
+                           atomic_write_text, load_checkpoint, validate_config)
+
+    info = DistInfo.from_env()
+    given = _given(args)
+    if args.num_reason_tokens is not None:
+        given["num_reason_tokens"] = args.num_reason_tokens
+
+    explicit_ckpt = isinstance(args.resume, str)
+    out = Path(args.out) if args.out else (Path(args.resume).parent if explicit_ckpt else Path("runs/train"))
+    ckpt = out / "checkpoint.pt"
+    state = None
+    if args.resume is not None:
+        source = Path(args.resume) if explicit_ckpt else ckpt
+        if source.exists() or explicit_ckpt:
+            state = load_checkpoint(source)  # CheckpointError if missing or corrupt
+            if ckpt.exists() and source.resolve() != ckpt.resolve() and not args.overwrite:
+                raise UserError(f"{ckpt} already exists and is not the checkpoint being resumed; "
+                                "choose another --out or pass --overwrite")
+        else:
+            _say(info, f"no checkpoint in {out} yet: starting from step 0")
+    elif ckpt.exists() and not args.overwrite:
+        raise UserError(f"{ckpt} already exists; pass --resume to continue it, --overwrite to start "
+                        "over, or choose another --out")
+
+    if state is not None:
+        cfg = state["config"]
+        changes = {}
+        for key, value in given.items():
+            if value == getattr(cfg, key):
+                continue
+            if key not in _RESUME_MAY_CHANGE:
+                flag = "--" + key.replace("_", "-")
+                raise UserError(f"{flag} {value} differs from the checkpoint's {getattr(cfg, key)}; a "
+                                f"resumed run keeps its model, data and optimizer settings (it may change "
+                                f"{', '.join('--' + k.replace('_', '-') for k in _RESUME_MAY_CHANGE)})")
+            changes[key] = value
+        cfg = replace(cfg, **changes)
+    else:
+        cfg = RunConfig(**given)
+    validate_config(cfg, info.world_size)
+    corpus = _load_data(cfg)
+    if state is not None:
+        if state["data_fingerprint"] != corpus.fingerprint():
+            raise CheckpointError(f"the data ({cfg.data}) differs from the data the checkpoint was "
+                                  "trained on; resuming would not continue the same run")
+        if state["step"] >= cfg.steps:
+            _say(info, f"the checkpoint is already at step {state['step']} of --steps {cfg.steps}: "
+                 "nothing to do (raise --steps to train on)")
+            return 0
+    # Everything is checked: from here on we write.
+    name = "baseline" if cfg.num_reason_tokens == 0 else f"reasoning R={cfg.num_reason_tokens}"
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _say(info, f"data: {corpus.description}")
+        if state is not None:
+            _say(info, f"resuming {ckpt if not explicit_ckpt else args.resume} at step {state['step']}")
+
+    def write_metrics(trainer) -> None:
+        atomic_write_text(out / "metrics.json", json.dumps({
+            "name": trainer.name, "config": asdict(trainer.cfg), "step": trainer.step,
+            "train_time_s": trainer.train_time, "history": trainer.history, "evals": trainer.evals,
+        }, indent=1))
+
+    def print_eval(ev) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(f"step {ev['step']}: validation {ev['val_bpb']:.4f} bits/byte")
+
+    info.init(cfg.device)
+    try:
+        trainer = Trainer(cfg, corpus, info, state=state, name=name)
+        result = trainer.run(progress=not args.no_progress, save_every=args.save_every, checkpoint=ckpt,
+                             on_save=write_metrics, on_eval=print_eval)
+        if args.rank_dumps:
+            import torch
+
+            Path(args.rank_dumps).mkdir(parents=True, exist_ok=True)
+            torch.save({"model": trainer.model.state_dict(), "history": trainer.history},
+                       Path(args.rank_dumps) / f"rank{info.rank}.pt")
+    finally:
+        info.close()
+    if info.is_main:
+        from .plotting import plot_runs
+
+        atomic_write_bytes(out / "loss.png", plot_runs([result.to_json()], title=name))
+        final = result.evals[-1]
+        _say(info, f"{name}: step {result.step}, validation {final['val_bpb']:.4f} bits/byte, "
+                   f"training time {result.train_time_s:.1f} s; wrote {ckpt}, {out / 'metrics.json'}, "
+                   f"{out / 'loss.png'}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
+# compare
+
+
+def _run_name(cfg) -> tuple[str, str]:
+    if cfg.num_reason_tokens == 0:
+        return "baseline", "baseline"
+    mode = " (hard)" if cfg.hard_mode else ""
+    return (f"reasoning R={cfg.num_reason_tokens}{mode}",
+            f"reasoning-R{cfg.num_reason_tokens}{'-hard' if cfg.hard_mode else ''}")
+
+
+def format_table(runs: list) -> str:
+    header = ("run", "R", "W", "mode", "positions/seq", "val bpb", "val bpb @real tok", "train bpb",
+              "train s", "wall s", "ms/step")
+    rows = []
+    for r in runs:
+        c = r["config"]
+        R = c["num_reason_tokens"]
+        rows.append((
+            r["name"], str(R), str(c["steps_future"]) if R else "-",
+            ("hard" if c["hard_mode"] else "stop-grad") if R else "-",
+            str(r["positions_per_sequence"]), f"{r['val_bpb']:.4f}",
+            f"{r['val_bpb_real_token_position']:.4f}", f"{r['train_bpb_recent']:.4f}",
+            f"{r['train_time_s']:.1f}", f"{r['wall_time_s']:.1f}", f"{1000 * r['s_per_step']:.0f}",
+        ))
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    line = "  ".join("-" * w for w in widths)
+    fmt = lambda row: "  ".join(cell.ljust(w) if i < 4 else cell.rjust(w)  # noqa: E731
+                                for i, (cell, w) in enumerate(zip(row, widths)))
+    return "\n".join([fmt(header), line, *map(fmt, rows)])
+
+
+def cmd_compare(args) -> int:
+    import torch
+
+    from .plotting import plot_runs
+    from .training import DistInfo, RunConfig, Trainer, atomic_write_bytes, atomic_write_text, validate_config
+
+    info = DistInfo.from_env()
+    base = RunConfig(**_given(args))
+    counts = [0] + [R for i, R in enumerate(args.num_reason_tokens) if R and R not in args.num_reason_tokens[:i]]
+    configs = [replace(base, num_reason_tokens=R) for R in counts]
+    for cfg in configs:
+        validate_config(cfg, info.world_size)
+    corpus = _load_data(base)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    # Everything is checked: from here on we write.
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    _say(info, f"data: {corpus.description}")
+    _say(info, f"runs: {', '.join(_run_name(c)[0] for c in configs)}; {base.steps} steps of "
+         f"{base.batch_size} x {base.seq_len} bytes each, model dim {base.dim}, depth {base.depth}, "
+         f"heads {base.heads}, device {base.device}, {base.dtype}, {info.world_size} process(es)")
+
+    started = time.time()
+    summary = {
+        "command": "python -m self_reasoning_tokens " + " ".join(shlex.quote(a) for a in args.argv),
+        "data": corpus.description,
+        "metric": "validation bits per byte at the last position of each step (the position "
+                  "generate samples from); val_bpb_real_token_position is the prediction made at the "
+                  "real token, before that step's reasoning tokens (remove_reason_tokens_at_end=True)",
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "processes": info.world_size,
+                    "device": torch.cuda.get_device_name() if base.device.startswith("cuda") else "cpu"},
+        "complete": False,
+        "runs": [],
+    }
+    info.init(base.device)
+    try:
+        for cfg in configs:
+            name, slug = _run_name(cfg)
+            trainer = Trainer(cfg, corpus, info, name=name)
+            result = trainer.run(progress=not args.no_progress, checkpoint=out / f"{slug}.pt")
+            record = result.to_json()
+            record["checkpoint"] = str(out / f"{slug}.pt")
+            summary["runs"].append(record)
+            if info.is_main:  # partial results survive a later crash
+                atomic_write_text(out / "results.json", json.dumps(summary, indent=1))
+    finally:
+        info.close()
+    if info.is_main:
+        summary["complete"] = True
+        summary["total_wall_time_s"] = time.time() - started
+        atomic_write_text(out / "results.json", json.dumps(summary, indent=1))
+        title = (f"{corpus.name}: dim {base.dim}, depth {base.depth}, seq {base.seq_len}, batch "
+                 f"{base.batch_size}, {base.steps} steps, W={base.steps_future}")
+        atomic_write_bytes(out / "loss_curves.png", plot_runs(summary["runs"], title=title))
+        print()
+        print(format_table(summary["runs"]))
+        print("val bpb: validation bits per byte predicted at each step's last position (the one "
+              "generate samples from); @real tok: at the real token, before its reasoning tokens "
+              "(remove_reason_tokens_at_end=True).\npositions/seq = seq-len*(R+1): a model with R "
+              "reasoning tokens does about R+1 times the compute per byte (see ms/step).")
+        print(f"\ntotal {summary['total_wall_time_s']:.0f} s; wrote {out / 'results.json'}, "
+              f"{out / 'loss_curves.png'} and one checkpoint per run in {out}/")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
+# generate
+
+
+def sample(model, prompt, max_new_tokens: int, num_reason_tokens: int, steps_future: int,
+           temperature: float, top_k: Optional[int]):
+    """``model.generate`` (KV cache) for any length: while prompt + output fits max_seq_len it is
+    one call; beyond, the context is cropped to its last max_seq_len // 2 tokens (positions are
+    absolute, learned up to max_seq_len) and generation goes on in chunks, each with a fresh cache."""
+    import torch
+
+    limit = model.max_seq_len
+    out, remaining = prompt, max_new_tokens
+    while remaining > 0:
+        ctx = out if out.shape[1] + remaining <= limit else out[:, -min(out.shape[1], max(1, limit // 2)):]
+        chunk = min(remaining, limit - ctx.shape[1])
+        if chunk < 1:
+            raise UserError(f"the model's max_seq_len {limit} leaves no room to generate")
+        new = model.generate(ctx, chunk, num_reason_tokens=num_reason_tokens,
+                             num_steps_future_can_use_reason=steps_future,
+                             temperature=temperature, top_k=top_k)
+        out = torch.cat((out, new[:, ctx.shape[1]:]), dim=1)
+        remaining -= chunk
+    return out
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .data import decode
+    from .training import CheckpointError, build_model, load_checkpoint
+
+    device = args.device
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UserError(f"--device must be cpu or cuda, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available here")
+    state = load_checkpoint(args.checkpoint)
+    cfg = state["config"]
+    prompt = args.prompt.encode("utf-8")
+    if not prompt:
+        raise UserError("--prompt is empty; give at least one character to continue")
+    model = build_model(cfg, int(state.get("num_tokens", 256)))
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {args.checkpoint!r} does not match its own config "
+                              f"({str(e).splitlines()[0][:160]})") from None
+    model = model.to(device).eval()
+    torch.manual_seed(args.seed)
+    x = torch.tensor([list(prompt)], dtype=torch.long, device=device)
+    tokens = sample(model, x, args.max_new_tokens, cfg.num_reason_tokens, cfg.steps_future,
+                    args.temperature, args.top_k)
+    sys.stdout.write(decode(tokens[0].tolist()) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def main(argv: Optional[list] = None) -> int:
+    from .data import DataError
+    from .training import CheckpointError, ConfigError
+
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    args.argv = argv
+    try:
+        return args.func(args)
+    except (UserError, DataError, ConfigError, CheckpointError) as e:
+        message = " ".join(str(e).split())  # one line
+        print(f"srt {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"srt {args.command}: interrupted (the last complete checkpoint, if any, is intact)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

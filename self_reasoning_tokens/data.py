@@ -1,0 +1,227 @@
+"""Byte-level training data that needs no download, and the batches drawn from it.
+
+Three sources, all turned into a train and a validation byte array (tokens are bytes, so a
+cross-entropy in nats divided by ln 2 is directly *bits per byte*):
+
+- ``stdlib`` (default): the Python standard library's own ``.py`` files (no tests, no
+  site-packages), about 12 MB on CPython 3.11. Split by file: a file goes to validation iff a
+  hash of its relative path says so, so the split never depends on the order files are found.
+- ``arithmetic``: multi-digit additions written most-significant digit first, ``"123+989=1112\\n"``.
+  The first digit of the sum depends on every carry below it, so a model that can "think ahead"
+  before writing it should gain. Generated from the seed; validation uses its own stream.
+- any path: a UTF-8 text file (its last 10% is validation) or a folder, read recursively
+  (text-like extensions, hidden folders skipped, split by file like ``stdlib``).
+
+Batches are random windows of ``seq_len + 1`` bytes. The windows of step ``s`` come from a
+generator seeded with ``(seed, s)``, so the sampler's whole state is the step number: a resumed
+run draws exactly the batches an uninterrupted run would, and every rank of a data-parallel run
+draws the same global batch and keeps its own slice of it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "Corpus",
+    "DataError",
+    "load_corpus",
+    "load_stdlib",
+    "load_arithmetic",
+    "load_path",
+    "make_addition_problems",
+    "train_batch",
+    "val_windows",
+    "shard",
+    "encode",
+    "decode",
+]
+
+NUM_TOKENS = 256  # bytes
+VAL_PERCENT = 5  # of files (stdlib, folders) that go to validation
+TEXT_SUFFIXES = frozenset(
+    ".txt .md .rst .py .pyi .c .h .cc .cpp .hpp .cu .cuh .rs .go .java .js .ts .json .toml .yaml .yml "
+    ".cfg .ini .csv .tsv .html .htm .css .xml .tex .sh .bash .sql .r .jl .lua .rb .pl .org .log".split()
+)
+_STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
+
+
+class DataError(ValueError):
+    """A user-facing problem with the data (missing, empty, not UTF-8, too small)."""
+
+
+@dataclass
+class Corpus:
+    name: str  # "stdlib", "arithmetic" or the path given
+    train: np.ndarray  # uint8
+    val: np.ndarray  # uint8
+    description: str
+    num_tokens: int = NUM_TOKENS
+
+    def fingerprint(self) -> str:
+        """sha1 of both splits: a checkpoint refuses to resume on data that has changed."""
+        h = hashlib.sha1()
+        h.update(len(self.train).to_bytes(8, "little"))
+        h.update(self.train.tobytes())
+        h.update(self.val.tobytes())
+        return h.hexdigest()
+
+    def check_fits(self, seq_len: int) -> None:
+        need = seq_len + 1
+        for split, arr in (("training", self.train), ("validation", self.val)):
+            if len(arr) < need:
+                raise DataError(
+                    f"data {self.name!r} has only {len(arr)} {split} bytes, but --seq-len {seq_len} "
+                    f"needs at least {need}; use more data or a shorter --seq-len")
+
+
+def encode(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).copy()
+
+
+def decode(tokens) -> str:
+    return bytes(int(t) for t in tokens).decode("utf-8", errors="replace")
+
+
+def _in_val(rel: str) -> bool:
+    # md5 of the path, not Python's hash(): stable across processes and machines.
+    return int(hashlib.md5(rel.encode("utf-8")).hexdigest()[:8], 16) % 100 < VAL_PERCENT
+
+
+def _split_files(root: Path, files: list[Path], max_bytes: int | None) -> tuple[bytes, bytes, int]:
+    """Concatenate files (sorted by relative path) into train and validation by path hash.
+    ``max_bytes`` caps the total read; files are taken in sorted order until the cap."""
+    train, val = [], []
+    total, used = 0, 0
+    for f in sorted(files, key=lambda p: p.relative_to(root).as_posix()):
+        if max_bytes is not None and total >= max_bytes:
+            break
+        data = f.read_bytes()
+        if max_bytes is not None:
+            data = data[: max_bytes - total]
+        if not data:
+            continue
+        total += len(data)
+        used += 1
+        (val if _in_val(f.relative_to(root).as_posix()) else train).append(data)
+    return b"".join(train), b"".join(val), used
+
+
+def _as_array(b: bytes) -> np.ndarray:
+    return np.frombuffer(b, dtype=np.uint8).copy()
+
+
+def load_stdlib(max_bytes: int | None = None) -> Corpus:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in root.rglob("*.py")
+             if p.is_file() and not (_STDLIB_SKIP_DIRS & set(p.relative_to(root).parts[:-1]))]
+    if not files:
+        raise DataError(f"found no .py files in the Python standard library at {root}")
+    train, val, used = _split_files(root, files, max_bytes)
+    return Corpus("stdlib", _as_array(train), _as_array(val),
+                  f"Python {sysconfig.get_python_version()} standard library source ({used} .py files "
+                  f"under {root}, tests excluded): {len(train):,} train / {len(val):,} validation bytes")
+
+
+def make_addition_problems(rng: np.random.Generator, count: int, max_digits: int) -> bytes:
+    """``count`` lines ``a+b=c`` with a, b having 1..max_digits digits (uniform digit count)."""
+    digits_a = rng.integers(1, max_digits + 1, size=count)
+    digits_b = rng.integers(1, max_digits + 1, size=count)
+    a = (rng.random(count) * 10.0 ** digits_a).astype(np.int64)
+    b = (rng.random(count) * 10.0 ** digits_b).astype(np.int64)
+    return "".join(f"{x}+{y}={x + y}\n" for x, y in zip(a.tolist(), b.tolist())).encode("ascii")
+
+
+def load_arithmetic(seed: int, max_digits: int = 4, train_problems: int = 200_000,
+                    val_problems: int = 4_000) -> Corpus:
+    train = make_addition_problems(np.random.default_rng([seed, 1]), train_problems, max_digits)
+    val = make_addition_problems(np.random.default_rng([seed, 2]), val_problems, max_digits)
+    return Corpus("arithmetic", _as_array(train), _as_array(val),
+                  f"synthetic addition, up to {max_digits}-digit operands, most-significant digit "
+                  f"first (seed {seed}): {len(train):,} train / {len(val):,} validation bytes")
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def load_path(path: str | os.PathLike, max_bytes: int | None = None) -> Corpus:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"data path {str(path)!r} does not exist")
+    if p.is_file():
+        data = p.read_bytes()
+        if max_bytes is not None:
+            data = data[:max_bytes]
+        if not data.strip():
+            raise DataError(f"data file {str(path)!r} is empty")
+        if not _is_utf8(data):
+            raise DataError(f"data file {str(path)!r} is not UTF-8 text")
+        cut = len(data) - max(1, len(data) // 10)
+        return Corpus(str(path), _as_array(data[:cut]), _as_array(data[cut:]),
+                      f"{p}: {cut:,} train / {len(data) - cut:,} validation bytes (last 10%)")
+    if not p.is_dir():
+        raise DataError(f"data path {str(path)!r} is neither a file nor a folder")
+    files = []
+    for f in p.rglob("*"):
+        rel = f.relative_to(p).parts
+        if any(part.startswith(".") for part in rel) or f.suffix.lower() not in TEXT_SUFFIXES:
+            continue
+        if f.is_file() and _is_utf8(f.read_bytes()):
+            files.append(f)
+    if not files:
+        raise DataError(f"data folder {str(path)!r} holds no UTF-8 text files "
+                        f"({', '.join(sorted(TEXT_SUFFIXES)[:6])}, ...)")
+    train, val, used = _split_files(p, files, max_bytes)
+    if not (train + val).strip():
+        raise DataError(f"data folder {str(path)!r} holds only empty text files")
+    how = "by file"
+    if not train or not val:  # too few files for a split by file: split the bytes instead
+        data = train + val
+        cut = len(data) - max(1, len(data) // 10)
+        train, val, how = data[:cut], data[cut:], "last 10% of the concatenation"
+    return Corpus(str(path), _as_array(train), _as_array(val),
+                  f"{p} ({used} text files): {len(train):,} train / {len(val):,} validation bytes "
+                  f"(split {how})")
+
+
+def load_corpus(spec: str, seed: int = 0, max_bytes: int | None = None, arith_digits: int = 4) -> Corpus:
+    """``spec``: "stdlib", "arithmetic" or a path to a UTF-8 text file or folder."""
+    if spec == "stdlib":
+        return load_stdlib(max_bytes)
+    if spec == "arithmetic":
+        return load_arithmetic(seed, arith_digits)
+    if not spec:
+        raise DataError("data path is empty")
+    return load_path(spec, max_bytes)
+
+
+def train_batch(data: np.ndarray, step: int, seed: int, batch_size: int, seq_len: int) -> np.ndarray:
+    """The global batch of step ``step``: (batch_size, seq_len + 1) random windows of ``data``."""
+    rng = np.random.default_rng([seed, step, 0x5EED])
+    starts = rng.integers(0, len(data) - seq_len, size=batch_size)
+    return data[starts[:, None] + np.arange(seq_len + 1)]
+
+
+def val_windows(data: np.ndarray, seq_len: int, count: int) -> np.ndarray:
+    """(count', seq_len + 1) windows spread evenly over ``data`` (fixed: no randomness), with
+    count' = min(count, how many distinct starts there are)."""
+    last = len(data) - seq_len - 1
+    count = max(1, min(count, last + 1))
+    starts = np.unique(np.linspace(0, last, count).round().astype(np.int64))
+    return data[starts[:, None] + np.arange(seq_len + 1)]
+
+
+def shard(rows: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Rank ``rank``'s contiguous slice of a global batch whose size world_size divides."""
+    n = len(rows) // world_size
+    return rows[rank * n:(rank + 1) * n]

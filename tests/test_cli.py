@@ -1,0 +1,255 @@
+"""The command line, run as a user would (subprocesses): compare, train, generate, bad input."""
+import contextlib
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import self_reasoning_tokens
+from self_reasoning_tokens.cli import main
+
+REPO = Path(self_reasoning_tokens.__file__).resolve().parent.parent
+TINY = ["--seq-len", "16", "--dim", "32", "--depth", "1", "--heads", "2", "--dim-head", "16",
+        "--batch-size", "4", "--eval-every", "4", "--eval-windows", "4", "--warmup", "2", "--no-progress"]
+
+
+def srt(*args, subprocess_=False, timeout=300):
+    """Run the command line. In-process (through cli.main, as the console script does) unless
+    subprocess_: a real `python -m self_reasoning_tokens` (slower: each start imports torch)."""
+    args = [str(a) for a in args]
+    if subprocess_:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        env.pop("WORLD_SIZE", None)
+        return subprocess.run([sys.executable, "-m", "self_reasoning_tokens", *args], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=timeout)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(args)
+        except SystemExit as e:  # argparse
+            code = e.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def assert_user_error(proc, *needles):
+    """Exit code 2, exactly one line on stderr, no traceback, the line names the problem."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert "error" in lines[0]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    lines = [f"def f{i}(x):\n    return x * {i % 7} + {i % 5}\n\n" for i in range(400)]
+    path.write_text("".join(lines))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, text_data):
+    """A finished `train` run (R=1): its output folder."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    proc = srt("train", "--out", out, "--data", text_data, "--steps", 8, "--num-reason-tokens", 1,
+               "--save-every", 4, *TINY)
+    assert proc.returncode == 0, proc.stderr
+    assert "validation" in proc.stdout
+    return out
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory, text_data):
+    out = tmp_path_factory.mktemp("compare") / "cmp"
+    proc = srt("compare", "--out", out, "--data", text_data, "--steps", 6, "--num-reason-tokens", 1, 2, *TINY,
+               subprocess_=True)
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
+
+
+# ------------------------------------------------------------------------------------------
+# compare
+
+
+def test_compare_writes_table_json_plot_and_checkpoints(compared):
+    out, proc = compared
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] is True
+    names = [r["name"] for r in results["runs"]]
+    assert names == ["baseline", "reasoning R=1", "reasoning R=2"]
+    for run, R in zip(results["runs"], (0, 1, 2)):
+        cfg = run["config"]
+        assert cfg["num_reason_tokens"] == R and cfg["steps"] == 6 and cfg["seq_len"] == 16
+        assert cfg["hard_mode"] is False and cfg["steps_future"] == 2 and cfg["seed"] == 0
+        assert run["positions_per_sequence"] == 16 * (R + 1)
+        assert 0 < run["val_bpb"] < 9 and run["wall_time_s"] > 0 and run["train_time_s"] > 0
+        assert [h["step"] for h in run["history"]] == list(range(1, 7))
+        assert Path(run["checkpoint"]).is_file()
+    # same seed and data: identical initial weights, so identical step-0 validation for R=0
+    # and the same first batch; the reasoning runs differ from the first step on
+    first_losses = [r["history"][0]["loss"] for r in results["runs"]]
+    assert len(set(first_losses)) == 3
+    png = (out / "loss_curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    table = proc.stdout
+    for name in names:
+        assert name in table
+    assert "val bpb" in table and "wall s" in table
+    for run in results["runs"]:
+        assert f"{run['val_bpb']:.4f}" in table
+
+
+def test_compare_hard_mode_and_custom_window(tmp_path, text_data):
+    out = tmp_path / "hard"
+    proc = srt("compare", "--out", out, "--data", text_data, "--steps", 2, "--num-reason-tokens", 1,
+               "--hard-mode", "--steps-future", 3, *TINY)
+    assert proc.returncode == 0, proc.stderr
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [r["name"] for r in runs] == ["baseline", "reasoning R=1 (hard)"]
+    assert runs[1]["config"]["hard_mode"] is True and runs[1]["config"]["steps_future"] == 3
+    assert (out / "reasoning-R1-hard.pt").is_file()
+
+
+# ------------------------------------------------------------------------------------------
+# train and generate
+
+
+def test_train_writes_checkpoint_metrics_and_plot(trained):
+    files = {p.name for p in trained.iterdir()}
+    assert files == {"checkpoint.pt", "metrics.json", "loss.png"}
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert metrics["step"] == 8 and len(metrics["history"]) == 8
+    assert [e["step"] for e in metrics["evals"]] == [0, 4, 8]
+
+
+def test_generate_prints_the_prompt_and_a_continuation(trained):
+    ckpt = trained / "checkpoint.pt"
+    a = srt("generate", "--checkpoint", ckpt, "--prompt", "def f", "--max-new-tokens", 10, "--temperature", 0)
+    b = srt("generate", "--checkpoint", ckpt, "--prompt", "def f", "--max-new-tokens", 10, "--temperature", 0)
+    assert a.returncode == 0, a.stderr
+    assert a.stdout.startswith("def f") and a.stdout == b.stdout  # greedy is deterministic
+    assert len(a.stdout.rstrip("\n").encode("utf-8", "surrogateescape")) >= len("def f") + 1
+    # longer than max_seq_len (16): the context slides, still one sample
+    c = srt("generate", "--checkpoint", ckpt, "--prompt", "def", "--max-new-tokens", 40, "--top-k", 5,
+            subprocess_=True)
+    assert c.returncode == 0, c.stderr
+    assert c.stdout.startswith("def")
+
+
+def test_resume_at_the_end_does_nothing_and_rejects_changed_model(trained, text_data):
+    before = snapshot(trained)
+    done = srt("train", "--out", trained, "--resume", "--data", text_data, "--steps", 8, *TINY)
+    assert done.returncode == 0 and "nothing to do" in done.stdout
+    changed = srt("train", "--out", trained, "--resume", "--data", text_data, "--steps", 12, *TINY[:-1],
+                  "--dim", 64)
+    assert_user_error(changed, "--dim")
+    assert snapshot(trained) == before
+
+
+# ------------------------------------------------------------------------------------------
+# bad input: one line, exit code 2, nothing written or overwritten
+
+
+def test_unknown_option(tmp_path):
+    assert_user_error(srt("compare", "--out", tmp_path / "x", "--bogus-option", 3, subprocess_=True),
+                      "--bogus-option")
+    assert_user_error(srt("frobnicate"))
+    assert_user_error(srt("train", "--steps", "many"), "--steps")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty_file", "empty_folder"])
+def test_missing_or_empty_data(tmp_path, kind):
+    if kind == "missing":
+        path = tmp_path / "no-such-file.txt"
+    elif kind == "empty_file":
+        path = tmp_path / "empty.txt"
+        path.write_text("")
+    else:
+        path = tmp_path / "empty-folder"
+        path.mkdir()
+    for command in ("train", "compare"):
+        out = tmp_path / f"out-{command}"
+        proc = srt(command, "--out", out, "--data", path, "--steps", 1, *TINY,
+                   subprocess_=kind == "missing" and command == "train")
+        assert_user_error(proc, str(path))
+        assert not out.exists()
+
+
+def test_data_too_small_for_seq_len(tmp_path):
+    path = tmp_path / "tiny.txt"
+    path.write_text("abc\n" * 5)
+    assert_user_error(srt("train", "--out", tmp_path / "o", "--data", path, *TINY), "--seq-len")
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_reason_tokens_above_max(tmp_path, command, text_data):
+    proc = srt(command, "--out", tmp_path / "o", "--data", text_data, "--num-reason-tokens", 5,
+               "--max-reason-seq-len", 4, *TINY)
+    assert_user_error(proc, "--num-reason-tokens 5", "--max-reason-seq-len 4")
+    assert not (tmp_path / "o").exists()
+
+
+def test_sequence_longer_than_max_seq_len(tmp_path, text_data):
+    proc = srt("train", "--out", tmp_path / "o", "--data", text_data, *TINY, "--seq-len", 64,
+               "--max-seq-len", 32)
+    assert_user_error(proc, "--seq-len 64", "--max-seq-len 32")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_corrupt_checkpoint(tmp_path, trained, damage, text_data):
+    good = (trained / "checkpoint.pt").read_bytes()
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes({"garbage": b"not a checkpoint at all" * 40, "truncated": good[: len(good) // 2],
+                     "empty": b""}[damage])
+    assert_user_error(srt("generate", "--checkpoint", bad, "--prompt", "x", subprocess_=damage == "garbage"),
+                      "bad.pt", "corrupt")
+    out = tmp_path / "resumed"
+    assert_user_error(srt("train", "--out", out, "--resume", bad, "--data", text_data, *TINY), "corrupt")
+    assert not out.exists()
+    assert_user_error(srt("generate", "--checkpoint", tmp_path / "missing.pt", "--prompt", "x"), "does not exist")
+
+
+def test_failed_runs_never_overwrite_saved_results(tmp_path, trained, compared, text_data):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("checkpoint.pt", "metrics.json", "loss.png"):
+        (run_dir / name).write_bytes((trained / name).read_bytes())
+    before = snapshot(run_dir)
+    # a new run into a folder holding a checkpoint, without --resume
+    assert_user_error(srt("train", "--out", run_dir, "--data", text_data, "--steps", 2, *TINY), "--resume")
+    # bad options, with and without --resume
+    assert_user_error(srt("train", "--out", run_dir, "--data", text_data, "--num-reason-tokens", 9, *TINY))
+    assert_user_error(srt("train", "--out", run_dir, "--resume", "--data", tmp_path / "nope", *TINY))
+    # resuming a corrupt checkpoint into a folder that holds a good one
+    (tmp_path / "bad.pt").write_bytes(b"\x00" * 100)
+    assert_user_error(srt("train", "--out", run_dir, "--resume", tmp_path / "bad.pt", *TINY))
+    assert snapshot(run_dir) == before
+
+    cmp_dir, _ = compared
+    cmp_before = snapshot(cmp_dir)
+    assert_user_error(srt("compare", "--out", cmp_dir, "--data", text_data, "--num-reason-tokens", 7, *TINY))
+    assert_user_error(srt("compare", "--out", cmp_dir, "--data", tmp_path / "nope", *TINY))
+    assert_user_error(srt("compare", "--out", cmp_dir, "--data", text_data, "--dtype", "float16", *TINY))
+    assert snapshot(cmp_dir) == cmp_before
+
+
+def test_bad_generate_options(trained):
+    ckpt = trained / "checkpoint.pt"
+    assert_user_error(srt("generate", "--checkpoint", ckpt, "--prompt", ""), "--prompt")
+    assert_user_error(srt("generate", "--checkpoint", ckpt, "--prompt", "x", "--temperature", -1), "--temperature")
+    assert_user_error(srt("generate", "--checkpoint", ckpt, "--prompt", "x", "--top-k", 0), "--top-k")
