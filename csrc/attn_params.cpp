@@ -142,4 +142,37 @@ void check_backward_inputs(const AttnParams& p, const at::Tensor& dout, const at
               lse_dtype(q.scalar_type()), " for ", q.scalar_type(), " inputs, got ", lse.scalar_type());
 }
 
+AttnParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const std::optional<at::Tensor>& key_padding,
+                       const std::optional<at::Tensor>& attn_mask,
+                       const std::optional<at::Tensor>& q_stop,
+                       const std::optional<at::Tensor>& k_stop,
+                       const std::optional<at::Tensor>& v_stop, bool causal, double scale,
+                       int64_t num_reason_tokens, int64_t reason_window, bool reason_stop_grad,
+                       const std::optional<at::Tensor>& reason_heads) {
+  AttnParams p = make_forward_params(q, k, v, key_padding, attn_mask, causal, scale,
+                                     num_reason_tokens, reason_window, reason_stop_grad,
+                                     reason_heads);
+  add_stop_masks(p, q, q_stop, k_stop, v_stop);  // bad masks fail before any work
+  return p;
+}
+
+AttnParams make_backward_params(const at::Tensor& grad_out, const at::Tensor& q,
+                                const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                                const at::Tensor& lse,
+                                const std::optional<at::Tensor>& key_padding,
+                                const std::optional<at::Tensor>& attn_mask,
+                                const std::optional<at::Tensor>& q_stop,
+                                const std::optional<at::Tensor>& k_stop,
+                                const std::optional<at::Tensor>& v_stop, bool causal,
+                                double scale, int64_t num_reason_tokens, int64_t reason_window,
+                                bool reason_stop_grad,
+                                const std::optional<at::Tensor>& reason_heads) {
+  AttnParams p = make_params(q, k, v, key_padding, attn_mask, q_stop, k_stop, v_stop, causal,
+                             scale, num_reason_tokens, reason_window, reason_stop_grad,
+                             reason_heads);
+  check_backward_inputs(p, grad_out, q, out, lse);
+  return p;
+}
+
 }  // namespace srt

@@ -43,6 +43,29 @@ void add_stop_masks(AttnParams& p, const at::Tensor& q,
 void check_backward_inputs(const AttnParams& p, const at::Tensor& dout, const at::Tensor& q,
                            const at::Tensor& out, const at::Tensor& lse);
 
+// The op-level entry points used by every implementation: all of the above in one call.
+// Forward: q, k, v, the forward masks and (checked, for the backward's sake) the stop masks.
+AttnParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const std::optional<at::Tensor>& key_padding,
+                       const std::optional<at::Tensor>& attn_mask,
+                       const std::optional<at::Tensor>& q_stop,
+                       const std::optional<at::Tensor>& k_stop,
+                       const std::optional<at::Tensor>& v_stop, bool causal, double scale,
+                       int64_t num_reason_tokens, int64_t reason_window, bool reason_stop_grad,
+                       const std::optional<at::Tensor>& reason_heads);
+// Backward: the same plus the saved tensors grad_out, out and lse.
+AttnParams make_backward_params(const at::Tensor& grad_out, const at::Tensor& q,
+                                const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                                const at::Tensor& lse,
+                                const std::optional<at::Tensor>& key_padding,
+                                const std::optional<at::Tensor>& attn_mask,
+                                const std::optional<at::Tensor>& q_stop,
+                                const std::optional<at::Tensor>& k_stop,
+                                const std::optional<at::Tensor>& v_stop, bool causal,
+                                double scale, int64_t num_reason_tokens, int64_t reason_window,
+                                bool reason_stop_grad,
+                                const std::optional<at::Tensor>& reason_heads);
+
 // dtype of the saved log-sum-exp: float64 for float64 inputs, float32 otherwise.
 inline at::ScalarType lse_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;

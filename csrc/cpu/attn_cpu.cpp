@@ -323,10 +323,9 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_cpu(
     const std::optional<at::Tensor>& q_stop, const std::optional<at::Tensor>& k_stop,
     const std::optional<at::Tensor>& v_stop, bool causal, double scale, int64_t num_reason_tokens,
     int64_t reason_window, bool reason_stop_grad, const std::optional<at::Tensor>& reason_heads) {
-  AttnParams p = make_forward_params(q, k, v, key_padding, attn_mask, causal, scale,
-                                     num_reason_tokens, reason_window, reason_stop_grad,
-                                     reason_heads);
-  add_stop_masks(p, q, q_stop, k_stop, v_stop);  // checked here so bad masks fail before any work
+  AttnParams p = make_params(q, k, v, key_padding, attn_mask, q_stop, k_stop, v_stop, causal,
+                             scale, num_reason_tokens, reason_window, reason_stop_grad,
+                             reason_heads);
   at::Tensor qw = working(q), kw = working(k), vw = working(v);
   at::Tensor out = at::empty_like(qw);
   at::Tensor lse = at::empty({p.B, p.H, p.N}, qw.options().dtype(lse_dtype(q.scalar_type())));
@@ -350,11 +349,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_cpu(
     const std::optional<at::Tensor>& k_stop, const std::optional<at::Tensor>& v_stop, bool causal,
     double scale, int64_t num_reason_tokens, int64_t reason_window, bool reason_stop_grad,
     const std::optional<at::Tensor>& reason_heads) {
-  AttnParams p = make_forward_params(q, k, v, key_padding, attn_mask, causal, scale,
-                                     num_reason_tokens, reason_window, reason_stop_grad,
-                                     reason_heads);
-  add_stop_masks(p, q, q_stop, k_stop, v_stop);
-  check_backward_inputs(p, grad_out, q, out, lse);
+  AttnParams p = make_backward_params(grad_out, q, k, v, out, lse, key_padding, attn_mask,
+                                      q_stop, k_stop, v_stop, causal, scale, num_reason_tokens,
+                                      reason_window, reason_stop_grad, reason_heads);
   at::Tensor qw = working(q), kw = working(k), vw = working(v), ow = working(out),
              dow = working(grad_out), lw = lse.contiguous();
   at::Tensor dq = at::empty_like(qw), dk = at::empty_like(kw), dv = at::empty_like(vw);

@@ -1,7 +1,7 @@
 // CUDA implementation of self_reasoning_tokens::attn_fwd / attn_bwd: the host side.
 //
-// Checks and packs the arguments (the shared make_forward_params / add_stop_masks /
-// check_backward_inputs of attn_params.cpp, then the CUDA-only dtype and head-dim checks),
+// Checks and packs the arguments (the shared make_params / make_backward_params of
+// attn_params.cpp, then the CUDA-only dtype and head-dim checks),
 // allocates outputs and the backward's fp32 buffers, dispatches on (dtype, head dim) to the
 // launchers instantiated in attn_fwd_<dtype>.cu / attn_bwd_<dtype>.cu, and registers the
 // functions for the CUDA dispatch key. The kernels themselves are in fwd_kernel.cuh and
@@ -103,10 +103,9 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_cuda(
     const std::optional<at::Tensor>& q_stop, const std::optional<at::Tensor>& k_stop,
     const std::optional<at::Tensor>& v_stop, bool causal, double scale, int64_t num_reason_tokens,
     int64_t reason_window, bool reason_stop_grad, const std::optional<at::Tensor>& reason_heads) {
-  AttnParams a = make_forward_params(q, k, v, key_padding, attn_mask, causal, scale,
-                                     num_reason_tokens, reason_window, reason_stop_grad,
-                                     reason_heads);
-  add_stop_masks(a, q, q_stop, k_stop, v_stop);  // checked here so bad masks fail before any work
+  AttnParams a = make_params(q, k, v, key_padding, attn_mask, q_stop, k_stop, v_stop, causal,
+                             scale, num_reason_tokens, reason_window, reason_stop_grad,
+                             reason_heads);
   check_cuda_inputs("attn_fwd", q, a.D);
   const c10::cuda::CUDAGuard guard(q.device());
 
@@ -142,11 +141,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_cuda(
     const std::optional<at::Tensor>& k_stop, const std::optional<at::Tensor>& v_stop, bool causal,
     double scale, int64_t num_reason_tokens, int64_t reason_window, bool reason_stop_grad,
     const std::optional<at::Tensor>& reason_heads) {
-  AttnParams a = make_forward_params(q, k, v, key_padding, attn_mask, causal, scale,
-                                     num_reason_tokens, reason_window, reason_stop_grad,
-                                     reason_heads);
-  add_stop_masks(a, q, q_stop, k_stop, v_stop);
-  check_backward_inputs(a, grad_out, q, out, lse);
+  AttnParams a = make_backward_params(grad_out, q, k, v, out, lse, key_padding, attn_mask,
+                                      q_stop, k_stop, v_stop, causal, scale, num_reason_tokens,
+                                      reason_window, reason_stop_grad, reason_heads);
   check_cuda_inputs("attn_bwd", q, a.D);
   const c10::cuda::CUDAGuard guard(q.device());
 
