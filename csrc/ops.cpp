@@ -5,19 +5,10 @@
 // .attn_fwd / .attn_bwd -> the CPU kernels in cpu/attn_cpu.cpp or the CUDA kernels in
 // cuda/attn_cuda.cu. Autograd and fake (meta) kernels are registered in Python
 // (self_reasoning_tokens/_ops.py), as in pytorch/extension-cpp.
-#include <Python.h>
+#include <torch/extension.h>
 #include <torch/library.h>
 
 #include "attn_params.h"
-
-// Empty module: importing it is what loads the library and runs the TORCH_LIBRARY blocks.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C",
-      "Compiled kernels of self_reasoning_tokens; the ops live in torch.ops.self_reasoning_tokens.",
-      -1, nullptr};
-  return PyModule_Create(&module_def);
-}
 
 namespace srt {
 
@@ -30,6 +21,13 @@ bool compiled_with_cuda() {
 }
 
 }  // namespace srt
+
+// The pybind11 module: importing it is what loads the library and runs the TORCH_LIBRARY blocks.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Compiled kernels of self_reasoning_tokens; the ops live in torch.ops.self_reasoning_tokens.";
+  m.def("compiled_with_cuda", &srt::compiled_with_cuda,
+        "Whether the library was built with its CUDA kernels.");
+}
 
 TORCH_LIBRARY(self_reasoning_tokens, m) {
   // Forward: returns (out (B,H,N,D), lse (B,H,N)); lse is float64 for float64 inputs and float32
