@@ -1,0 +1,110 @@
+"""The CUDA kernels' logic on the CPU, so that CI (no GPU) checks it on every change.
+
+Builds csrc/cuda/fwd_kernel.cuh and bwd_kernel.cuh as plain C++ against the emulation in
+tests/cuda_emulation/ (threads as fibers, real barriers, NaN-poisoned shared memory and outputs;
+see its README) and compares them with the CPU op in float64 on the same cases as the GPU test
+(tests/test_cuda_build.py). GPU-only problems (atomics, alignment, shared-memory limits) still
+need a GPU run.
+"""
+import os
+import platform
+import re
+import shutil
+import sys
+import time
+
+import pytest
+import torch
+
+import self_reasoning_tokens as srt
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import test_cuda_build as gpu_cases  # noqa: E402  (the shared cases and comparison)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EMU = os.path.join(ROOT, "tests", "cuda_emulation")
+KERNEL_FILES = ("kernel_params.h", "kernel_traits.h", "tile_utils.cuh", "fwd_kernel.cuh", "bwd_kernel.cuh")
+LAUNCH = re.compile(r"^( *)(.*)<<<(.*)>>>\(p\);", re.M)
+
+pytestmark = [
+    pytest.mark.skipif(not srt.HAS_EXTENSION, reason="the compiled extension is missing"),
+    pytest.mark.skipif(platform.system() != "Linux", reason="the fiber emulator uses Linux ucontext"),
+    pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, "csrc", "cuda")),
+                       reason="csrc/ is not next to the tests (installed package)"),
+]
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    from torch.utils.cpp_extension import load
+
+    work = tmp_path_factory.mktemp("cuda_emulation")
+    os.makedirs(work / "csrc" / "cuda")
+    for f in ("mask_semantics.h", "attn_params.h", "attn_params.cpp"):
+        shutil.copy(os.path.join(ROOT, "csrc", f), work / "csrc" / f)
+    launches = 0
+    for f in KERNEL_FILES:
+        with open(os.path.join(ROOT, "csrc", "cuda", f)) as fh:
+            text, n = LAUNCH.subn(r"\1emu::launch(\2, \3, p);", fh.read())
+        launches += n
+        (work / "csrc" / "cuda" / f).write_text(text)
+    assert launches >= 2, "expected the forward and backward kernel launches (kernel<<<...>>>(p);)"
+    shutil.copytree(os.path.join(EMU, "stubs"), work / "stubs")
+    for f in ("emu_ops.cpp", "emu_runtime.cpp"):
+        shutil.copy(os.path.join(EMU, f), work / f)
+    os.makedirs(work / "build")
+    t0 = time.time()
+    mod = load("srt_cuda_emulation", [str(work / "emu_ops.cpp"), str(work / "emu_runtime.cpp"),
+                                      str(work / "csrc" / "attn_params.cpp")],
+               extra_include_paths=[str(work), str(work / "stubs")], extra_cflags=["-O2"],
+               build_directory=str(work / "build"), verbose=False)
+    print(f"emulated CUDA kernels built in {time.time() - t0:.0f} s")
+    return mod
+
+
+def _run_emu(emu, q, k, v, do, kw):
+    R, W, stop, heads = kw.get("reasoning") or (0, 0, True, None)
+    masks = [kw.get(n) for n in ("key_padding", "attn_mask", "q_stop", "k_stop", "v_stop")]
+    args = (kw["causal"], q.shape[-1] ** -0.5, R, W, stop, heads)
+    out, lse = emu.fwd(q, k, v, *masks, *args)
+    dq, dk, dv = emu.bwd(do, q, k, v, out, lse, *masks, *args)
+    return out, lse, dq, dk, dv
+
+
+@pytest.mark.parametrize("head_dim", (32, 128))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16),
+                         ids=lambda d: str(d).replace("torch.", ""))
+def test_emulated_cuda_kernels_match_cpu_op(emu, dtype, head_dim):
+    gen = torch.Generator().manual_seed(1234 + head_dim)
+    for name, (b, h, n, m), build in gpu_cases._cases(gen):
+        kw = build(b, h, n, m)
+        what = f"{dtype} d={head_dim} {name}"
+        q, k, v, do = (gpu_cases._rand(b, h, rows, head_dim, dtype=dtype, device="cpu", gen=gen)
+                       for rows in (n, m, m, n))
+        out, lse, dq, dk, dv = _run_emu(emu, q, k, v, do, kw)
+        c64 = [t.double() for t in (q, k, v, do)]
+        # the backward is compared given the emulated forward's (out, lse), as autograd would pass
+        ref = gpu_cases._run_ops(*c64, kw, "cpu", out_lse=(out.double(), lse.double()))
+        for tname, got, exp in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, dq, dk, dv), ref):
+            gpu_cases._assert_close(tname, got, exp, dtype, what)
+        empty = torch.isinf(lse)
+        if empty.any():
+            assert (out[empty] == 0).all() and (dq[empty] == 0).all(), f"{what}: empty rows not zero"
+
+
+def test_emulated_cuda_edge_shapes(emu):
+    a = (True, 0.125, 0, 0, True, None)
+    for dt in (torch.float32, torch.bfloat16):
+        q = torch.randn(2, 3, 40, 64, dtype=dt)
+        k0 = torch.empty(2, 3, 0, 64, dtype=dt)
+        out, lse = emu.fwd(q, k0, k0, None, None, None, None, None, *a)  # no keys at all
+        assert (out == 0).all() and torch.isinf(lse).all()
+        dq, dk, dv = emu.bwd(q, q, k0, k0, out, lse, None, None, None, None, None, *a)
+        assert (dq == 0).all() and dk.shape == k0.shape
+        # a single decode query over a long cache equals the CPU op
+        q1 = torch.randn(1, 2, 1, 64, dtype=torch.float32)
+        kk, vv = torch.randn(1, 2, 77, 64), torch.randn(1, 2, 77, 64)
+        out, lse = emu.fwd(q1, kk, vv, None, None, None, None, None, *a)
+        ref, ref_lse = torch.ops.self_reasoning_tokens.attn_fwd(q1, kk, vv, None, None, None, None, None, *a)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-6)
