@@ -31,43 +31,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import self_reasoning_tokens as srt  # noqa: E402
 from self_reasoning_tokens.reference import reference_attention  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _memory import proc_status_bytes, reset_peak_rss, return_freed_memory_to_os  # noqa: E402
+
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "attention_cpu.json")
-
-
-def return_freed_memory_to_os() -> None:
-    """Make glibc malloc hand freed blocks back to the OS, so that a peak-RSS reading counts
-    every byte a call allocates instead of reusing pages an earlier round left resident."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)  # fixed: also disables the dynamic threshold
-        libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
-    except (OSError, AttributeError):
-        pass
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("VmHWM not found in /proc/self/status")
 
 
 def make_contenders(b, h, n, d, dtype):
@@ -101,13 +68,13 @@ def reference_bytes_estimate(b, h, n, d, itemsize):
 def measure(step, clear_grads, can_reset):
     clear_grads()  # the gradients of the last round are not part of this one's baseline
     gc.collect()
-    base = rss_bytes()
+    base = proc_status_bytes("VmRSS")
     if can_reset:
-        reset_peak()
+        reset_peak_rss()
     t0 = time.perf_counter()
     step()
     dt = time.perf_counter() - t0
-    peak = peak_rss_bytes() - base if can_reset else float("nan")
+    peak = proc_status_bytes("VmHWM") - base if can_reset else float("nan")
     return dt, peak
 
 
@@ -125,7 +92,7 @@ def main(argv=None):
 
     dtype = torch.float32
     return_freed_memory_to_os()
-    can_reset = reset_peak()
+    can_reset = reset_peak_rss()
     results = []
     for n in args.n:
         clear_grads, contenders = make_contenders(args.batch, args.heads, n, args.head_dim, dtype)

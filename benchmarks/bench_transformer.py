@@ -32,6 +32,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _memory import proc_status_bytes, reset_peak_rss, ru_maxrss_bytes  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 DEFAULT_OUT = os.path.join(HERE, "results", "transformer_cpu.json")
@@ -44,28 +47,6 @@ MIB = 2**20
 
 # ------------------------------------------------------------------------------------------
 # child: one (impl, N) configuration in a fresh process
-
-
-def _proc_status(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _ru_maxrss_bytes():
-    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def run_child(impl, n_positions, repeats, mem_cap_gb, threads):
@@ -92,13 +73,13 @@ def run_child(impl, n_positions, repeats, mem_cap_gb, threads):
     model.zero_grad(set_to_none=True)
     gc.collect()
 
-    can_reset = _reset_peak()
-    base = _proc_status("VmRSS")
+    can_reset = reset_peak_rss()
+    base = proc_status_bytes("VmRSS")
     if mem_cap_gb > 0:
-        cap = _proc_status("VmSize") + int(mem_cap_gb * GB)
+        cap = proc_status_bytes("VmSize") + int(mem_cap_gb * GB)
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     if not can_reset:
-        base = max(base, _ru_maxrss_bytes())
+        base = max(base, ru_maxrss_bytes())
 
     times = []
     try:
@@ -111,7 +92,7 @@ def run_child(impl, n_positions, repeats, mem_cap_gb, threads):
         if isinstance(e, MemoryError) or "alloc" in msg.lower() or "memory" in msg.lower():
             return dict(status="OOM", error=msg.splitlines()[0][:200] if msg else "MemoryError")
         raise
-    peak = (_proc_status("VmHWM") if can_reset else _ru_maxrss_bytes()) - base
+    peak = (proc_status_bytes("VmHWM") if can_reset else ru_maxrss_bytes()) - base
     return dict(status="ok", times_s=times, time_s=statistics.median(times), peak_bytes=peak)
 
 
