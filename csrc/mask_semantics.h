@@ -161,4 +161,15 @@ SRT_HD void region_key_range(const ReasoningSpec& rs, int64_t qi, int64_t* lo, i
   if (*hi < *lo) *hi = *lo;
 }
 
+// Conservative tile test for kernels that skip per-element work: false only when no pair (qi, j)
+// with absolute query position qi in [qa, qb] and key j in [ja, jb] lies in the region. Both ends
+// of region_key_range grow with qi, so the rows' ranges all lie inside [lo(qa), hi(qb)).
+SRT_HD bool tile_may_touch_region(const ReasoningSpec& rs, int64_t qa, int64_t qb, int64_t ja, int64_t jb) {
+  if (!rs.active() || rs.window <= 0 || qa > qb || ja > jb) return false;
+  int64_t lo_a, hi_a, lo_b, hi_b;
+  region_key_range(rs, qa, &lo_a, &hi_a);
+  region_key_range(rs, qb, &lo_b, &hi_b);
+  return lo_a <= jb && hi_b > ja;
+}
+
 }  // namespace srt

@@ -100,8 +100,20 @@ def _cases(gen):
         # tiles of steps 4..6 have it entirely in their region: the kernels skip such tiles.
         return dict(causal=True, reasoning=(40, 3, False, None))
 
+    def causal_only(b, h, n, m):
+        return dict(causal=True)
+
+    def reasoning_stop_only(b, h, n, m):
+        # no stop masks: the tensor-core backward evaluates factors only on tiles that may
+        # touch the region (tile_may_touch_region), and must not miss any
+        return dict(causal=True, reasoning=(3, 4, True, None))
+
     return [
         ("plain n>m", (2, 3, 70, 45), plain),
+        # several full 64 x 64 tiles with nothing to mask: the kernels' unchecked fast path
+        ("plain, multi-tile", (1, 1, 130, 190), plain),
+        ("causal only, multi-tile", (1, 2, 200, 200), causal_only),
+        ("reasoning stop-grad only, multi-tile", (1, 1, 203, 203), reasoning_stop_only),
         ("causal n<m, masks, empty rows", (2, 3, 37, 83), causal_masks),
         ("causal n>m, masks, empty rows", (2, 2, 90, 41), causal_masks),
         ("float masks", (1, 3, 65, 65), float_masks),

@@ -18,6 +18,7 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 
@@ -79,6 +80,15 @@ void check_grid(const char* op, int64_t blocks) {
               " on CUDA: problem too large for one launch (", blocks, " thread blocks)");
 }
 
+// q, k, v, out and grad_out as the kernels read them: contiguous (B, H, rows, D) with a 16-byte
+// aligned start (the tensor-core kernels copy 16-byte chunks). Copies (O(N) memory) only when the
+// caller passed other strides or a misaligned view; masks are never copied.
+at::Tensor dense(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone(at::MemoryFormat::Contiguous);
+  return c;
+}
+
 KernelParams kernel_params(const AttnParams& a) {
   KernelParams p;
   p.B = a.B;
@@ -109,9 +119,7 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_cuda(
   check_cuda_inputs("attn_fwd", q, a.D);
   const c10::cuda::CUDAGuard guard(q.device());
 
-  // The kernels index q, k, v and out as contiguous (B, H, rows, D): copies only if the caller
-  // passed other strides (O(N) memory). Masks are never copied.
-  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  const at::Tensor qc = dense(q), kc = dense(k), vc = dense(v);
   at::Tensor out = at::empty(qc.sizes(), qc.options());
   at::Tensor lse = at::empty({a.B, a.H, a.N}, qc.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
@@ -126,8 +134,9 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_cuda(
   dispatch_dtype_head_dim(q.scalar_type(), a.D, [&](auto tag, auto head_dim) {
     using T = typename decltype(tag)::type;
     constexpr int D = decltype(head_dim)::value;
-    check_smem("attn_fwd", FwdTraits<D>::kSmemBytes, q);
-    check_grid("attn_fwd", a.B * a.H * ((a.N + FwdTraits<D>::kBlockM - 1) / FwdTraits<D>::kBlockM));
+    using K = KernelsFor<T, D>;
+    check_smem("attn_fwd", K::kFwdSmemBytes, q);
+    check_grid("attn_fwd", a.B * a.H * ((a.N + K::kFwdBlockM - 1) / K::kFwdBlockM));
     const cudaError_t err = launch_attn_fwd<T, D>(p, stream);
     C10_CUDA_CHECK(err);
   });
@@ -147,8 +156,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_cuda(
   check_cuda_inputs("attn_bwd", q, a.D);
   const c10::cuda::CUDAGuard guard(q.device());
 
-  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(),
-                   oc = out.contiguous(), doc = grad_out.contiguous(), lc = lse.contiguous();
+  const at::Tensor qc = dense(q), kc = dense(k), vc = dense(v), oc = dense(out), doc = dense(grad_out),
+                   lc = lse.contiguous();
   at::Tensor dk = at::empty(kc.sizes(), kc.options());
   at::Tensor dv = at::empty(vc.sizes(), vc.options());
   if (qc.numel() == 0 || kc.numel() == 0) {  // no queries or no keys: every gradient is 0
@@ -175,8 +184,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_cuda(
   dispatch_dtype_head_dim(q.scalar_type(), a.D, [&](auto tag, auto head_dim) {
     using T = typename decltype(tag)::type;
     constexpr int D = decltype(head_dim)::value;
-    check_smem("attn_bwd", BwdTraits<D>::kSmemBytes, q);
-    check_grid("attn_bwd", a.B * a.H * ((a.M + BwdTraits<D>::kBlockN - 1) / BwdTraits<D>::kBlockN));
+    using K = KernelsFor<T, D>;
+    check_smem("attn_bwd", K::kBwdSmemBytes, q);
+    check_grid("attn_bwd", a.B * a.H * ((a.M + K::kBwdBlockN - 1) / K::kBwdBlockN));
     check_grid("attn_bwd", (a.B * a.H * a.N + kDsumWarps - 1) / kDsumWarps);
     const cudaError_t err = launch_attn_bwd<T, D>(p, stream);
     C10_CUDA_CHECK(err);

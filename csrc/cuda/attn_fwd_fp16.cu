@@ -1,6 +1,6 @@
 // Explicit instantiations of the forward launcher for __half, one per supported head dim.
 // One translation unit per dtype and direction, so that a parallel build compiles them at once.
-#include "fwd_kernel.cuh"
+#include "launch.cuh"
 
 namespace srt::cuda {
 template cudaError_t launch_attn_fwd<__half, 32>(const KernelParams&, cudaStream_t);

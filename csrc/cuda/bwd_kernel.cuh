@@ -1,6 +1,6 @@
 // Backward kernels (SPEC 2):
 //
-//   dsum_i = sum_d dO_i * O_i                                  (attn_bwd_dsum_kernel)
+//   dsum_i = sum_d dO_i * O_i                                  (bwd_preprocess.cuh)
 //   P_ij   = exp(scale * q_i . k_j - lse_i)   on allowed (i, j), else 0
 //   dV_j  += sum_i Fv_ij * P_ij * dO_i
 //   dS_ij  = P_ij * (dO_i . v_j - dsum_i)
@@ -26,23 +26,6 @@
 #include "tile_utils.cuh"
 
 namespace srt::cuda {
-
-// dsum[row] = sum_d dO[row, d] * O[row, d] over the B*H*N rows; one warp per row.
-template <typename T, int D>
-__global__ void __launch_bounds__(kDsumWarps * kWarpSize) attn_bwd_dsum_kernel(const KernelParams p) {
-  const int64_t rows = p.B * p.H * p.N;
-  const int64_t row = int64_t(blockIdx.x) * kDsumWarps + threadIdx.x / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
-  if (row >= rows) return;  // whole warps leave together; no block barrier follows
-  const T* o = static_cast<const T*>(p.out) + row * D;
-  const T* dout = static_cast<const T*>(p.dout) + row * D;
-  float acc = 0.f;
-#pragma unroll
-  for (int t = 0; t < D / kWarpSize; ++t)
-    acc = fmaf(to_float(dout[lane + kWarpSize * t]), to_float(o[lane + kWarpSize * t]), acc);
-  acc = warp_sum(acc);
-  if (lane == 0) p.dsum[row] = acc;
-}
 
 template <typename T, int D>
 __global__ void __launch_bounds__(BwdTraits<D>::kThreads) attn_bwd_kernel(const KernelParams p) {
@@ -215,23 +198,13 @@ __global__ void __launch_bounds__(BwdTraits<D>::kThreads) attn_bwd_kernel(const 
 }
 
 template <typename T, int D>
-cudaError_t launch_attn_bwd(const KernelParams& p, cudaStream_t stream) {
+cudaError_t launch_attn_bwd_simt(const KernelParams& p, cudaStream_t stream) {
   using Tr = BwdTraits<D>;
-  const int64_t rows = p.B * p.H * p.N;
-  if (rows > 0) {
-    const int64_t blocks = ceil_div(rows, kDsumWarps);
-    attn_bwd_dsum_kernel<T, D><<<static_cast<unsigned int>(blocks), kDsumWarps * kWarpSize, 0, stream>>>(p);
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-  }
   const int64_t blocks = p.B * p.H * ceil_div(p.M, Tr::kBlockN);
   if (blocks == 0) return cudaSuccess;
   auto kernel = attn_bwd_kernel<T, D>;
-  if (Tr::kSmemBytes > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(Tr::kSmemBytes));
-    if (err != cudaSuccess) return err;
-  }
+  const cudaError_t err = allow_dynamic_smem(kernel, Tr::kSmemBytes);
+  if (err != cudaSuccess) return err;
   kernel<<<static_cast<unsigned int>(blocks), Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }

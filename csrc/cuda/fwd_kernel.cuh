@@ -153,16 +153,13 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads) attn_fwd_kernel(const 
 }
 
 template <typename T, int D>
-cudaError_t launch_attn_fwd(const KernelParams& p, cudaStream_t stream) {
+cudaError_t launch_attn_fwd_simt(const KernelParams& p, cudaStream_t stream) {
   using Tr = FwdTraits<D>;
   const int64_t blocks = p.B * p.H * ceil_div(p.N, Tr::kBlockM);
   if (blocks == 0) return cudaSuccess;
   auto kernel = attn_fwd_kernel<T, D>;
-  if (Tr::kSmemBytes > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(Tr::kSmemBytes));
-    if (err != cudaSuccess) return err;
-  }
+  const cudaError_t err = allow_dynamic_smem(kernel, Tr::kSmemBytes);
+  if (err != cudaSuccess) return err;
   kernel<<<static_cast<unsigned int>(blocks), Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }

@@ -69,6 +69,58 @@ struct BwdTraits {
   static constexpr size_t kSmemBytes = kSmemFloats * sizeof(float);
 };
 
+// Tensor-core kernels (float16 / bfloat16; fwd_tc_kernel.cuh, bwd_tc_kernel.cuh): tiles are
+// staged in shared memory in the input type, each row padded by 8 elements (16 bytes) so that
+// the 8 row addresses of one ldmatrix fall into 8 different 16-byte bank groups for every
+// supported head dim. All matrix products are m16n8k16 mma.sync tiles (ptx.cuh).
+constexpr int kTcPad = 8;
+
+// Forward: one block = 4 warps = one (batch, head, query tile of 64 rows); warp w owns rows
+// [16 w, 16 w + 16) for the whole key loop (Q fragments, S, P and the O accumulator stay in
+// registers). Shared memory: the Q tile and one K and one V tile of kBlockN keys.
+template <int D>
+struct FwdTcTraits {
+  static_assert(D % 16 == 0, "head dim must be a multiple of 16");
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * kWarpSize;
+  static constexpr int kBlockM = 16 * kWarps;
+  static constexpr int kBlockN = 64;
+  static constexpr int kStride = D + kTcPad;  // elements per shared row
+  static constexpr size_t kSmemBytes = size_t(kBlockM + 2 * kBlockN) * kStride * 2;
+};
+
+// Backward: one block = 8 warps = one (batch, head, key tile of 64 keys), looping over query
+// tiles of 64 rows. Warp w = (wm, wn) = (w % 4, w / 4):
+// - S / dP step: query rows [16 wm, +16) x keys [32 wn, +32) of the 64 x 64 tile;
+// - dK / dV step: keys [16 wm, +16) x head dims [D/2 wn, +D/2) (accumulators in registers);
+// - dQ step: query rows [16 wm, +16) x head dims [D/2 wn, +D/2), added atomically.
+// Shared memory: two buffers of Q and dO tiles (the next query tile loads while the current one
+// is computed), K and V tiles; the three factor-weighted 64 x 64 tiles Fv*P, Fk*dS, Fq*dS in
+// the input type; the query tile's lse and D values (fp32).
+template <int D>
+struct BwdTcTraits {
+  static_assert(D % 32 == 0, "head dim must be a multiple of 32 (two warps split it in 8-wide n-tiles)");
+  static constexpr int kWarps = 8;
+  static constexpr int kThreads = kWarps * kWarpSize;
+  static constexpr int kBlockM = 64;
+  static constexpr int kBlockN = 64;
+  static constexpr int kStride = D + kTcPad;
+  static constexpr int kPStride = kBlockN + kTcPad;
+  static constexpr size_t kSmemBytes = size_t(4 * kBlockM + 2 * kBlockN) * kStride * 2 +
+                                       3 * size_t(kBlockM) * kPStride * 2 + 2 * size_t(kBlockM) * 4;
+};
+
+// The traits a (T, D) launch uses: fp32 inputs run the fp32 CUDA-core kernels above, float16
+// and bfloat16 the tensor-core ones. The host reads shared memory and tile sizes from here.
+template <typename T, int D>
+struct KernelsFor {
+  static constexpr bool kTensorCores = sizeof(T) == 2;
+  static constexpr size_t kFwdSmemBytes = kTensorCores ? FwdTcTraits<D>::kSmemBytes : FwdTraits<D>::kSmemBytes;
+  static constexpr size_t kBwdSmemBytes = kTensorCores ? BwdTcTraits<D>::kSmemBytes : BwdTraits<D>::kSmemBytes;
+  static constexpr int kFwdBlockM = kTensorCores ? FwdTcTraits<D>::kBlockM : FwdTraits<D>::kBlockM;
+  static constexpr int kBwdBlockN = kTensorCores ? BwdTcTraits<D>::kBlockN : BwdTraits<D>::kBlockN;
+};
+
 // Backward preprocessing (dsum = rowsum(dO * O)): one warp per row.
 constexpr int kDsumWarps = 4;
 

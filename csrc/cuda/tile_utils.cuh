@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "kernel_traits.h"
+#include "ptx.cuh"
 
 namespace srt::cuda {
 
@@ -56,6 +57,30 @@ __device__ __forceinline__ void load_rows(float* dst, const T* src, int64_t vali
     const int r = idx / D, c = idx % D;
     dst[r * kStride + c] = r < valid_rows ? to_float(src[int64_t(r) * D + c]) : 0.f;
   }
+}
+
+// Tensor-core kernels: starts the asynchronous copy of rows [0, kRows) of a row-major (rows, D)
+// matrix of T at `src` into shared memory (row stride kStride elements). Rows >= valid_rows are
+// zero-filled without reading global memory. 16-byte chunks, consecutive threads on consecutive
+// chunks (coalesced); src must be 16-byte aligned (the host guarantees it) and D % 8 == 0.
+// The caller commits and waits (cp_async_commit / cp_async_wait, then a barrier).
+template <int kRows, int D, int kStride, int kThreads, typename T>
+__device__ __forceinline__ void load_tile_async(T* dst, const T* src, int64_t valid_rows) {
+  static_assert(sizeof(T) == 2 && D % 8 == 0 && kStride % 8 == 0, "16-byte chunks of 16-bit elements");
+  constexpr int kChunksPerRow = D / 8;
+  for (int c = threadIdx.x; c < kRows * kChunksPerRow; c += kThreads) {
+    const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
+    const bool valid = r < valid_rows;
+    cp_async_16(dst + r * kStride + col, valid ? src + int64_t(r) * D + col : src, valid);
+  }
+}
+
+// Raises a kernel's dynamic shared-memory limit when it needs more than the default 48 KB
+// (the host has checked `bytes` against the device's opt-in limit).
+template <typename Kernel>
+cudaError_t allow_dynamic_smem(Kernel kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -1,0 +1,274 @@
+// Tensor-core backward for float16 / bfloat16 (FlashAttention-2 style), the math of SPEC 2 as
+// written at the top of bwd_kernel.cuh:
+//   P = exp(scale * Q K^T - lse) on allowed pairs;  dS = P * (dO V^T - dsum)
+//   dV += (Fv P)^T dO;  dK += scale (Fk dS)^T Q;  dQ += scale (Fq dS) K
+// with the v-factor applied to P before the dV product and the q- and k-factors applied to
+// separate copies of dS before the dQ and dK products.
+//
+// One block of 8 warps per (batch, head, key tile of 64 keys); dK and dV of the tile stay in
+// registers while the block walks the query tiles of 64 rows that can see it (causally earlier
+// tiles are never visited; hard-mode tiles entirely inside the reasoning region are skipped).
+// The next query tile's Q and dO are copied (cp.async, two buffers) while the current one is
+// computed. Per query tile: S and dP (mma from Q, K, dO, V tiles in shared memory), then P, dS and the three
+// factor-weighted copies in the input type into shared memory, then the dV/dK products (their
+// A operands read transposed with ldmatrix.trans) and this tile's share of dQ, added atomically
+// into the fp32 dq_accum buffer. Warp roles are in BwdTcTraits (kernel_traits.h).
+//
+// Masks and factors are evaluated per element only on tiles where something can mask or stop
+// (dense masks, stop masks, the causal diagonal, the reasoning region, ragged tiles); the
+// predicates and factors are those of mask_semantics.h, as everywhere else.
+#pragma once
+
+#include "fwd_tc_kernel.cuh"  // fragment address helpers, kLog2e
+#include "kernel_params.h"
+#include "kernel_traits.h"
+#include "ptx.cuh"
+#include "tile_utils.cuh"
+
+namespace srt::cuda {
+
+template <typename T, int D>
+__global__ void __launch_bounds__(BwdTcTraits<D>::kThreads, 1) attn_bwd_tc_kernel(const KernelParams p) {
+  using Tr = BwdTcTraits<D>;
+  constexpr int kBM = Tr::kBlockM, kBN = Tr::kBlockN, kS = Tr::kStride, kPS = Tr::kPStride;
+  constexpr int kHalfD = D / 2;        // head dims per warp in the dK/dV and dQ steps
+  constexpr int kDTiles = kHalfD / 8;  // their 8-dim n-tiles
+  static_assert(kDTiles % 2 == 0, "n-tiles are loaded in pairs");
+
+  extern __shared__ float4 smem_f4[];
+  T* sQdO = reinterpret_cast<T*>(smem_f4);  // 2 buffers x (Q, dO), each kBM x kS
+  T* sK = sQdO + 4 * kBM * kS;              // kBN x kS
+  T* sV = sK + kBN * kS;                    // kBN x kS
+  T* sPv = sV + kBN * kS;                 // kBM x kPS: Fv * P          ([query][key])
+  T* sdSk = sPv + kBM * kPS;              // kBM x kPS: Fk * dS
+  T* sdSq = sdSk + kBM * kPS;             // kBM x kPS: Fq * dS
+  float* sLse = reinterpret_cast<float*>(sdSq + kBM * kPS);  // kBM, log2 domain
+  float* sDsum = sLse + kBM;                                 // kBM
+
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int g = lane / 4, t = lane % 4;
+  const int wm = warp % 4, wn = warp / 4;
+
+  const int64_t num_n_blocks = ceil_div(p.M, kBN);
+  const int64_t bh = int64_t(blockIdx.x) / num_n_blocks;
+  const int64_t n_block = int64_t(blockIdx.x) % num_n_blocks;
+  const int64_t b = bh / p.H, h = bh % p.H;
+  const int64_t j0 = n_block * kBN;
+  const int64_t cols_valid = p.M - j0 < kBN ? p.M - j0 : kBN;
+  const int64_t j_last = j0 + cols_valid - 1;
+
+  const T* q = static_cast<const T*>(p.q) + bh * p.N * D;
+  const T* dout = static_cast<const T*>(p.dout) + bh * p.N * D;
+  const float* lse = p.lse + bh * p.N;
+  const float* dsum = p.dsum + bh * p.N;
+  float* dq_accum = p.dq_accum + bh * p.N * D;
+
+  load_tile_async<kBN, D, kS, Tr::kThreads>(sK, static_cast<const T*>(p.k) + (bh * p.M + j0) * D, cols_valid);
+  load_tile_async<kBN, D, kS, Tr::kThreads>(sV, static_cast<const T*>(p.v) + (bh * p.M + j0) * D, cols_valid);
+  cp_async_commit();
+
+  // dK / dV of keys [16 wm, +16) and head dims [kHalfD wn, +kHalfD): C fragments.
+  float dk_acc[kDTiles][4], dv_acc[kDTiles][4];
+#pragma unroll
+  for (int n = 0; n < kDTiles; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk_acc[n][e] = dv_acc[n][e] = 0.f;
+
+  const ReasoningSpec& rs = p.reasoning;
+  const bool hard_region = !rs.stop_grad && rs.on_head(h);          // block-uniform
+  const bool soft_region = rs.stop_grad && rs.on_head(h);           // k/v factor 0 on the region
+  const bool dense_masks = p.attn_mask.present() || p.key_padding.present();
+  const bool stop_masks = p.q_stop.present() || p.k_stop.present() || p.v_stop.present();
+  const float scale_log2 = p.scale * kLog2e;
+
+  int64_t i_begin = 0;  // query i sees key j0 iff j0 <= i + shift
+  if (p.causal && j0 - p.shift > 0) i_begin = (j0 - p.shift) / kBM * kBM;
+  // First query tile at or after i0 that is not skipped (hard mode; block-uniform).
+  auto next_tile = [&](int64_t i0) {
+    for (; i0 < p.N; i0 += kBM) {
+      const int64_t i_last = (i0 + kBM < p.N ? i0 + kBM : p.N) - 1;
+      if (!(hard_region && rs.tile_inside_region(i0 + p.shift, i_last + p.shift, j0, j_last))) break;
+    }
+    return i0;
+  };
+  // Q and dO of query tile i0 into buffer `buf`, asynchronously (the caller commits).
+  auto load_q_do = [&](int64_t i0, int buf) {
+    const int64_t rows = p.N - i0 < kBM ? p.N - i0 : kBM;
+    load_tile_async<kBM, D, kS, Tr::kThreads>(sQdO + (2 * buf) * kBM * kS, q + i0 * D, rows);
+    load_tile_async<kBM, D, kS, Tr::kThreads>(sQdO + (2 * buf + 1) * kBM * kS, dout + i0 * D, rows);
+  };
+
+  int64_t i0 = next_tile(i_begin);
+  if (i0 < p.N) load_q_do(i0, 0);
+  cp_async_commit();  // group: K, V and the first Q/dO tile
+  for (int buf = 0; i0 < p.N; buf ^= 1) {
+    const int64_t rows_valid = p.N - i0 < kBM ? p.N - i0 : kBM;
+    const int64_t i_last = i0 + rows_valid - 1;
+    const T* sQ = sQdO + (2 * buf) * kBM * kS;
+    const T* sdO = sQdO + (2 * buf + 1) * kBM * kS;
+
+    __syncthreads();  // every warp is done with the previous tile (its Q/dO buffer, P/dS tiles)
+    const int64_t i_next = next_tile(i0 + kBM);
+    if (i_next < p.N) load_q_do(i_next, buf ^ 1);  // prefetch while this tile is computed
+    cp_async_commit();  // possibly empty: keeps the group count uniform
+    for (int r = threadIdx.x; r < kBM; r += Tr::kThreads) {
+      sLse[r] = r < rows_valid ? lse[i0 + r] * kLog2e : kNegInf;  // padding rows: fully masked
+      sDsum[r] = r < rows_valid ? dsum[i0 + r] : 0.f;
+    }
+    cp_async_wait<1>();  // this tile's Q/dO (and K/V) have landed
+    __syncthreads();
+
+    // 1. S = Q K^T and dP = dO V^T: rows [16 wm, +16) x keys [32 wn, +32) (4 key n-tiles).
+    float s[4][4], dp[4][4];
+#pragma unroll
+    for (int n = 0; n < 4; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      uint32_t qa[4], ga[4];
+      ldmatrix_x4(qa, a_frag_row(sQ + wm * 16 * kS + ks * 16, kS, lane));
+      ldmatrix_x4(ga, a_frag_row(sdO + wm * 16 * kS + ks * 16, kS, lane));
+#pragma unroll
+      for (int np = 0; np < 2; ++np) {
+        uint32_t kb[4], vb[4];
+        ldmatrix_x4(kb, bt_frag_row(sK + (wn * 32 + np * 16) * kS + ks * 16, kS, lane));
+        ldmatrix_x4(vb, bt_frag_row(sV + (wn * 32 + np * 16) * kS + ks * 16, kS, lane));
+        const uint32_t k0[2] = {kb[0], kb[1]}, k1[2] = {kb[2], kb[3]};
+        const uint32_t v0[2] = {vb[0], vb[1]}, v1[2] = {vb[2], vb[3]};
+        mma_16816<T>(s[2 * np], qa, k0);
+        mma_16816<T>(s[2 * np + 1], qa, k1);
+        mma_16816<T>(dp[2 * np], ga, v0);
+        mma_16816<T>(dp[2 * np + 1], ga, v1);
+      }
+    }
+
+    // 2. P, dS and the factor-weighted copies, two adjacent keys (one register) at a time.
+    const bool ragged = cols_valid < kBN;
+    const bool crosses_diagonal = p.causal && j0 + kBN - 1 > i0 + p.shift;
+    const bool region = (hard_region || soft_region) &&
+                        tile_may_touch_region(rs, i0 + p.shift, i_last + p.shift, j0, j0 + kBN - 1);
+    const bool check = dense_masks || ragged || crosses_diagonal || (hard_region && region);
+    const bool factors = stop_masks || (soft_region && region);
+#pragma unroll
+    for (int n = 0; n < 4; ++n) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int rr = wm * 16 + g + 8 * r;  // row in the tile
+        const int cc = wn * 32 + n * 8 + 2 * t;  // first of the two keys in the tile
+        const float lse_i = sLse[rr], dsum_i = sDsum[rr];
+        float pv[2], dsk[2], dsq[2];
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int64_t i = i0 + rr, j = j0 + cc + c;
+          bool ok = lse_i != kNegInf;  // a row with no allowed key has P = 0
+          if (check && ok)
+            ok = i < p.N && j < p.M && forward_allows(b, h, i, j, p.causal, p.shift, p.attn_mask, p.key_padding, rs);
+          const float prob = ok ? exp2f(s[n][2 * r + c] * scale_log2 - lse_i) : 0.f;
+          const float ds = prob * (dp[n][2 * r + c] - dsum_i);
+          float fq = 1.f, fk = 1.f, fv = 1.f;
+          if (factors && ok) {
+            const float reg = reasoning_kv_factor<float>(rs, h, i + p.shift, j);
+            fq = stop_factor_at<float>(p.q_stop, p.q_stop.offset(b, h, i, j));
+            fk = stop_factor_at<float>(p.k_stop, p.k_stop.offset(b, h, i, j)) * reg;
+            fv = stop_factor_at<float>(p.v_stop, p.v_stop.offset(b, h, i, j)) * reg;
+          }
+          pv[c] = fv * prob;
+          dsk[c] = fk * ds;
+          dsq[c] = fq * ds;
+        }
+        *reinterpret_cast<uint32_t*>(sPv + rr * kPS + cc) = pack2<T>(pv[0], pv[1]);
+        *reinterpret_cast<uint32_t*>(sdSk + rr * kPS + cc) = pack2<T>(dsk[0], dsk[1]);
+        *reinterpret_cast<uint32_t*>(sdSq + rr * kPS + cc) = pack2<T>(dsq[0], dsq[1]);
+      }
+    }
+    __syncthreads();  // the next steps read every row and key of the three tiles
+
+    // 3. dV += (Fv P)^T dO and dK += (Fk dS)^T Q: keys [16 wm, +16) x dims [kHalfD wn, +kHalfD).
+    //    The A operands are the [query][key] tiles read transposed: for a 16-query k-step,
+    //    matrix i = lane / 8 covers queries 8 (i / 2) and keys 8 (i % 2) of the warp's keys.
+#pragma unroll
+    for (int ks = 0; ks < kBM / 16; ++ks) {
+      uint32_t pa[4], sa[4];
+      const int a_off = (ks * 16 + (lane % 8) + 8 * (lane / 16)) * kPS + wm * 16 + 8 * ((lane / 8) % 2);
+      ldmatrix_x4_trans(pa, sPv + a_off);
+      ldmatrix_x4_trans(sa, sdSk + a_off);
+#pragma unroll
+      for (int dpair = 0; dpair < kDTiles / 2; ++dpair) {
+        uint32_t gb[4], qb[4];
+        const int col = wn * kHalfD + dpair * 16;
+        ldmatrix_x4_trans(gb, b_frag_row_trans(sdO + ks * 16 * kS + col, kS, lane));
+        ldmatrix_x4_trans(qb, b_frag_row_trans(sQ + ks * 16 * kS + col, kS, lane));
+        const uint32_t g0[2] = {gb[0], gb[1]}, g1[2] = {gb[2], gb[3]};
+        const uint32_t q0[2] = {qb[0], qb[1]}, q1[2] = {qb[2], qb[3]};
+        mma_16816<T>(dv_acc[2 * dpair], pa, g0);
+        mma_16816<T>(dv_acc[2 * dpair + 1], pa, g1);
+        mma_16816<T>(dk_acc[2 * dpair], sa, q0);
+        mma_16816<T>(dk_acc[2 * dpair + 1], sa, q1);
+      }
+    }
+
+    // 4. dQ += scale (Fq dS) K for rows [16 wm, +16) x dims [kHalfD wn, +kHalfD).
+    float dq[kDTiles][4];
+#pragma unroll
+    for (int n = 0; n < kDTiles; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dq[n][e] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < kBN / 16; ++ks) {
+      uint32_t da[4];
+      ldmatrix_x4(da, a_frag_row(sdSq + wm * 16 * kPS + ks * 16, kPS, lane));
+#pragma unroll
+      for (int dpair = 0; dpair < kDTiles / 2; ++dpair) {
+        uint32_t kb[4];
+        ldmatrix_x4_trans(kb, b_frag_row_trans(sK + ks * 16 * kS + wn * kHalfD + dpair * 16, kS, lane));
+        const uint32_t k0[2] = {kb[0], kb[1]}, k1[2] = {kb[2], kb[3]};
+        mma_16816<T>(dq[2 * dpair], da, k0);
+        mma_16816<T>(dq[2 * dpair + 1], da, k1);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int rr = wm * 16 + g + 8 * r;
+      if (rr >= rows_valid) continue;
+      float* dst = dq_accum + (i0 + rr) * D + wn * kHalfD + 2 * t;
+#pragma unroll
+      for (int n = 0; n < kDTiles; ++n) {
+        atomicAdd(dst + n * 8, p.scale * dq[n][2 * r]);
+        atomicAdd(dst + n * 8 + 1, p.scale * dq[n][2 * r + 1]);
+      }
+    }
+    i0 = i_next;
+  }
+  cp_async_wait<0>();  // the K/V copies of a block that visited no query tile
+
+  // Every key of the tile is written, also keys no query could see (their gradients are 0).
+  T* dk = static_cast<T*>(p.dk) + (bh * p.M + j0) * D;
+  T* dv = static_cast<T*>(p.dv) + (bh * p.M + j0) * D;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int c = wm * 16 + g + 8 * r;
+    if (c >= cols_valid) continue;
+#pragma unroll
+    for (int n = 0; n < kDTiles; ++n) {
+      const int64_t off = int64_t(c) * D + wn * kHalfD + n * 8 + 2 * t;
+      *reinterpret_cast<uint32_t*>(dk + off) = pack2<T>(p.scale * dk_acc[n][2 * r], p.scale * dk_acc[n][2 * r + 1]);
+      *reinterpret_cast<uint32_t*>(dv + off) = pack2<T>(dv_acc[n][2 * r], dv_acc[n][2 * r + 1]);
+    }
+  }
+}
+
+template <typename T, int D>
+cudaError_t launch_attn_bwd_tc(const KernelParams& p, cudaStream_t stream) {
+  using Tr = BwdTcTraits<D>;
+  const int64_t blocks = p.B * p.H * ceil_div(p.M, Tr::kBlockN);
+  if (blocks == 0) return cudaSuccess;
+  auto kernel = attn_bwd_tc_kernel<T, D>;
+  const cudaError_t err = allow_dynamic_smem(kernel, Tr::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  kernel<<<static_cast<unsigned int>(blocks), Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace srt::cuda
