@@ -4,8 +4,8 @@
 // One block of 4 warps per (batch, head, query tile of 64 rows); warp w owns rows [16 w, +16).
 // Each warp keeps its Q fragments, the S tile, P and the O accumulator in registers: S = Q K^T
 // and O += P V are m16n8k16 mma.sync products (ptx.cuh), and the accumulator fragment of S is
-// exactly the A fragment P needs, so P never goes through shared memory. K and V tiles of 64
-// keys are copied with cp.async; V of tile t and K of tile t+1 load while the warps compute.
+// exactly the A fragment P needs, so P never goes through shared memory. K and V tiles of kBlockN
+// keys (kernel_traits.h) are copied with cp.async; V of tile t and K of tile t+1 load while the warps compute.
 //
 // Masks: a tile is evaluated element by element through forward_allows() (mask_semantics.h)
 // only when something can mask inside it: a dense attn_mask or key padding, the causal diagonal,
@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(FwdTcTraits<D>::kThreads) attn_fwd_tc_kernel(c
       q_in_registers = true;
     }
 
-    // S = Q K^T for this warp's 16 rows and the tile's 64 keys.
+    // S = Q K^T for this warp's 16 rows and the tile's kBN keys.
     float s[kSTiles][4];
 #pragma unroll
     for (int n = 0; n < kSTiles; ++n)

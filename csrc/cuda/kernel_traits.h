@@ -84,7 +84,9 @@ struct FwdTcTraits {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * kWarpSize;
   static constexpr int kBlockM = 16 * kWarps;
-  static constexpr int kBlockN = 64;
+  // Keys per tile: 128 while the S tile (kBlockN / 2 fp32 registers per lane) and the O
+  // accumulator (D / 2) fit the register file together, 64 for the larger head dims.
+  static constexpr int kBlockN = D <= 64 ? 128 : 64;
   static constexpr int kStride = D + kTcPad;  // elements per shared row
   static constexpr size_t kSmemBytes = size_t(kBlockM + 2 * kBlockN) * kStride * 2;
 };
