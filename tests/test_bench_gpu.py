@@ -1,0 +1,191 @@
+"""benchmarks/bench_gpu.py without a GPU: the dry run exercises every contender, the cross-check,
+the longest-sequence search and the targets on the CPU (tiny shapes); the search, the targets
+and the budget cut are also checked on synthetic inputs, so their logic cannot drift unnoticed
+before the one GPU run."""
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import bench_gpu  # noqa: E402
+from self_reasoning_tokens.reasoning import reasoning_region  # noqa: E402
+
+LETTERS = {"ours": "a", "ours+reasoning": "b", "ours+kv-mask": "c", "sdpa-flash": "d",
+           "flex-stopgrad": "e", "reference": "f"}
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    out, table = d / "bench.json", d / "table.txt"
+    rc = bench_gpu.main(["--dry-run", "--device", "cpu", "--out", str(out), "--table-out", str(table)])
+    return rc, json.loads(out.read_text()), table.read_text()
+
+
+def test_dry_run_covers_every_contender(dry_run):
+    rc, data, table = dry_run
+    assert rc == 0, data["errors"]
+    assert data["errors"] == [] and data["meta"]["finished"]
+    meta = data["meta"]
+    for key in ("device", "torch", "cuda", "git_commit", "dtype", "python"):
+        assert key in meta
+    assert meta["torch"] == torch.__version__
+    assert set(meta["contenders"]) == set(LETTERS) and meta["reasoning_pattern"]["stop_grad"]
+    shapes = {(r["batch"], r["seq"]) for r in data["results"]}
+    assert shapes == {(2, 128), (1, 256)}
+    for shape in shapes:
+        rows = {r["contender"]: r for r in data["results"] if (r["batch"], r["seq"]) == shape}
+        assert set(rows) == set(LETTERS)
+        for name, r in rows.items():
+            assert r["letter"] == LETTERS[name]
+            assert "skipped" not in r and "error" not in r, r
+            assert r["fwd_ms"] > 0 and len(r["fwd_times_ms"]) == r["repeats"]
+            if name == "flex-stopgrad":  # FlexAttention has no CPU backward
+                assert r["note_forward_only"] and "bwd_ms" not in r and r["block_mask_build_s"] >= 0
+            else:
+                assert r["bwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["fwd_bwd_tflops"] > 0
+                assert len(r["bwd_times_ms"]) == len(r["fwd_bwd_times_ms"]) == r["repeats"]
+        assert rows["ours+kv-mask"]["mask_bytes"] == rows["ours"]["heads"] * shape[1] ** 2
+
+
+def test_dry_run_cross_check_longest_and_targets(dry_run):
+    _, data, table = dry_run
+    cc = data["cross_check"]
+    assert cc["ours vs sdpa-flash"]["ok"] and cc["ours+kv-mask vs ours+reasoning"]["ok"]
+    assert cc["flex-stopgrad vs ours+reasoning"]["ok"]  # forward only on the CPU
+    assert cc["ours+reasoning vs ours (dk, dv must differ)"]["ok"]
+    assert set(data["longest_seq"]) == set(LETTERS)
+    for res in data["longest_seq"].values():
+        assert res["longest"] == 512 and res["lower_bound"]
+    assert [t["target"] for t in data["targets"]] == [
+        "(a) >= 60% of (d) TFLOP/s", "(b) within 10% of (a)", "(b) >= 1.5x faster than (e)",
+        "(b) >= 10x faster than (f)", "longest (b) >= 8x longest (f)"]
+    for section in ("fwd ms", "cross-check", "longest sequence", "targets"):
+        assert section in table
+
+
+def test_zero_budget_skips_cleanly(tmp_path):
+    out = tmp_path / "b.json"
+    rc = bench_gpu.main(["--dry-run", "--device", "cpu", "--budget-s", "0", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert rc == 0 and data["errors"] == []
+    assert all("budget" in r["skipped"] for r in data["results"])
+    assert data["skipped"] and all("budget" in s for s in data["skipped"])
+    assert all(t["pass"] is None for t in data["targets"])
+
+
+class FakeBudget:
+    def __init__(self, left=math.inf):
+        self._left = left
+
+    def left(self):
+        return self._left
+
+
+def fake_trial(oom_from=None, error_at=None, seconds=lambda n: (n / 16384) ** 2 * 0.1):
+    tried = []
+
+    def trial(n):
+        tried.append(n)
+        if error_at is not None and n == error_at:
+            return {"n": n, "ok": False, "error": "RuntimeError: boom"}
+        if oom_from is not None and n >= oom_from:
+            return {"n": n, "ok": False, "oom": True, "error": "out of memory"}
+        return {"n": n, "ok": True, "fwd_bwd_s": seconds(n)}
+
+    return trial, tried
+
+
+def search(trial, predict=None, cap_s=100.0, budget=None, start=16384, max_n=131072):
+    return bench_gpu.longest_sequence(trial, start, max_n, 1024, cap_s, budget or FakeBudget(), 1.0,
+                                      predict_s=predict)
+
+
+def test_longest_doubles_until_out_of_memory():
+    trial, tried = fake_trial(oom_from=65536)
+    res = search(trial)
+    assert res["longest"] == 32768 and not res["lower_bound"] and tried == [16384, 32768, 65536]
+    assert res["stopped_by"] == "out of memory at n=65536"
+
+
+def test_longest_halves_when_the_start_fails_and_never_retries_a_failure():
+    trial, tried = fake_trial(oom_from=16384)
+    res = search(trial)
+    assert res["longest"] == 8192 and tried == [16384, 8192] and not res["lower_bound"]
+    trial, tried = fake_trial(oom_from=1)
+    res = search(trial)
+    assert res["longest"] is None and tried == [16384, 8192, 4096, 2048, 1024]
+
+
+def test_longest_tries_the_cap_first_when_predicted_cheap():
+    trial, tried = fake_trial()
+    res = search(trial, predict=lambda n: 1.0)
+    assert res["longest"] == 131072 and res["lower_bound"] and tried == [131072]
+    trial, tried = fake_trial(oom_from=65536)  # the cap fails: double from the start
+    res = search(trial, predict=lambda n: 1.0)
+    assert res["longest"] == 32768 and tried == [131072, 16384, 32768, 65536]
+    trial, tried = fake_trial()  # predicted too slow for the per-trial cap: no probe
+    res = search(trial, predict=lambda n: 1e3)
+    assert tried[0] == 16384 and res["longest"] == 131072
+
+
+def test_longest_time_cap_budget_and_errors():
+    trial, tried = fake_trial(seconds=lambda n: (n / 16384) ** 2)  # 1 s, 4 s, 16 s, ...
+    res = search(trial, cap_s=10.0)
+    assert res["longest"] == 32768 and res["lower_bound"] and "time cap" in res["stopped_by"]
+    trial, tried = fake_trial()
+    res = search(trial, budget=FakeBudget(0.5))
+    assert res["longest"] is None and tried == [] and res["stopped_by"].startswith("budget")
+    trial, tried = fake_trial(error_at=65536)
+    res = search(trial)
+    assert res["longest"] == 32768 and res["lower_bound"] and "boom" in res["stopped_by"]
+
+
+def row(name, tflops, batch=2, batch_measured=None, seq=8192, d=128):
+    return {"contender": name, "batch": batch, "batch_measured": batch_measured or batch, "seq": seq,
+            "head_dim": d, "fwd_bwd_tflops": tflops}
+
+
+def targets(rows, longest):
+    return {t["target"]: t for t in bench_gpu.evaluate_targets(rows, longest, 2, 8192, 128)}
+
+
+def test_targets_pass_and_fail():
+    rows = [row("ours", 300.0), row("ours+reasoning", 290.0), row("sdpa-flash", 450.0),
+            row("flex-stopgrad", 150.0), row("reference", 10.0, batch_measured=1), row("ours", 1.0, seq=4096)]
+    longest = {"ours+reasoning": {"longest": 131072, "lower_bound": True, "stopped_by": "cap"},
+               "reference": {"longest": 8192, "lower_bound": False}}
+    t = targets(rows, longest)
+    assert t["(a) >= 60% of (d) TFLOP/s"]["pass"] and t["(a) >= 60% of (d) TFLOP/s"]["value"] == pytest.approx(300 / 450)
+    assert t["(b) within 10% of (a)"]["pass"] and t["(b) within 10% of (a)"]["value"] == pytest.approx(300 / 290)
+    assert t["(b) >= 1.5x faster than (e)"]["pass"]
+    assert t["(b) >= 10x faster than (f)"]["pass"] and "batch 1" in t["(b) >= 10x faster than (f)"]["detail"]
+    assert t["longest (b) >= 8x longest (f)"]["pass"] and t["longest (b) >= 8x longest (f)"]["value"] == 16
+
+    rows = [row("ours", 200.0), row("ours+reasoning", 150.0), row("sdpa-flash", 450.0),
+            row("flex-stopgrad", 120.0), row("reference", 20.0)]
+    longest = {"ours+reasoning": {"longest": 32768, "lower_bound": False},
+               "reference": {"longest": 8192, "lower_bound": False}}
+    t = targets(rows, longest)
+    assert [v["pass"] for v in t.values()] == [False, False, False, False, False]
+
+
+def test_targets_not_measured():
+    t = targets([row("ours", 300.0)], {})
+    assert all(v["pass"] is None and v["value"] is None for v in t.values())
+    assert "(d) sdpa-flash" in t["(a) >= 60% of (d) TFLOP/s"]["detail"]
+    # a lower bound that does not reach the target is not a failure
+    longest = {"ours+reasoning": {"longest": 32768, "lower_bound": True, "stopped_by": "time cap"},
+               "reference": {"longest": 8192, "lower_bound": False}}
+    assert targets([], longest)["longest (b) >= 8x longest (f)"]["pass"] is None
+
+
+@pytest.mark.parametrize("h,n,m,rows", [(3, 40, 40, 7), (2, 24, 56, 5), (1, 64, 64, 64)])
+def test_dense_region_mask_is_the_reasoning_region(h, n, m, rows):
+    mask = bench_gpu.dense_region_mask(h, n, m, "cpu", rows_per_chunk=rows)
+    assert mask.shape == (h, n, m) and mask.is_contiguous()
+    assert torch.equal(mask, reasoning_region(n, m, bench_gpu.R, bench_gpu.W).expand(h, n, m))
