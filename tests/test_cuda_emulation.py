@@ -1,10 +1,12 @@
 """The CUDA kernels' logic on the CPU, so that CI (no GPU) checks it on every change.
 
-Builds csrc/cuda/fwd_kernel.cuh and bwd_kernel.cuh as plain C++ against the emulation in
-tests/cuda_emulation/ (threads as fibers, real barriers, NaN-poisoned shared memory and outputs;
-see its README) and compares them with the CPU op in float64 on the same cases as the GPU test
-(tests/test_cuda_build.py). GPU-only problems (atomics, alignment, shared-memory limits) still
-need a GPU run.
+Builds the kernel headers of csrc/cuda (every *.h and *.cuh: the fp32 CUDA-core kernels, the
+float16/bfloat16 tensor-core kernels and their launchers) as plain C++ against the emulation in
+tests/cuda_emulation/ (threads as fibers, real barriers, poisoned shared memory and outputs, and
+its own implementation of the PTX layer in place of csrc/cuda/ptx.cuh; see its README) and
+compares them with the CPU op in float64 on the same cases as the GPU test
+(tests/test_cuda_build.py), in both cp.async timing modes. GPU-only problems (atomics, bank
+conflicts, shared-memory limits, real timing) still need a GPU run.
 """
 import os
 import platform
@@ -23,8 +25,10 @@ import test_cuda_build as gpu_cases  # noqa: E402  (the shared cases and compari
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMU = os.path.join(ROOT, "tests", "cuda_emulation")
-KERNEL_FILES = ("kernel_params.h", "kernel_traits.h", "tile_utils.cuh", "fwd_kernel.cuh", "bwd_kernel.cuh")
+CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
 LAUNCH = re.compile(r"^( *)(.*)<<<(.*)>>>\(p\);", re.M)
+CP_ASYNC_MODES = {"early": 0, "late": 1}  # emu::CpAsyncMode
+TENSOR_CORE_KERNELS = os.path.exists(os.path.join(CUDA_DIR, "fwd_tc_kernel.cuh"))
 
 pytestmark = [
     pytest.mark.skipif(not srt.HAS_EXTENSION, reason="the compiled extension is missing"),
@@ -34,32 +38,61 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory):
+def kernel_headers():
+    """The kernel sources the emulation compiles: every header of csrc/cuda (not the .cu host and
+    instantiation files), ptx.cuh excepted (tests/cuda_emulation/ptx.cuh replaces it)."""
+    return sorted(f for f in os.listdir(CUDA_DIR) if f.endswith((".h", ".cuh")) and f != "ptx.cuh")
+
+
+EMU_SOURCES = ("emu_ops.cpp", "emu_runtime.cpp", "emu_kernels_fp16.cpp", "emu_kernels_bf16.cpp",
+               "emu_kernels_fp32.cpp")
+
+
+def build_emulation(work):
+    """Copies the kernel sources and the emulator into `work` (a pathlib.Path), compiles them and
+    returns the ops namespace torch.ops.srt_cuda_emulation (fwd, bwd, set_cp_async_mode, ...)."""
     from torch.utils.cpp_extension import load
 
-    work = tmp_path_factory.mktemp("cuda_emulation")
-    os.makedirs(work / "csrc" / "cuda")
-    for f in ("mask_semantics.h", "attn_params.h", "attn_params.cpp"):
-        shutil.copy(os.path.join(ROOT, "csrc", f), work / "csrc" / f)
+    os.makedirs(work / "csrc" / "cuda", exist_ok=True)
+    for f in os.listdir(os.path.join(ROOT, "csrc")):
+        if f.endswith(".h") or f == "attn_params.cpp":
+            shutil.copy(os.path.join(ROOT, "csrc", f), work / "csrc" / f)
     launches = 0
-    for f in KERNEL_FILES:
-        with open(os.path.join(ROOT, "csrc", "cuda", f)) as fh:
+    headers = kernel_headers()
+    for f in headers:
+        with open(os.path.join(CUDA_DIR, f)) as fh:
             text, n = LAUNCH.subn(r"\1emu::launch(\2, \3, p);", fh.read())
         launches += n
         (work / "csrc" / "cuda" / f).write_text(text)
     assert launches >= 2, "expected the forward and backward kernel launches (kernel<<<...>>>(p);)"
-    shutil.copytree(os.path.join(EMU, "stubs"), work / "stubs")
-    for f in ("emu_ops.cpp", "emu_runtime.cpp"):
+    shutil.copy(os.path.join(EMU, "ptx.cuh"), work / "csrc" / "cuda" / "ptx.cuh")
+    # emu_kernels.inc includes this: every kernel header, so it sees the launchers wherever they are
+    (work / "csrc" / "cuda" / "emu_all_kernels.h").write_text(
+        "#pragma once\n" + "".join(f'#include "{f}"\n' for f in headers if f.endswith(".cuh")))
+    shutil.copytree(os.path.join(EMU, "stubs"), work / "stubs", dirs_exist_ok=True)
+    for f in EMU_SOURCES + ("emu_kernels.inc",):
         shutil.copy(os.path.join(EMU, f), work / f)
-    os.makedirs(work / "build")
+    os.makedirs(work / "build", exist_ok=True)
+    load("srt_cuda_emulation", [str(work / f) for f in EMU_SOURCES] + [str(work / "csrc" / "attn_params.cpp")],
+         extra_include_paths=[str(work), str(work / "stubs")], extra_cflags=["-O2"],
+         build_directory=str(work / "build"), is_python_module=False, verbose=False)
+    return torch.ops.srt_cuda_emulation
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
     t0 = time.time()
-    mod = load("srt_cuda_emulation", [str(work / "emu_ops.cpp"), str(work / "emu_runtime.cpp"),
-                                      str(work / "csrc" / "attn_params.cpp")],
-               extra_include_paths=[str(work), str(work / "stubs")], extra_cflags=["-O2"],
-               build_directory=str(work / "build"), verbose=False)
+    ops = build_emulation(tmp_path_factory.mktemp("cuda_emulation"))
     print(f"emulated CUDA kernels built in {time.time() - t0:.0f} s")
-    return mod
+    return ops
+
+
+@pytest.fixture(params=sorted(CP_ASYNC_MODES))
+def cp_async_mode(request, emu):
+    emu.set_cp_async_mode(CP_ASYNC_MODES[request.param])
+    assert emu.cp_async_mode() == CP_ASYNC_MODES[request.param]
+    yield request.param
+    emu.set_cp_async_mode(CP_ASYNC_MODES["early"])
 
 
 def _run_emu(emu, q, k, v, do, kw):
@@ -74,11 +107,12 @@ def _run_emu(emu, q, k, v, do, kw):
 @pytest.mark.parametrize("head_dim", (32, 128))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16),
                          ids=lambda d: str(d).replace("torch.", ""))
-def test_emulated_cuda_kernels_match_cpu_op(emu, dtype, head_dim):
+def test_emulated_cuda_kernels_match_cpu_op(emu, cp_async_mode, dtype, head_dim):
     gen = torch.Generator().manual_seed(1234 + head_dim)
+    emu.reset_op_counts()
     for name, (b, h, n, m), build in gpu_cases._cases(gen):
         kw = build(b, h, n, m)
-        what = f"{dtype} d={head_dim} {name}"
+        what = f"{dtype} d={head_dim} cp.async {cp_async_mode}: {name}"
         q, k, v, do = (gpu_cases._rand(b, h, rows, head_dim, dtype=dtype, device="cpu", gen=gen)
                        for rows in (n, m, m, n))
         out, lse, dq, dk, dv = _run_emu(emu, q, k, v, do, kw)
@@ -90,6 +124,15 @@ def test_emulated_cuda_kernels_match_cpu_op(emu, dtype, head_dim):
         empty = torch.isinf(lse)
         if empty.any():
             assert (out[empty] == 0).all() and (dq[empty] == 0).all(), f"{what}: empty rows not zero"
+    # the kernels the launchers picked really ran: tensor cores (mma, ldmatrix, cp.async) for
+    # float16 / bfloat16 once csrc/cuda has them, never for float32
+    counts = emu.op_counts()
+    mma = counts.get("mma_16816<__half>", 0) + counts.get("mma_16816<__nv_bfloat16>", 0)
+    if dtype == torch.float32:
+        assert mma == 0, counts
+    elif TENSOR_CORE_KERNELS:
+        assert mma > 0 and counts.get("ldmatrix_x4", 0) > 0 and counts.get("ldmatrix_x4_trans", 0) > 0, counts
+        assert counts.get("cp_async_16", 0) > 0, counts
 
 
 def test_emulated_cuda_edge_shapes(emu):

@@ -1,14 +1,17 @@
-// attn_fwd / attn_bwd through the emulated CUDA kernels, on CPU tensors. The host logic follows
+// attn_fwd / attn_bwd through the emulated CUDA kernels, on CPU tensors, registered as the torch
+// ops srt_cuda_emulation::fwd / bwd (plus the emulator's controls). The host logic follows
 // csrc/cuda/attn_cuda.cu (minus device guard/stream), so the kernels see exactly the
-// KernelParams they would see on a GPU.
-#include <torch/extension.h>
+// KernelParams they would see on a GPU. The launchers are instantiated in emu_kernels_*.cpp
+// (no torch headers there, and the three compile in parallel with this file).
+#include <torch/library.h>
+
+#include <string>
 
 #include "stubs/cuda_runtime.h"
 #include "stubs/cuda_fp16.h"
 #include "stubs/cuda_bf16.h"
 #include "csrc/attn_params.h"
-#include "csrc/cuda/fwd_kernel.cuh"
-#include "csrc/cuda/bwd_kernel.cuh"
+#include "csrc/cuda/kernel_params.h"
 
 using namespace srt;
 using namespace srt::cuda;
@@ -34,6 +37,14 @@ void dispatch(at::ScalarType dtype, int64_t head_dim, const F& f) {
   }
 }
 
+// As attn_cuda.cu: contiguous, with a 16-byte aligned start (the tensor-core kernels copy 16-byte
+// chunks; the emulated cp.async checks the alignment).
+at::Tensor dense(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone(at::MemoryFormat::Contiguous);
+  return c;
+}
+
 KernelParams kernel_params(const AttnParams& a) {
   KernelParams p;
   p.B = a.B; p.H = a.H; p.N = a.N; p.M = a.M;
@@ -52,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
     bool stop, const std::optional<at::Tensor>& heads) {
   AttnParams a = make_params(q, k, v, key_padding, attn_mask, q_stop, k_stop, v_stop, causal, scale,
                              R, W, stop, heads);
-  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  const at::Tensor qc = dense(q), kc = dense(k), vc = dense(v);
   // poisoned outputs: every element must be written by the kernel
   at::Tensor out = at::full(qc.sizes(), std::numeric_limits<double>::quiet_NaN(), qc.options());
   at::Tensor lse = at::full({a.B, a.H, a.N}, std::numeric_limits<double>::quiet_NaN(), qc.options().dtype(at::kFloat));
@@ -76,8 +87,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& grad_out, c
     bool stop, const std::optional<at::Tensor>& heads) {
   AttnParams a = make_backward_params(grad_out, q, k, v, out, lse, key_padding, attn_mask, q_stop,
                                       k_stop, v_stop, causal, scale, R, W, stop, heads);
-  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(),
-                   oc = out.contiguous(), doc = grad_out.contiguous(), lc = lse.contiguous();
+  const at::Tensor qc = dense(q), kc = dense(k), vc = dense(v), oc = dense(out), doc = dense(grad_out),
+                   lc = lse.contiguous();
   const double nan = std::numeric_limits<double>::quiet_NaN();
   at::Tensor dk = at::full(kc.sizes(), nan, kc.options());
   at::Tensor dv = at::full(vc.sizes(), nan, vc.options());
@@ -102,7 +113,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& grad_out, c
   return {dq, dk, dv};
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+TORCH_LIBRARY(srt_cuda_emulation, m) {
   m.def("fwd", &fwd);
   m.def("bwd", &bwd);
+  // cp.async timing: 0 = early (copy at issue), 1 = late (copy at the wait that covers it)
+  m.def("set_cp_async_mode", [](int64_t mode) { emu::set_cp_async_mode(static_cast<int>(mode)); });
+  m.def("cp_async_mode", []() -> int64_t { return emu::cp_async_mode(); });
+  // warp-collective operations (once per warp) and cp_async_16 calls (per thread) since the reset
+  m.def("op_counts", [] {
+    c10::Dict<std::string, int64_t> r;
+    for (const auto& c : emu::op_counts()) r.insert(c.first, static_cast<int64_t>(c.second));
+    return r;
+  });
+  m.def("reset_op_counts", [] { emu::reset_op_counts(); });
 }

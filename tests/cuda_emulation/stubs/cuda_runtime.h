@@ -1,12 +1,20 @@
 // Host emulation of the few CUDA features the srt kernels use (for logic checks without a GPU).
-// Threads of a block are cooperative fibers (ucontext), scheduled round-robin; __syncthreads,
-// __syncwarp and __shfl_xor_sync are real barriers between them, shared memory is a global
-// buffer (blocks run one after another) that is poisoned with NaN before every block.
+// Threads of a block are cooperative fibers, run warp by warp; __syncthreads, __syncwarp,
+// __shfl_xor_sync and the warp-collective PTX instructions of ../ptx.cuh are real barriers
+// between them; shared memory is a global buffer (blocks run one after another) that is
+// poisoned with the 32-bit pattern 0x7fff7fff (NaN as float, and each half NaN as float16 and
+// as bfloat16) before every block. Misuse (a barrier not all threads reach, lanes of a warp in
+// different warp-collective operations, an address outside the launch's shared memory, ...)
+// ends the launch with a C++ exception (a RuntimeError in Python) naming block, thread and
+// operation.
 #pragma once
 #include <math.h>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
 
 #define __global__
 #define __device__
@@ -27,10 +35,60 @@ inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 
 namespace emu {
 extern EmuDim3* cur_tid;
-extern EmuDim3 block_idx;
+extern EmuDim3 block_idx, block_dim, grid_dim;
+
+// Ends the current launch: prints the message (printf format) and makes run_grid throw a
+// std::runtime_error carrying it, prefixed with the current block and thread.
+[[noreturn]] void fail(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+
 void syncthreads();
 void syncwarp();
 float shfl_xor(float x, int offset);
+
+// Warp-collective exchange, the building block of __syncwarp, __shfl_xor_sync, ldmatrix and mma:
+// each of the 32 lanes of the calling thread's warp deposits `bytes` (<= kWarpSlotBytes) bytes
+// into its slot and waits until all 32 lanes have called warp_collective with the same `op`
+// (the op names must match: lanes in different collectives end the launch with an error).
+// `complete`, if given, then runs once, in the last lane to arrive, before any lane continues:
+// it sees every lane's deposit and may overwrite the slots with results (it is where a
+// collective instruction does its work, so that its memory reads happen at one instant, as on
+// the GPU). Every lane gets the warp's slots back; they stay valid until the lane's next
+// warp-collective call (the slots are double-buffered, so one barrier per call suffices).
+constexpr int kWarpSlotBytes = 64;
+struct WarpSlots {
+  alignas(16) unsigned char lane[32][kWarpSlotBytes];
+};
+using WarpComplete = void (*)(WarpSlots& slots, int warp);
+const WarpSlots& warp_collective(const char* op, const void* in, size_t bytes, WarpComplete complete = nullptr);
+inline unsigned lane_id() { return cur_tid->x % 32u; }
+
+// The dynamic shared memory of the current launch: [smem_begin(), smem_begin() + smem_size()).
+unsigned char* smem_begin();
+size_t smem_size();
+// Fails unless [p, p + bytes) lies in the launch's shared memory and p is `align`-aligned.
+void check_smem(const void* p, size_t bytes, size_t align, const char* op);
+
+// cp.async (see ../ptx.cuh). Both modes keep the same per-thread bookkeeping (uncommitted copies,
+// committed groups, a thread may not exit with copies not waited for); they differ in when the
+// 16 bytes are written:
+// - kCpAsyncEarly: at issue (a buffer overwritten while other warps still read it shows);
+// - kCpAsyncLate: the destination is poisoned at issue and written only by the cp_async_wait that
+//   completes the copy's group (a missing or too-weak wait shows as NaN).
+enum CpAsyncMode { kCpAsyncEarly = 0, kCpAsyncLate = 1 };
+void set_cp_async_mode(int mode);
+int cp_async_mode();
+void cp_async_16(void* smem, const void* gmem, bool valid);
+void cp_async_commit();
+void cp_async_wait(int newest_groups_left);
+
+// How many times each warp-collective operation (counted once per warp) and cp_async_16 (once
+// per thread) ran since the last reset: lets a test check which kernels it exercised.
+std::vector<std::pair<std::string, uint64_t>> op_counts();
+void reset_op_counts();
+void count_op(const char* op);
+
+// Runs `body(arg)` for every thread of `grid` blocks of `block` threads (one block after the
+// other); throws std::runtime_error if the kernel misused a primitive or deadlocked.
 void run_grid(unsigned grid, int block, size_t smem, void (*body)(void*), void* arg);
 template <typename K, typename P>
 void launch(K kernel, unsigned grid, int block, size_t smem, cudaStream_t, const P& p) {
@@ -41,6 +99,8 @@ void launch(K kernel, unsigned grid, int block, size_t smem, cudaStream_t, const
 
 #define threadIdx (*emu::cur_tid)
 #define blockIdx (emu::block_idx)
+#define blockDim (emu::block_dim)
+#define gridDim (emu::grid_dim)
 inline void __syncthreads() { emu::syncthreads(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::syncwarp(); }
 inline float __shfl_xor_sync(unsigned, float x, int offset) { return emu::shfl_xor(x, offset); }

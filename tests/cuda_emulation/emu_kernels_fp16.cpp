@@ -1,0 +1,2 @@
+#define EMU_KERNEL_T __half
+#include "emu_kernels.inc"

@@ -1,0 +1,2 @@
+#define EMU_KERNEL_T float
+#include "emu_kernels.inc"

@@ -1,0 +1,286 @@
+// Small kernels that exercise the emulated PTX layer (ptx.cuh) on its own, for
+// tests/test_cuda_emulation_ptx.py. A plain C interface (called with ctypes): every function
+// returns 0, or 1 with the emulator's error message in `err`.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+
+#include "ptx.cuh"
+
+// The kernels live in namespace srt::cuda (not an unnamed one), like the real ones, so that their
+// `extern __shared__ float4 smem_f4[]` is the emulator's shared memory.
+namespace srt::cuda {
+
+constexpr int kS = 24;  // smem row stride in elements (48 bytes): rows are 16-byte aligned, padding poisoned
+constexpr size_t kMmaSmem = 2 * 16 * kS * 2;
+
+template <typename T>
+uint16_t bits_of(float x) {
+  return static_cast<uint16_t>(pack2<T>(x, 0.f) & 0xffffu);
+}
+
+// ---- mma ----
+struct MmaArgs {
+  int a_src;    // 0: ldmatrix_x4 of row-major A; 1: ldmatrix_x4_trans of A stored transposed (k x m);
+                // 2: registers packed with pack2 from A per the fragment layout (no shared memory)
+  int b_trans;  // 0: ldmatrix_x4 of B^T stored n x k; 1: ldmatrix_x4_trans of B stored k x n
+  const float* A;  // 16 x 16 (m x k), values representable in T
+  const float* B;  // 16 x 16 (k x n)
+  const float* C;  // 16 x 16
+  float* D;        // 16 x 16: D = A B + C, two n-tiles of 8
+};
+
+template <typename T>
+__global__ void mma_kernel(const MmaArgs p) {
+  extern __shared__ float4 smem_f4[];
+  uint16_t* sA = reinterpret_cast<uint16_t*>(smem_f4);  // 16 rows x kS
+  uint16_t* sB = sA + 16 * kS;
+  const int lane = static_cast<int>(threadIdx.x);
+  const int g = lane / 4, t = lane % 4;
+  for (int e = lane; e < 256; e += 32) {
+    const int r = e / 16, c = e % 16;  // A[r][c], B[r][c]
+    if (p.a_src == 1) sA[c * kS + r] = bits_of<T>(p.A[e]); else sA[r * kS + c] = bits_of<T>(p.A[e]);
+    if (p.b_trans == 1) sB[r * kS + c] = bits_of<T>(p.B[e]); else sB[c * kS + r] = bits_of<T>(p.B[e]);
+  }
+  __syncthreads();
+  const int i = lane / 8, r8 = lane % 8;  // this lane addresses row r8 of matrix i
+  uint32_t a[4];
+  if (p.a_src == 0) {  // matrices: A[0:8,0:8], A[8:16,0:8], A[0:8,8:16], A[8:16,8:16]
+    ldmatrix_x4(a, sA + (8 * (i % 2) + r8) * kS + 8 * (i / 2));
+  } else if (p.a_src == 1) {  // the same matrices, stored transposed (rows = k)
+    ldmatrix_x4_trans(a, sA + (8 * (i / 2) + r8) * kS + 8 * (i % 2));
+  } else {  // a_j: row g (+8 for registers 1, 3), columns 2t, 2t+1 (+8 for registers 2, 3)
+    for (int j = 0; j < 4; ++j) {
+      const int row = g + 8 * (j % 2), col = 2 * t + 8 * (j / 2);
+      a[j] = pack2<T>(p.A[row * 16 + col], p.A[row * 16 + col + 1]);
+    }
+  }
+  uint32_t bb[4];  // {0, 1}: n-tile 0 (k 0..7, 8..15); {2, 3}: n-tile 1
+  if (p.b_trans == 0) {  // B^T rows = n
+    ldmatrix_x4(bb, sB + (8 * (i / 2) + r8) * kS + 8 * (i % 2));
+  } else {  // B rows = k
+    ldmatrix_x4_trans(bb, sB + (8 * (i % 2) + r8) * kS + 8 * (i / 2));
+  }
+  for (int nt = 0; nt < 2; ++nt) {
+    float d[4];
+    for (int e = 0; e < 4; ++e) d[e] = p.C[(g + 8 * (e / 2)) * 16 + 8 * nt + 2 * t + e % 2];
+    const uint32_t b[2] = {bb[2 * nt], bb[2 * nt + 1]};
+    mma_16816<T>(d, a, b);
+    for (int e = 0; e < 4; ++e) p.D[(g + 8 * (e / 2)) * 16 + 8 * nt + 2 * t + e % 2] = d[e];
+  }
+}
+
+// ---- ldmatrix, register by register ----
+struct LdmArgs {
+  int trans;
+  int bad_lane;       // >= 0: this lane's address is broken as `bad_kind` says
+  int bad_kind;       // 0: 2 bytes off alignment; 1: past the end of the launch's shared memory
+  const int* rows;    // 32 row indices (16-byte rows of shared memory) the lanes pass
+  uint32_t* out;      // 32 lanes x 4 registers
+};
+
+__global__ void ldmatrix_kernel(const LdmArgs p) {
+  extern __shared__ float4 smem_f4[];
+  uint16_t* s = reinterpret_cast<uint16_t*>(smem_f4);  // 64 rows of 8 halves, element e holds e
+  const int lane = static_cast<int>(threadIdx.x);
+  for (int e = lane; e < 64 * 8; e += 32) s[e] = static_cast<uint16_t>(e);
+  __syncthreads();
+  const unsigned char* addr = reinterpret_cast<const unsigned char*>(s + 8 * p.rows[lane]);
+  if (lane == p.bad_lane) addr += p.bad_kind == 0 ? 2 : 64 * 16;
+  uint32_t r[4];
+  if (p.trans) ldmatrix_x4_trans(r, addr); else ldmatrix_x4(r, addr);
+  for (int j = 0; j < 4; ++j) p.out[lane * 4 + j] = r[j];
+}
+
+// ---- warp-collective misuse ----
+struct DivergeArgs {
+  int kind;  // 0: lanes 16..31 skip the mma (and exit); 1: lanes 16..31 do __syncwarp instead
+};
+
+__global__ void diverge_kernel(const DivergeArgs p) {
+  const int lane = static_cast<int>(threadIdx.x);
+  float d[4] = {0, 0, 0, 0};
+  const uint32_t a[4] = {0, 0, 0, 0}, b[2] = {0, 0};
+  if (lane < 16) mma_16816<__half>(d, a, b);
+  else if (p.kind == 1) __syncwarp();
+}
+
+// ---- cp.async ----
+struct CpArgs {
+  int scenario;
+  unsigned blocks;
+  const float4* src;  // 64 threads x 16 bytes (plus a spare chunk at the end)
+  float4* out;        // per block: 64 threads x 2 chunks
+};
+
+__global__ void cp_async_kernel(const CpArgs p) {
+  extern __shared__ float4 smem_f4[];
+  float4* buf1 = smem_f4;       // 64 chunks
+  float4* buf2 = smem_f4 + 64;  // 64 chunks
+  const int tid = static_cast<int>(threadIdx.x), other = (tid + 1) % 64;
+  float4* out = p.out + blockIdx.x * 128;
+  const float4 zero{0.f, 0.f, 0.f, 0.f};
+  switch (p.scenario) {
+    case 0:  // correct: copy, commit, wait, barrier, read another thread's chunk
+      cp_async_16(buf1 + tid, p.src + tid, true);
+      cp_async_commit();
+      cp_async_wait<0>();
+      __syncthreads();
+      out[tid] = buf1[other];
+      break;
+    case 1:  // every third copy invalid, with a null source: zero-filled, nothing read
+      cp_async_16(buf1 + tid, tid % 3 == 0 ? nullptr : p.src + tid, tid % 3 != 0);
+      cp_async_commit();
+      cp_async_wait<0>();
+      __syncthreads();
+      out[tid] = buf1[other];
+      break;
+    case 2:  // missing wait before the barrier
+      cp_async_16(buf1 + tid, p.src + tid, true);
+      cp_async_commit();
+      __syncthreads();
+      out[tid] = buf1[other];
+      cp_async_wait<0>();
+      break;
+    case 3:  // two groups, wait<1>: only the older one is complete
+      cp_async_16(buf1 + tid, p.src + tid, true);
+      cp_async_commit();
+      cp_async_16(buf2 + tid, p.src + other, true);
+      cp_async_commit();
+      cp_async_wait<1>();
+      __syncthreads();
+      out[tid] = buf1[other];
+      out[64 + tid] = buf2[other];
+      cp_async_wait<0>();
+      break;
+    case 4:  // wait<0> without commit: the uncommitted copy is not waited for
+      cp_async_16(buf1 + tid, p.src + tid, true);
+      cp_async_wait<0>();
+      __syncthreads();
+      out[tid] = buf1[other];
+      cp_async_commit();
+      cp_async_wait<0>();
+      break;
+    case 5:  // exits with a committed copy never waited for
+      cp_async_16(buf1 + tid, p.src + tid, true);
+      cp_async_commit();
+      break;
+    case 6:  // exits with a copy never committed
+      cp_async_16(buf1 + tid, p.src + tid, true);
+      break;
+    case 7:  // misaligned shared destination
+      cp_async_16(reinterpret_cast<float*>(buf1 + tid) + 1, p.src + tid, true);
+      break;
+    case 8:  // misaligned global source
+      cp_async_16(buf1 + tid, reinterpret_cast<const float*>(p.src + tid) + 1, true);
+      break;
+    case 9:  // destination past the launch's shared memory (the kernel gets 2 x 64 chunks)
+      cp_async_16(buf2 + 64 + tid, p.src + tid, true);
+      cp_async_commit();
+      cp_async_wait<0>();
+      break;
+    case 10:  // an empty group still counts among the newest N: wait<1> completes the copy
+      cp_async_16(buf1 + tid, p.src + tid, true);
+      cp_async_commit();
+      cp_async_commit();
+      cp_async_wait<1>();
+      __syncthreads();
+      out[tid] = buf1[other];
+      break;
+    case 11:    // warp 1 overwrites buf1 while warp 0 still reads it (no barrier in between)
+    case 12: {  // the same with the barrier
+      buf1[tid] = p.src[64];
+      __syncthreads();
+      if (p.scenario == 12) {
+        if (tid < 32) out[tid] = buf1[other];
+        __syncthreads();
+      }
+      if (tid >= 32) {
+        cp_async_16(buf1 + tid - 32, p.src + tid, true);
+        cp_async_commit();
+        cp_async_wait<0>();
+      } else if (p.scenario == 11) {
+        out[tid] = buf1[other];
+      }
+      break;
+    }
+    case 13:  // reading a destination before the wait: stale data, or (late mode) poison
+      buf1[tid] = p.src[64];
+      __syncthreads();
+      cp_async_16(buf1 + tid, p.src + tid, true);
+      cp_async_commit();
+      out[tid] = buf1[tid];
+      cp_async_wait<0>();
+      out[64 + tid] = buf1[tid];
+      break;
+    default:
+      out[tid] = zero;
+  }
+}
+
+int run(char* err, int errlen, void (*f)(void*), void* arg) {
+  try {
+    f(arg);
+    return 0;
+  } catch (const std::exception& e) {
+    std::snprintf(err, static_cast<size_t>(errlen), "%s", e.what());
+    return 1;
+  }
+}
+}  // namespace srt::cuda
+
+using namespace srt::cuda;
+
+extern "C" {
+
+int ptx_mma(int bf16, int a_src, int b_trans, const float* A, const float* B, const float* C, float* D,
+            char* err, int errlen) {
+  MmaArgs p{a_src, b_trans, A, B, C, D};
+  if (bf16) {
+    return run(err, errlen, [](void* v) {
+      emu::launch(mma_kernel<__nv_bfloat16>, 1, 32, kMmaSmem, nullptr, *static_cast<const MmaArgs*>(v));
+    }, &p);
+  }
+  return run(err, errlen, [](void* v) {
+    emu::launch(mma_kernel<__half>, 1, 32, kMmaSmem, nullptr, *static_cast<const MmaArgs*>(v));
+  }, &p);
+}
+
+int ptx_ldmatrix(int trans, int bad_lane, int bad_kind, const int* rows, uint32_t* out, char* err, int errlen) {
+  LdmArgs p{trans, bad_lane, bad_kind, rows, out};
+  return run(err, errlen, [](void* v) {
+    emu::launch(ldmatrix_kernel, 1, 32, 64 * 16, nullptr, *static_cast<const LdmArgs*>(v));
+  }, &p);
+}
+
+int ptx_diverge(int kind, char* err, int errlen) {
+  DivergeArgs p{kind};
+  return run(err, errlen, [](void* v) {
+    emu::launch(diverge_kernel, 1, 32, 0, nullptr, *static_cast<const DivergeArgs*>(v));
+  }, &p);
+}
+
+int ptx_cp_async(int mode, int scenario, int blocks, const void* src, void* out, char* err, int errlen) {
+  CpArgs p{scenario, static_cast<unsigned>(blocks), static_cast<const float4*>(src), static_cast<float4*>(out)};
+  try {
+    emu::set_cp_async_mode(mode);
+  } catch (const std::exception& e) {
+    std::snprintf(err, static_cast<size_t>(errlen), "%s", e.what());
+    return 1;
+  }
+  return run(err, errlen, [](void* v) {
+    const CpArgs& q = *static_cast<const CpArgs*>(v);
+    emu::launch(cp_async_kernel, q.blocks, 64, 128 * 16, nullptr, q);
+  }, &p);
+}
+
+void ptx_pack2(int bf16, const float* lo, const float* hi, int n, uint32_t* out) {
+  for (int i = 0; i < n; ++i) out[i] = bf16 ? pack2<__nv_bfloat16>(lo[i], hi[i]) : pack2<__half>(lo[i], hi[i]);
+}
+
+}  // extern "C"
