@@ -104,7 +104,7 @@ def _run_emu(emu, q, k, v, do, kw):
     return out, lse, dq, dk, dv
 
 
-@pytest.mark.parametrize("head_dim", (32, 128))
+@pytest.mark.parametrize("head_dim", gpu_cases.HEAD_DIMS)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16),
                          ids=lambda d: str(d).replace("torch.", ""))
 def test_emulated_cuda_kernels_match_cpu_op(emu, cp_async_mode, dtype, head_dim):
