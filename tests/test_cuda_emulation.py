@@ -64,7 +64,7 @@ def build_emulation(work):
             text, n = LAUNCH.subn(r"\1emu::launch(\2, \3, p);", fh.read())
         launches += n
         (work / "csrc" / "cuda" / f).write_text(text)
-    assert launches >= 2, "expected the forward and backward kernel launches (kernel<<<...>>>(p);)"
+    assert launches >= 1, "expected the kernel launch line (kernel<<<...>>>(p);, launch_blocks in tile_utils.cuh)"
     shutil.copy(os.path.join(EMU, "ptx.cuh"), work / "csrc" / "cuda" / "ptx.cuh")
     # emu_kernels.inc includes this: every kernel header, so it sees the launchers wherever they are
     (work / "csrc" / "cuda" / "emu_all_kernels.h").write_text(

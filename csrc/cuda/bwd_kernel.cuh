@@ -49,13 +49,8 @@ __global__ void __launch_bounds__(BwdTraits<D>::kThreads) attn_bwd_kernel(const 
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
 
-  const int64_t num_n_blocks = ceil_div(p.M, kBN);
-  const int64_t bh = int64_t(blockIdx.x) / num_n_blocks;
-  const int64_t n_block = int64_t(blockIdx.x) % num_n_blocks;
-  const int64_t b = bh / p.H, h = bh % p.H;
-  const int64_t j0 = n_block * kBN;
-  const int64_t cols_valid = p.M - j0 < kBN ? p.M - j0 : kBN;
-  const int64_t j_last = j0 + cols_valid - 1;
+  const BlockTile bt = block_tile(p.M, kBN, p.H, /*reverse=*/false);
+  const int64_t bh = bt.bh, b = bt.b, h = bt.h, j0 = bt.start, cols_valid = bt.valid, j_last = bt.last;
 
   const T* q = static_cast<const T*>(p.q) + bh * p.N * D;
   const T* dout = static_cast<const T*>(p.dout) + bh * p.N * D;
@@ -200,13 +195,8 @@ __global__ void __launch_bounds__(BwdTraits<D>::kThreads) attn_bwd_kernel(const 
 template <typename T, int D>
 cudaError_t launch_attn_bwd_simt(const KernelParams& p, cudaStream_t stream) {
   using Tr = BwdTraits<D>;
-  const int64_t blocks = p.B * p.H * ceil_div(p.M, Tr::kBlockN);
-  if (blocks == 0) return cudaSuccess;
-  auto kernel = attn_bwd_kernel<T, D>;
-  const cudaError_t err = allow_dynamic_smem(kernel, Tr::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  kernel<<<static_cast<unsigned int>(blocks), Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_blocks(&attn_bwd_kernel<T, D>, p.B * p.H * ceil_div(p.M, Tr::kBlockN), Tr::kThreads,
+                       Tr::kSmemBytes, p, stream);
 }
 
 }  // namespace srt::cuda

@@ -27,11 +27,8 @@ __global__ void __launch_bounds__(kDsumWarps * kWarpSize) attn_bwd_dsum_kernel(c
 
 template <typename T, int D>
 cudaError_t launch_attn_bwd_dsum(const KernelParams& p, cudaStream_t stream) {
-  const int64_t rows = p.B * p.H * p.N;
-  if (rows == 0) return cudaSuccess;
-  const int64_t blocks = ceil_div(rows, kDsumWarps);
-  attn_bwd_dsum_kernel<T, D><<<static_cast<unsigned int>(blocks), kDsumWarps * kWarpSize, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_blocks(&attn_bwd_dsum_kernel<T, D>, ceil_div(p.B * p.H * p.N, kDsumWarps),
+                       kDsumWarps * kWarpSize, 0, p, stream);
 }
 
 }  // namespace srt::cuda

@@ -36,13 +36,8 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads) attn_fwd_kernel(const 
 
   // Block -> (b, h, query tile). The last query tiles see the most keys under causality:
   // schedule them first.
-  const int64_t num_m_blocks = ceil_div(p.N, Tr::kBlockM);
-  const int64_t bh = int64_t(blockIdx.x) / num_m_blocks;
-  const int64_t m_block = num_m_blocks - 1 - int64_t(blockIdx.x) % num_m_blocks;
-  const int64_t b = bh / p.H, h = bh % p.H;
-  const int64_t i0 = m_block * Tr::kBlockM;
-  const int64_t rows_valid = p.N - i0 < Tr::kBlockM ? p.N - i0 : Tr::kBlockM;
-  const int64_t i_last = i0 + rows_valid - 1;
+  const BlockTile bt = block_tile(p.N, Tr::kBlockM, p.H, /*reverse=*/true);
+  const int64_t bh = bt.bh, b = bt.b, h = bt.h, i0 = bt.start, rows_valid = bt.valid, i_last = bt.last;
 
   const T* q = static_cast<const T*>(p.q) + (bh * p.N + i0) * D;
   const T* k = static_cast<const T*>(p.k) + bh * p.M * D;
@@ -155,13 +150,8 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads) attn_fwd_kernel(const 
 template <typename T, int D>
 cudaError_t launch_attn_fwd_simt(const KernelParams& p, cudaStream_t stream) {
   using Tr = FwdTraits<D>;
-  const int64_t blocks = p.B * p.H * ceil_div(p.N, Tr::kBlockM);
-  if (blocks == 0) return cudaSuccess;
-  auto kernel = attn_fwd_kernel<T, D>;
-  const cudaError_t err = allow_dynamic_smem(kernel, Tr::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  kernel<<<static_cast<unsigned int>(blocks), Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_blocks(&attn_fwd_kernel<T, D>, p.B * p.H * ceil_div(p.N, Tr::kBlockM), Tr::kThreads,
+                       Tr::kSmemBytes, p, stream);
 }
 
 }  // namespace srt::cuda

@@ -69,13 +69,8 @@ __global__ void __launch_bounds__(FwdTcTraits<D>::kThreads) attn_fwd_tc_kernel(c
   const int g = lane / 4, t = lane % 4;  // this lane's rows g, g + 8 and columns 2t, 2t + 1
 
   // Block -> (b, h, query tile); the last query tiles see the most keys, so they go first.
-  const int64_t num_m_blocks = ceil_div(p.N, kBM);
-  const int64_t bh = int64_t(blockIdx.x) / num_m_blocks;
-  const int64_t m_block = num_m_blocks - 1 - int64_t(blockIdx.x) % num_m_blocks;
-  const int64_t b = bh / p.H, h = bh % p.H;
-  const int64_t i0 = m_block * kBM;
-  const int64_t rows_valid = p.N - i0 < kBM ? p.N - i0 : kBM;
-  const int64_t i_last = i0 + rows_valid - 1;
+  const BlockTile bt = block_tile(p.N, kBM, p.H, /*reverse=*/true);
+  const int64_t bh = bt.bh, b = bt.b, h = bt.h, i0 = bt.start, rows_valid = bt.valid, i_last = bt.last;
 
   const T* q = static_cast<const T*>(p.q) + (bh * p.N + i0) * D;
   const T* k = static_cast<const T*>(p.k) + bh * p.M * D;
@@ -243,13 +238,8 @@ __global__ void __launch_bounds__(FwdTcTraits<D>::kThreads) attn_fwd_tc_kernel(c
 template <typename T, int D>
 cudaError_t launch_attn_fwd_tc(const KernelParams& p, cudaStream_t stream) {
   using Tr = FwdTcTraits<D>;
-  const int64_t blocks = p.B * p.H * ceil_div(p.N, Tr::kBlockM);
-  if (blocks == 0) return cudaSuccess;
-  auto kernel = attn_fwd_tc_kernel<T, D>;
-  const cudaError_t err = allow_dynamic_smem(kernel, Tr::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  kernel<<<static_cast<unsigned int>(blocks), Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_blocks(&attn_fwd_tc_kernel<T, D>, p.B * p.H * ceil_div(p.N, Tr::kBlockM), Tr::kThreads,
+                       Tr::kSmemBytes, p, stream);
 }
 
 }  // namespace srt::cuda

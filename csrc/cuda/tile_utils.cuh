@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "kernel_params.h"
 #include "kernel_traits.h"
 #include "ptx.cuh"
 
@@ -75,14 +76,44 @@ __device__ __forceinline__ void load_tile_async(T* dst, const T* src, int64_t va
   }
 }
 
-// Raises a kernel's dynamic shared-memory limit when it needs more than the default 48 KB
-// (the host has checked `bytes` against the device's opt-in limit).
+__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Enqueues `kernel` on `blocks` thread blocks of `threads` threads (nothing when blocks == 0),
+// first raising its dynamic shared-memory limit when it needs more than the default 48 KB (the
+// host has checked `smem` against the device's opt-in limit). Returns the first CUDA error.
 template <typename Kernel>
-cudaError_t allow_dynamic_smem(Kernel kernel, size_t bytes) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+cudaError_t launch_blocks(Kernel kernel, int64_t blocks, int threads, size_t smem, const KernelParams& p,
+                          cudaStream_t stream) {
+  if (blocks == 0) return cudaSuccess;
+  if (smem > 48 * 1024) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<static_cast<unsigned int>(blocks), threads, smem, stream>>>(p);
+  return cudaGetLastError();
 }
 
-__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// The (batch, head, tile) of this thread block, for grids of B * H * ceil(extent / tile) blocks
+// numbered (b, h)-major. With `reverse`, the tiles of one (b, h) go from the last to the first
+// (the forward schedules the causally busiest query tiles first).
+struct BlockTile {
+  int64_t bh, b, h;
+  int64_t start, valid, last;  // the tile's rows (or keys) [start, start + valid); last = start + valid - 1
+};
+
+__device__ __forceinline__ BlockTile block_tile(int64_t extent, int tile, int64_t H, bool reverse) {
+  const int64_t tiles = ceil_div(extent, tile);
+  BlockTile bt;
+  bt.bh = int64_t(blockIdx.x) / tiles;
+  int64_t idx = int64_t(blockIdx.x) % tiles;
+  if (reverse) idx = tiles - 1 - idx;
+  bt.b = bt.bh / H;
+  bt.h = bt.bh % H;
+  bt.start = idx * tile;
+  bt.valid = extent - bt.start < tile ? extent - bt.start : tile;
+  bt.last = bt.start + bt.valid - 1;
+  return bt;
+}
 
 }  // namespace srt::cuda
