@@ -77,10 +77,11 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool v
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 // Waits until at most N of this thread's committed groups are still in flight. Other threads'
-// copies are visible only after a barrier that follows their wait.
+// copies are visible only after a barrier that follows their wait. The "memory" clobber keeps
+// the compiler from moving shared-memory accesses across the wait.
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 // Two floats rounded to T and packed as one register (lo in the low 16 bits), the form the
