@@ -77,6 +77,19 @@ __global__ void __launch_bounds__(BwdTcTraits<D>::kThreads, 1) attn_bwd_tc_kerne
   const bool stop_masks = p.q_stop.present() || p.k_stop.present() || p.v_stop.present();
   const float scale_log2 = p.scale * kLog2e;
 
+  // Which of this lane's 8 keys of the S/dP step (j0 + 32 wn + 8 n + 2 t + c, bit 2 n + c) are
+  // reasoning positions: fixed for the block. With each row's region_key_range, the stop-grad
+  // region test per element is then a bit test and a range check, the same predicate as
+  // ReasoningSpec::region (mask_semantics.h) without its divisions.
+  uint32_t reason_cols = 0;
+  if (soft_region) {
+#pragma unroll
+    for (int n = 0; n < 4; ++n)
+#pragma unroll
+      for (int c = 0; c < 2; ++c)
+        if (rs.is_reason(j0 + wn * 32 + n * 8 + 2 * t + c)) reason_cols |= 1u << (2 * n + c);
+  }
+
   int64_t i_begin = 0;  // query i sees key j0 iff j0 <= i + shift
   if (p.causal && j0 - p.shift > 0) i_begin = (j0 - p.shift) / kBM * kBM;
   // First query tile at or after i0 that is not skipped (hard mode; block-uniform).
@@ -145,7 +158,14 @@ __global__ void __launch_bounds__(BwdTcTraits<D>::kThreads, 1) attn_bwd_tc_kerne
     const bool region = (hard_region || soft_region) &&
                         tile_may_touch_region(rs, i0 + p.shift, i_last + p.shift, j0, j0 + kBN - 1);
     const bool check = dense_masks || ragged || crosses_diagonal || (hard_region && region);
-    const bool factors = stop_masks || (soft_region && region);
+    const bool soft_tile = soft_region && region;
+    const bool factors = stop_masks || soft_tile;
+    int64_t region_lo[2] = {0, 0}, region_hi[2] = {0, 0};  // keys that may be in row r's region
+    if (soft_tile) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        region_key_range(rs, i0 + wm * 16 + g + 8 * r + p.shift, &region_lo[r], &region_hi[r]);
+    }
 #pragma unroll
     for (int n = 0; n < 4; ++n) {
 #pragma unroll
@@ -164,7 +184,10 @@ __global__ void __launch_bounds__(BwdTcTraits<D>::kThreads, 1) attn_bwd_tc_kerne
           const float ds = prob * (dp[n][2 * r + c] - dsum_i);
           float fq = 1.f, fk = 1.f, fv = 1.f;
           if (factors && ok) {
-            const float reg = reasoning_kv_factor<float>(rs, h, i + p.shift, j);
+            // reasoning_kv_factor(rs, h, i + shift, j), evaluated as described above
+            const bool in_region = soft_tile && ((reason_cols >> (2 * n + c)) & 1u) &&
+                                   j >= region_lo[r] && j < region_hi[r];
+            const float reg = in_region ? 0.f : 1.f;
             fq = stop_factor_at<float>(p.q_stop, p.q_stop.offset(b, h, i, j));
             fk = stop_factor_at<float>(p.k_stop, p.k_stop.offset(b, h, i, j)) * reg;
             fv = stop_factor_at<float>(p.v_stop, p.v_stop.offset(b, h, i, j)) * reg;
