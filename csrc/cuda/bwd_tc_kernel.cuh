@@ -25,6 +25,8 @@
 #include "ptx.cuh"
 #include "tile_utils.cuh"
 
+#include <type_traits>
+
 namespace srt::cuda {
 
 template <typename T, int D>
@@ -42,8 +44,6 @@ __global__ void __launch_bounds__(BwdTcTraits<D>::kThreads, 1) attn_bwd_tc_kerne
   T* sPv = sV + kBN * kS;                 // kBM x kPS: Fv * P          ([query][key])
   T* sdSk = sPv + kBM * kPS;              // kBM x kPS: Fk * dS
   T* sdSq = sdSk + kBM * kPS;             // kBM x kPS: Fq * dS
-  float* sLse = reinterpret_cast<float*>(sdSq + kBM * kPS);  // kBM, log2 domain
-  float* sDsum = sLse + kBM;                                 // kBM
 
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
@@ -109,7 +109,7 @@ __global__ void __launch_bounds__(BwdTcTraits<D>::kThreads, 1) attn_bwd_tc_kerne
 
   int64_t i0 = next_tile(i_begin);
   if (i0 < p.N) load_q_do(i0, 0);
-  cp_async_commit();  // group: K, V and the first Q/dO tile
+  cp_async_commit();  // second group: the first Q/dO tile
   for (int buf = 0; i0 < p.N; buf ^= 1) {
     const int64_t rows_valid = p.N - i0 < kBM ? p.N - i0 : kBM;
     const int64_t i_last = i0 + rows_valid - 1;
@@ -120,9 +120,14 @@ __global__ void __launch_bounds__(BwdTcTraits<D>::kThreads, 1) attn_bwd_tc_kerne
     const int64_t i_next = next_tile(i0 + kBM);
     if (i_next < p.N) load_q_do(i_next, buf ^ 1);  // prefetch while this tile is computed
     cp_async_commit();  // possibly empty: keeps the group count uniform
-    for (int r = threadIdx.x; r < kBM; r += Tr::kThreads) {
-      sLse[r] = r < rows_valid ? lse[i0 + r] * kLog2e : kNegInf;  // padding rows: fully masked
-      sDsum[r] = r < rows_valid ? dsum[i0 + r] : 0.f;
+    // lse (log2 domain) and dsum of this lane's rows 16 wm + g (+ 8), in registers: their loads
+    // are in flight while the S/dP products run. Padding rows act as fully masked.
+    float lse_r[2], dsum_r[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int rr = wm * 16 + g + 8 * r;
+      lse_r[r] = rr < rows_valid ? lse[i0 + rr] * kLog2e : kNegInf;
+      dsum_r[r] = rr < rows_valid ? dsum[i0 + rr] : 0.f;
     }
     cp_async_wait<1>();  // this tile's Q/dO (and K/V) have landed
     __syncthreads();
@@ -153,6 +158,8 @@ __global__ void __launch_bounds__(BwdTcTraits<D>::kThreads, 1) attn_bwd_tc_kerne
     }
 
     // 2. P, dS and the factor-weighted copies, two adjacent keys (one register) at a time.
+    //    Tiles where nothing can mask or stop take the plain instantiation (kGeneral = false):
+    //    no per-element predicate code in their instruction stream.
     const bool ragged = cols_valid < kBN;
     const bool crosses_diagonal = p.causal && j0 + kBN - 1 > i0 + p.shift;
     const bool region = (hard_region || soft_region) &&
@@ -160,46 +167,54 @@ __global__ void __launch_bounds__(BwdTcTraits<D>::kThreads, 1) attn_bwd_tc_kerne
     const bool check = dense_masks || ragged || crosses_diagonal || (hard_region && region);
     const bool soft_tile = soft_region && region;
     const bool factors = stop_masks || soft_tile;
-    int64_t region_lo[2] = {0, 0}, region_hi[2] = {0, 0};  // keys that may be in row r's region
-    if (soft_tile) {
+    auto p_and_ds = [&](auto general) {
+      constexpr bool kGeneral = decltype(general)::value;
+      int64_t region_lo[2] = {0, 0}, region_hi[2] = {0, 0};  // keys that may be in row r's region
+      if (kGeneral && soft_tile) {
 #pragma unroll
-      for (int r = 0; r < 2; ++r)
-        region_key_range(rs, i0 + wm * 16 + g + 8 * r + p.shift, &region_lo[r], &region_hi[r]);
-    }
-#pragma unroll
-    for (int n = 0; n < 4; ++n) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int rr = wm * 16 + g + 8 * r;  // row in the tile
-        const int cc = wn * 32 + n * 8 + 2 * t;  // first of the two keys in the tile
-        const float lse_i = sLse[rr], dsum_i = sDsum[rr];
-        float pv[2], dsk[2], dsq[2];
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int64_t i = i0 + rr, j = j0 + cc + c;
-          bool ok = lse_i != kNegInf;  // a row with no allowed key has P = 0
-          if (check && ok)
-            ok = i < p.N && j < p.M && forward_allows(b, h, i, j, p.causal, p.shift, p.attn_mask, p.key_padding, rs);
-          const float prob = ok ? exp2f(s[n][2 * r + c] * scale_log2 - lse_i) : 0.f;
-          const float ds = prob * (dp[n][2 * r + c] - dsum_i);
-          float fq = 1.f, fk = 1.f, fv = 1.f;
-          if (factors && ok) {
-            // reasoning_kv_factor(rs, h, i + shift, j), evaluated as described above
-            const bool in_region = soft_tile && ((reason_cols >> (2 * n + c)) & 1u) &&
-                                   j >= region_lo[r] && j < region_hi[r];
-            const float reg = in_region ? 0.f : 1.f;
-            fq = stop_factor_at<float>(p.q_stop, p.q_stop.offset(b, h, i, j));
-            fk = stop_factor_at<float>(p.k_stop, p.k_stop.offset(b, h, i, j)) * reg;
-            fv = stop_factor_at<float>(p.v_stop, p.v_stop.offset(b, h, i, j)) * reg;
-          }
-          pv[c] = fv * prob;
-          dsk[c] = fk * ds;
-          dsq[c] = fq * ds;
-        }
-        *reinterpret_cast<uint32_t*>(sPv + rr * kPS + cc) = pack2<T>(pv[0], pv[1]);
-        *reinterpret_cast<uint32_t*>(sdSk + rr * kPS + cc) = pack2<T>(dsk[0], dsk[1]);
-        *reinterpret_cast<uint32_t*>(sdSq + rr * kPS + cc) = pack2<T>(dsq[0], dsq[1]);
+        for (int r = 0; r < 2; ++r)
+          region_key_range(rs, i0 + wm * 16 + g + 8 * r + p.shift, &region_lo[r], &region_hi[r]);
       }
+#pragma unroll
+      for (int n = 0; n < 4; ++n) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int rr = wm * 16 + g + 8 * r;      // row in the tile
+          const int cc = wn * 32 + n * 8 + 2 * t;  // first of the two keys in the tile
+          float pv[2], dsk[2], dsq[2];
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int64_t i = i0 + rr, j = j0 + cc + c;
+            bool ok = lse_r[r] != kNegInf;  // a row with no allowed key has P = 0
+            if (kGeneral && check && ok)
+              ok = i < p.N && j < p.M &&
+                   forward_allows(b, h, i, j, p.causal, p.shift, p.attn_mask, p.key_padding, rs);
+            const float prob = ok ? exp2_approx(s[n][2 * r + c] * scale_log2 - lse_r[r]) : 0.f;
+            const float ds = prob * (dp[n][2 * r + c] - dsum_r[r]);
+            float fq = 1.f, fk = 1.f, fv = 1.f;
+            if (kGeneral && factors && ok) {
+              // reasoning_kv_factor(rs, h, i + shift, j), evaluated as described above
+              const bool in_region = soft_tile && ((reason_cols >> (2 * n + c)) & 1u) &&
+                                     j >= region_lo[r] && j < region_hi[r];
+              const float reg = in_region ? 0.f : 1.f;
+              fq = stop_factor_at<float>(p.q_stop, p.q_stop.offset(b, h, i, j));
+              fk = stop_factor_at<float>(p.k_stop, p.k_stop.offset(b, h, i, j)) * reg;
+              fv = stop_factor_at<float>(p.v_stop, p.v_stop.offset(b, h, i, j)) * reg;
+            }
+            pv[c] = fv * prob;
+            dsk[c] = fk * ds;
+            dsq[c] = fq * ds;
+          }
+          *reinterpret_cast<uint32_t*>(sPv + rr * kPS + cc) = pack2<T>(pv[0], pv[1]);
+          *reinterpret_cast<uint32_t*>(sdSk + rr * kPS + cc) = pack2<T>(dsk[0], dsk[1]);
+          *reinterpret_cast<uint32_t*>(sdSq + rr * kPS + cc) = pack2<T>(dsq[0], dsq[1]);
+        }
+      }
+    };
+    if (check || factors) {
+      p_and_ds(std::true_type{});
+    } else {
+      p_and_ds(std::false_type{});
     }
     __syncthreads();  // the next steps read every row and key of the three tiles
 

@@ -5,7 +5,8 @@
 // Each warp keeps its Q fragments, the S tile, P and the O accumulator in registers: S = Q K^T
 // and O += P V are m16n8k16 mma.sync products (ptx.cuh), and the accumulator fragment of S is
 // exactly the A fragment P needs, so P never goes through shared memory. K and V tiles of kBlockN
-// keys (kernel_traits.h) are copied with cp.async; V of tile t and K of tile t+1 load while the warps compute.
+// keys (kernel_traits.h) are copied with cp.async; V of tile t and K of tile t+1 load while the
+// warps compute, with two barriers per tile.
 //
 // Masks: a tile is evaluated element by element through forward_allows() (mask_semantics.h)
 // only when something can mask inside it: a dense attn_mask or key padding, the causal diagonal,
@@ -13,7 +14,7 @@
 // Causally invisible tiles are never visited; hard-mode tiles entirely inside the region are
 // skipped.
 //
-// Softmax runs in the log2 domain (x = scale * log2(e) * s, exp2), the row max and sum are
+// Softmax runs in the log2 domain (x = scale * log2(e) * s, ex2.approx), the row max and sum are
 // reduced over the 4 lanes that share a row. Rows with no allowed key get O = 0, lse = -inf.
 #pragma once
 
@@ -109,12 +110,14 @@ __global__ void __launch_bounds__(FwdTcTraits<D>::kThreads) attn_fwd_tc_kernel(c
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
 
+  // Per key tile, two barriers (as FlashAttention-2): V of this tile loads while S and the
+  // softmax are computed, K of the next tile while O += P V is.
   bool q_in_registers = false;
   while (j0 < key_end) {
+    cp_async_wait<0>();  // this K tile (and the first time Q) has landed...
+    __syncthreads();     // ...for every thread, and every warp is done reading sV
     load_tile_async<kBN, D, kS, Tr::kThreads>(sV, v + j0 * D, p.M - j0);
     cp_async_commit();
-    cp_async_wait<1>();  // Q and this K tile have landed (V may still be in flight)
-    __syncthreads();
     if (!q_in_registers) {
 #pragma unroll
       for (int ks = 0; ks < kKSteps; ++ks) ldmatrix_x4(qf[ks], a_frag_row(sQ + warp * 16 * kS + ks * 16, kS, lane));
@@ -138,30 +141,28 @@ __global__ void __launch_bounds__(FwdTcTraits<D>::kThreads) attn_fwd_tc_kernel(c
         mma_16816<T>(s[2 * np + 1], qf[ks], b1);
       }
     }
-    __syncthreads();  // every warp is done reading sK
-    const int64_t j_next = next_tile(j0 + kBN);
-    if (j_next < key_end) load_tile_async<kBN, D, kS, Tr::kThreads>(sK, k + j_next * D, p.M - j_next);
-    cp_async_commit();  // possibly empty: keeps the group count uniform
 
-    // Scale into the log2 domain and mask where something can mask inside this tile.
+    // Scale into the log2 domain; mask in a separate pass, only where something can mask
+    // inside this tile (a block-uniform branch around the whole pass).
+#pragma unroll
+    for (int n = 0; n < kSTiles; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[n][e] *= scale_log2;
     const bool ragged = j0 + kBN > p.M;
     const bool crosses_diagonal = p.causal && j0 + kBN - 1 > i0 + p.shift;
     const bool touches_region =
         hard_region && tile_may_touch_region(rs, i0 + p.shift, i_last + p.shift, j0, j0 + kBN - 1);
-    const bool check = dense_masks || ragged || crosses_diagonal || touches_region;
+    if (dense_masks || ragged || crosses_diagonal || touches_region) {
 #pragma unroll
-    for (int n = 0; n < kSTiles; ++n) {
+      for (int n = 0; n < kSTiles; ++n) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = s[n][e] * scale_log2;
-        if (check) {
+        for (int e = 0; e < 4; ++e) {
           const int64_t i = i0 + warp * 16 + g + 8 * (e / 2);
           const int64_t j = j0 + n * 8 + 2 * t + (e % 2);
           const bool ok = i < p.N && j < p.M &&
                           forward_allows(b, h, i, j, p.causal, p.shift, p.attn_mask, p.key_padding, rs);
-          if (!ok) x = kNegInf;
+          if (!ok) s[n][e] = kNegInf;
         }
-        s[n][e] = x;
       }
     }
 
@@ -175,13 +176,13 @@ __global__ void __launch_bounds__(FwdTcTraits<D>::kThreads) attn_fwd_tc_kernel(c
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       // -inf max: nothing allowed yet; exp2(-inf - 0) = 0 keeps P at 0 without inf - inf.
       const float base = mx == kNegInf ? 0.f : mx;
-      const float alpha = row_max[r] == kNegInf ? 0.f : exp2f(row_max[r] - mx);
+      const float alpha = row_max[r] == kNegInf ? 0.f : exp2_approx(row_max[r] - mx);
       row_max[r] = mx;
       float sum = 0.f;
 #pragma unroll
       for (int n = 0; n < kSTiles; ++n) {
-        s[n][2 * r] = exp2f(s[n][2 * r] - base);
-        s[n][2 * r + 1] = exp2f(s[n][2 * r + 1] - base);
+        s[n][2 * r] = exp2_approx(s[n][2 * r] - base);
+        s[n][2 * r + 1] = exp2_approx(s[n][2 * r + 1] - base);
         sum += s[n][2 * r] + s[n][2 * r + 1];
       }
       row_sum[r] = row_sum[r] * alpha + sum;
@@ -192,8 +193,11 @@ __global__ void __launch_bounds__(FwdTcTraits<D>::kThreads) attn_fwd_tc_kernel(c
       }
     }
 
-    cp_async_wait<1>();  // this V tile has landed (the next K may still be in flight)
-    __syncthreads();
+    cp_async_wait<0>();  // this V tile has landed...
+    __syncthreads();     // ...for every thread, and every warp is done reading sK
+    const int64_t j_next = next_tile(j0 + kBN);
+    if (j_next < key_end) load_tile_async<kBN, D, kS, Tr::kThreads>(sK, k + j_next * D, p.M - j_next);
+    cp_async_commit();
 
     // O += P V: the S accumulators of key n-tiles (2 kk, 2 kk + 1) are P's A fragment.
 #pragma unroll
@@ -210,7 +214,6 @@ __global__ void __launch_bounds__(FwdTcTraits<D>::kThreads) attn_fwd_tc_kernel(c
         mma_16816<T>(acc[2 * dp + 1], pa, b1);
       }
     }
-    __syncthreads();  // every warp is done reading sV before the next V tile lands there
     j0 = j_next;
   }
   cp_async_wait<0>();  // nothing left in flight (e.g. the Q tile of a block that saw no key)

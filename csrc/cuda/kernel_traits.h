@@ -98,7 +98,7 @@ struct FwdTcTraits {
 // - dQ step: query rows [16 wm, +16) x head dims [D/2 wn, +D/2), added atomically.
 // Shared memory: two buffers of Q and dO tiles (the next query tile loads while the current one
 // is computed), K and V tiles; the three factor-weighted 64 x 64 tiles Fv*P, Fk*dS, Fq*dS in
-// the input type; the query tile's lse and D values (fp32).
+// the input type. (Each lane keeps the lse and D values of its two rows in registers.)
 template <int D>
 struct BwdTcTraits {
   static_assert(D % 32 == 0, "head dim must be a multiple of 32 (two warps split it in 8-wide n-tiles)");
@@ -109,7 +109,7 @@ struct BwdTcTraits {
   static constexpr int kStride = D + kTcPad;
   static constexpr int kPStride = kBlockN + kTcPad;
   static constexpr size_t kSmemBytes = size_t(4 * kBlockM + 2 * kBlockN) * kStride * 2 +
-                                       3 * size_t(kBlockM) * kPStride * 2 + 2 * size_t(kBlockM) * 4;
+                                       3 * size_t(kBlockM) * kPStride * 2;
 };
 
 // The traits a (T, D) launch uses: fp32 inputs run the fp32 CUDA-core kernels above, float16

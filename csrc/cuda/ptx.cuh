@@ -84,6 +84,14 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+// 2^x on the special-function unit (ex2.approx.ftz.f32: about 2 ulp; subnormal inputs and
+// results are flushed to 0; 2^-inf = 0), as FlashAttention's softmax uses it.
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Two floats rounded to T and packed as one register (lo in the low 16 bits), the form the
 // A operand of mma_16816 takes.
 template <typename T>

@@ -205,6 +205,15 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 // Two floats rounded to nearest even in T, lo in the low 16 bits.
+// ex2.approx.ftz.f32 (PTX ISA "ex2"): 2^x, "subnormal inputs and results are flushed to
+// sign-preserving zero", ex2(-inf) = +0. The hardware's ~2 ulp approximation error is within
+// what the comparisons allow; here the result is exact then flushed.
+__device__ __forceinline__ float exp2_approx(float x) {
+  if (std::fpclassify(x) == FP_SUBNORMAL) x = 0.f;
+  const float y = std::exp2(x);
+  return std::fpclassify(y) == FP_SUBNORMAL ? 0.f : y;
+}
+
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>, "pack2: f16 or bf16");
