@@ -267,10 +267,7 @@ __global__ void __launch_bounds__(BwdTcTraits<D>::kThreads, 1) attn_bwd_tc_kerne
       if (rr >= rows_valid) continue;
       float* dst = dq_accum + (i0 + rr) * D + wn * kHalfD + 2 * t;
 #pragma unroll
-      for (int n = 0; n < kDTiles; ++n) {
-        atomicAdd(dst + n * 8, p.scale * dq[n][2 * r]);
-        atomicAdd(dst + n * 8 + 1, p.scale * dq[n][2 * r + 1]);
-      }
+      for (int n = 0; n < kDTiles; ++n) atomic_add2(dst + n * 8, p.scale * dq[n][2 * r], p.scale * dq[n][2 * r + 1]);
     }
     i0 = i_next;
   }

@@ -92,6 +92,17 @@ __device__ __forceinline__ float exp2_approx(float x) {
   return y;
 }
 
+// dst[0] += a and dst[1] += b in global memory, each addition atomic (dst 8-byte aligned): one
+// vector reduction (red.global.add.v2.f32) on sm_90, two scalar ones on older targets.
+__device__ __forceinline__ void atomic_add2(float* dst, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(dst), make_float2(a, b));
+#else
+  atomicAdd(dst, a);
+  atomicAdd(dst + 1, b);
+#endif
+}
+
 // Two floats rounded to T and packed as one register (lo in the low 16 bits), the form the
 // A operand of mma_16816 takes.
 template <typename T>

@@ -214,6 +214,15 @@ __device__ __forceinline__ float exp2_approx(float x) {
   return std::fpclassify(y) == FP_SUBNORMAL ? 0.f : y;
 }
 
+// atomicAdd(float2*, float2) (sm_90): two fp32 additions at an 8-byte aligned address, each
+// atomic. Fibers are never preempted, so plain additions are atomic here; the alignment the
+// vector access needs on the GPU is checked.
+__device__ __forceinline__ void atomic_add2(float* dst, float a, float b) {
+  if (reinterpret_cast<uintptr_t>(dst) % 8 != 0) emu::fail("atomic_add2: address %p is not 8-byte aligned", static_cast<void*>(dst));
+  atomicAdd(dst, a);
+  atomicAdd(dst + 1, b);
+}
+
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>, "pack2: f16 or bf16");
