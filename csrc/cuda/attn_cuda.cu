@@ -60,6 +60,11 @@ void check_cuda_inputs(const char* op, const at::Tensor& q, int64_t head_dim) {
   const at::ScalarType t = q.scalar_type();
   TORCH_CHECK(t == at::kHalf || t == at::kBFloat16 || t == at::kFloat, op,
               " on CUDA: q, k and v must be float16, bfloat16 or float32; got ", t);
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()));
+  TORCH_CHECK(major >= 8, op, " on CUDA: device ", q.get_device(), " has compute capability ", major, ".",
+              minor, "; the kernels need 8.0 or newer (tensor-core mma.sync, cp.async)");
   bool supported = false;
   for (int d : kSupportedHeadDims) supported = supported || d == head_dim;
   TORCH_CHECK(supported, op, " on CUDA: head_dim ", head_dim,

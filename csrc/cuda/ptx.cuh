@@ -15,6 +15,11 @@
 // The lower-indexed element of a pair is in the low 16 bits of the register.
 #pragma once
 
+// mma.sync with bf16 inputs and cp.async exist from sm_80 (Ampere) on.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "self_reasoning_tokens: the CUDA kernels need compute capability 8.0 or newer; remove older architectures from TORCH_CUDA_ARCH_LIST"
+#endif
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
