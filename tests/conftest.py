@@ -41,9 +41,17 @@ TEST_DEADLINE = float(os.environ.get("SRT_TEST_DEADLINE", "inf"))
 DEADLINE_SKIP = "SRT_TEST_DEADLINE passed: not started in this time-limited run"
 
 
+def _runs_on_gpu(item) -> bool:
+    """Tests that use the GPU: the device-parametrised ones on "cuda" and tests/test_cuda_build.py
+    (not the CPU emulation of the CUDA kernels, which only shares the name)."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return params.get("device") == "cuda" or item.nodeid.startswith("tests/test_cuda_build.py") \
+        or os.path.basename(str(item.fspath)) == "test_cuda_build.py"
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
-        items.sort(key=lambda item: 0 if "cuda" in item.nodeid.lower() else 1)  # stable sort
+        items.sort(key=lambda item: 0 if _runs_on_gpu(item) else 1)  # stable sort
 
 
 def pytest_runtest_setup(item):
