@@ -16,7 +16,8 @@
 # OUTDIR gets at most 8 flat files: env.log, build.log, tests.log, tests.xml, bench.log,
 # bench.json, bench_table.txt, summary.txt. The summary is printed last.
 # Environment: PYTHON (python3), SRT_GPU_CHECK_BUDGET_S (520), TORCH_CUDA_ARCH_LIST (9.0),
-# MAX_JOBS (16), BENCH_ARGS (extra arguments for benchmarks/bench_gpu.py).
+# MAX_JOBS (16), SRT_TEST_WORKERS (8, with pytest-xdist), BENCH_ARGS (extra arguments for
+# benchmarks/bench_gpu.py).
 set -uo pipefail  # no -e: a failing stage is recorded and the next stages still run
 
 OUTDIR="${1:?usage: benchmarks/gpu_check.sh OUTDIR}"
@@ -87,7 +88,7 @@ EOF
 
 tests_summary() {
   "$PY" - "$OUTDIR/tests.xml" <<'EOF'
-import sys, xml.etree.ElementTree as ET
+import re, sys, xml.etree.ElementTree as ET
 try:
     root = ET.parse(sys.argv[1]).getroot()
 except Exception as e:  # no XML: pytest did not finish
@@ -101,10 +102,14 @@ for case in root.iter("testcase"):
     if skip is not None and "SRT_TEST_DEADLINE" in (skip.get("message") or ""):
         kind = "not run (time budget)"
     for group in ("all", "cuda"):
-        if group == "all" or "cuda" in name.lower():
+        # GPU tests: the device-parametrised ones on cuda and test_cuda_build.py (not the CPU
+        # emulation tests, which only share the name)
+        params = name[name.find("["):] if "[" in name else ""
+        on_gpu = "test_cuda_build" in name or re.search(r"[\[-]cuda[\]-]", params) is not None
+        if group == "all" or on_gpu:
             counts[group][kind] = counts[group].get(kind, 0) + 1
 for group, c in counts.items():
-    label = "all tests" if group == "all" else "CUDA tests (ids containing 'cuda')"
+    label = "all tests" if group == "all" else "GPU tests (device=cuda, test_cuda_build.py)"
     print(f"{label}: {c.get('passed', 0)} passed, {c.get('failed', 0)} failed, {c.get('skipped', 0)} skipped"
           + (f", {c['not run (time budget)']} NOT RUN (time budget)" if c.get("not run (time budget)") else ""))
 EOF
@@ -123,9 +128,13 @@ if (( build_ok == 0 )); then
   # Whole suite; CUDA tests run because a GPU is visible, and first (tests/conftest.py). Tests
   # that would start less than 20 s before the stage's timeout are skipped instead
   # (SRT_TEST_DEADLINE), so pytest still ends normally and tests.xml counts what ran.
+  # With pytest-xdist installed (the lent machines have it), SRT_TEST_WORKERS (8) processes share
+  # the suite; the suite also passes under xdist on the CPU.
   tests_limit=$(( DEADLINE - $(date +%s) )); (( tests_limit > 220 )) && tests_limit=220
+  xdist=()
+  "$PY" -c "import xdist" 2>/dev/null && xdist=(-n "${SRT_TEST_WORKERS:-8}")
   SRT_TEST_DEADLINE=$(( $(date +%s) + tests_limit - 20 )) \
-    stage tests 220 "$PY" -m pytest tests -q -p no:cacheprovider --junitxml="$OUTDIR/tests.xml"
+    stage tests 220 "$PY" -m pytest tests -q -p no:cacheprovider ${xdist[@]+"${xdist[@]}"} --junitxml="$OUTDIR/tests.xml"
   tests_summary | tee -a "$SUMMARY"
   grep -E "^(FAILED|ERROR) " "$OUTDIR/tests.log" | head -n 30 | tee -a "$SUMMARY"
 
