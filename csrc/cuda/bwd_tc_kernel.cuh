@@ -9,10 +9,11 @@
 // registers while the block walks the query tiles of 64 rows that can see it (causally earlier
 // tiles are never visited; hard-mode tiles entirely inside the reasoning region are skipped).
 // The next query tile's Q and dO are copied (cp.async, two buffers) while the current one is
-// computed. Per query tile: S and dP (mma from Q, K, dO, V tiles in shared memory), then P, dS and the three
-// factor-weighted copies in the input type into shared memory, then the dV/dK products (their
-// A operands read transposed with ldmatrix.trans) and this tile's share of dQ, added atomically
-// into the fp32 dq_accum buffer. Warp roles are in BwdTcTraits (kernel_traits.h).
+// computed. Per query tile: S and dP (mma from Q, K, dO, V tiles in shared memory), then P, dS
+// and the three factor-weighted copies in the input type into shared memory, then the dV/dK
+// products (their A operands read transposed with ldmatrix.trans) and this tile's share of dQ,
+// added atomically (float2) into the fp32 dq_accum buffer. Warp roles are in BwdTcTraits
+// (kernel_traits.h).
 //
 // Masks and factors are evaluated per element only on tiles where something can mask or stop
 // (dense masks, stop masks, the causal diagonal, the reasoning region, ragged tiles); the
