@@ -1,0 +1,138 @@
+// The host steps of attn_fwd / attn_bwd between the argument checks and the launch: kernel-ready
+// inputs, output and buffer allocation, KernelParams, dispatch on (dtype, head dim), and the
+// fp32 dQ buffer's conversion. One copy, used by the CUDA ops (attn_cuda.cu) and by the CPU
+// emulation of the kernels (tests/cuda_emulation/emu_ops.cpp), so the emulation checks the
+// kernels with exactly the tensors and parameters the GPU path gives them.
+//
+// The callers differ only in how outputs are allocated (`alloc`: uninitialised on the GPU,
+// NaN-poisoned in the emulation so that every element must be written) and in what surrounds a
+// launch (`launch(TypeTag<T>, std::integral_constant<int, D>, const KernelParams&)`: device
+// checks, stream and error handling on the GPU).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <tuple>
+#include <type_traits>
+
+#include "../attn_params.h"
+#include "kernel_params.h"
+
+namespace srt::cuda {
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls f(TypeTag<T>{}, std::integral_constant<int, D>{}) for the kernel element type of
+// `dtype` and the head dim D (both checked by the caller).
+template <typename F>
+void dispatch_dtype_head_dim(at::ScalarType dtype, int64_t head_dim, const F& f) {
+  auto with_head_dim = [&](auto tag) {
+    switch (head_dim) {
+      case 32: return f(tag, std::integral_constant<int, 32>{});
+      case 64: return f(tag, std::integral_constant<int, 64>{});
+      case 96: return f(tag, std::integral_constant<int, 96>{});
+      case 128: return f(tag, std::integral_constant<int, 128>{});
+      default: TORCH_CHECK(false, "unreachable: head_dim ", head_dim);
+    }
+  };
+  switch (dtype) {
+    case at::kHalf: return with_head_dim(TypeTag<__half>{});
+    case at::kBFloat16: return with_head_dim(TypeTag<__nv_bfloat16>{});
+    case at::kFloat: return with_head_dim(TypeTag<float>{});
+    default: TORCH_CHECK(false, "unreachable: dtype ", dtype);
+  }
+}
+
+// q, k, v, out and grad_out as the kernels read them: contiguous (B, H, rows, D) with a 16-byte
+// aligned start (the tensor-core kernels copy 16-byte chunks). Copies (O(N) memory) only when the
+// caller passed other strides or a misaligned view; masks are never copied.
+inline at::Tensor dense(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone(at::MemoryFormat::Contiguous);
+  return c;
+}
+
+// Sizes, flags and masks; the tensor pointers are filled in by the steps below.
+inline KernelParams kernel_params(const AttnParams& a) {
+  KernelParams p;
+  p.B = a.B;
+  p.H = a.H;
+  p.N = a.N;
+  p.M = a.M;
+  p.scale = static_cast<float>(a.scale);
+  p.causal = a.causal;
+  p.shift = a.shift;
+  p.key_padding = a.key_padding;
+  p.attn_mask = a.attn_mask;
+  p.q_stop = a.q_stop;
+  p.k_stop = a.k_stop;
+  p.v_stop = a.v_stop;
+  p.reasoning = a.reasoning;  // heads (if any) is a pointer on q's device
+  return p;
+}
+
+using AllocFn = at::Tensor (*)(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+// (out, lse) for checked params `a`.
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor> attn_fwd_host(const AttnParams& a, const at::Tensor& q, const at::Tensor& k,
+                                                 const at::Tensor& v, AllocFn alloc, const Launch& launch) {
+  const at::Tensor qc = dense(q), kc = dense(k), vc = dense(v);
+  at::Tensor out = alloc(qc.sizes(), qc.options());
+  at::Tensor lse = alloc({a.B, a.H, a.N}, qc.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+
+  KernelParams p = kernel_params(a);
+  p.q = qc.data_ptr();
+  p.k = kc.data_ptr();
+  p.v = vc.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  dispatch_dtype_head_dim(q.scalar_type(), a.D, [&](auto tag, auto head_dim) { launch(tag, head_dim, p); });
+  return {out, lse};
+}
+
+// (dq, dk, dv) for checked params `a`.
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_host(const AttnParams& a, const at::Tensor& grad_out,
+                                                             const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& v, const at::Tensor& out,
+                                                             const at::Tensor& lse, AllocFn alloc,
+                                                             const Launch& launch) {
+  const at::Tensor qc = dense(q), kc = dense(k), vc = dense(v), oc = dense(out), doc = dense(grad_out),
+                   lc = lse.contiguous();
+  at::Tensor dk = alloc(kc.sizes(), kc.options());
+  at::Tensor dv = alloc(vc.sizes(), vc.options());
+  if (qc.numel() == 0 || kc.numel() == 0) {  // no queries or no keys: every gradient is 0
+    dk.zero_();
+    dv.zero_();
+    return {at::zeros(qc.sizes(), qc.options()), dk, dv};
+  }
+  // dQ receives a contribution from every key tile: blocks add them atomically in fp32.
+  at::Tensor dq_accum = at::zeros(qc.sizes(), qc.options().dtype(at::kFloat));
+  at::Tensor dsum = alloc({a.B, a.H, a.N}, qc.options().dtype(at::kFloat));
+
+  KernelParams p = kernel_params(a);
+  p.q = qc.data_ptr();
+  p.k = kc.data_ptr();
+  p.v = vc.data_ptr();
+  p.out = const_cast<void*>(oc.data_ptr());  // only read by the backward
+  p.dout = doc.data_ptr();
+  p.lse = const_cast<float*>(lc.data_ptr<float>());  // only read by the backward
+  p.dsum = dsum.data_ptr<float>();
+  p.dq_accum = dq_accum.data_ptr<float>();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  dispatch_dtype_head_dim(q.scalar_type(), a.D, [&](auto tag, auto head_dim) { launch(tag, head_dim, p); });
+  // fp32 inputs: the buffer is the result; otherwise one O(N) conversion.
+  at::Tensor dq = q.scalar_type() == at::kFloat ? dq_accum : dq_accum.to(q.scalar_type());
+  return {dq, dk, dv};
+}
+
+}  // namespace srt::cuda
