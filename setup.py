@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 
+import setuptools
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -83,7 +84,13 @@ else:
 print(f"self_reasoning_tokens: building {'CPU + CUDA' if with_cuda else 'CPU-only'} extension"
       + (f" (CUDA_HOME={cuda_home}, TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')})" if with_cuda else ""))
 
+# The license as setuptools of either generation takes it: an SPDX expression (PEP 639,
+# setuptools >= 77), the legacy free-text field before that.
+_major = int(setuptools.__version__.split(".")[0])
+license_kw = {"license_expression": "MIT"} if _major >= 77 else {"license": "MIT"}
+
 setup(
+    **license_kw,
     packages=find_packages(include=["self_reasoning_tokens", "self_reasoning_tokens.*"]),
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension},
