@@ -65,14 +65,51 @@ __device__ __forceinline__ void load_rows(float* dst, const T* src, int64_t vali
 // zero-filled without reading global memory. 16-byte chunks, consecutive threads on consecutive
 // chunks (coalesced); src must be 16-byte aligned (the host guarantees it) and D % 8 == 0.
 // The caller commits and waits (cp_async_commit / cp_async_wait, then a barrier).
+//
+// Fully unrolled with compile-time offsets: when kThreads is a multiple of the chunks per row
+// (every head dim but 96), each thread copies the same column of rows r0, r0 + kRowsPerPass, ...,
+// so a chunk costs one cp.async plus an add; a full tile (the block-uniform common case) also
+// skips the row checks. (A loop with a runtime trip count and 64-bit index arithmetic per chunk
+// cost the forward about as many issued instructions as its matrix products.)
 template <int kRows, int D, int kStride, int kThreads, typename T>
 __device__ __forceinline__ void load_tile_async(T* dst, const T* src, int64_t valid_rows) {
   static_assert(sizeof(T) == 2 && D % 8 == 0 && kStride % 8 == 0, "16-byte chunks of 16-bit elements");
   constexpr int kChunksPerRow = D / 8;
-  for (int c = threadIdx.x; c < kRows * kChunksPerRow; c += kThreads) {
-    const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
-    const bool valid = r < valid_rows;
-    cp_async_16(dst + r * kStride + col, valid ? src + int64_t(r) * D + col : src, valid);
+  const int rows = valid_rows <= 0 ? 0 : (valid_rows < kRows ? static_cast<int>(valid_rows) : kRows);
+  const int tid = static_cast<int>(threadIdx.x);
+  if constexpr (kThreads % kChunksPerRow == 0) {
+    constexpr int kRowsPerPass = kThreads / kChunksPerRow;
+    constexpr int kPasses = (kRows + kRowsPerPass - 1) / kRowsPerPass;
+    const int r0 = tid / kChunksPerRow, col = (tid % kChunksPerRow) * 8;
+    T* d = dst + r0 * kStride + col;
+    const T* s = src + r0 * D + col;
+    if (rows == kRows) {
+#pragma unroll
+      for (int i = 0; i < kPasses; ++i)
+        if (kRows % kRowsPerPass == 0 || r0 + i * kRowsPerPass < kRows)
+          cp_async_16(d + i * kRowsPerPass * kStride, s + i * kRowsPerPass * D, true);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kPasses; ++i) {
+        const int r = r0 + i * kRowsPerPass;
+        if (kRows % kRowsPerPass == 0 || r < kRows) {
+          const bool valid = r < rows;
+          cp_async_16(d + i * kRowsPerPass * kStride, valid ? s + i * kRowsPerPass * D : src, valid);
+        }
+      }
+    }
+  } else {
+    constexpr int kChunks = kRows * kChunksPerRow;
+    constexpr int kPasses = (kChunks + kThreads - 1) / kThreads;
+#pragma unroll
+    for (int i = 0; i < kPasses; ++i) {
+      const int c = tid + i * kThreads;
+      if (kChunks % kThreads == 0 || c < kChunks) {
+        const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
+        const bool valid = r < rows;
+        cp_async_16(dst + r * kStride + col, valid ? src + r * D + col : src, valid);
+      }
+    }
   }
 }
 
