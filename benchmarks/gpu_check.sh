@@ -8,16 +8,18 @@
 # Budget: all stages together stay inside SRT_GPU_CHECK_BUDGET_S (520 s, for one device call of
 # at most 540 s): the stages share one deadline and each has its own timeout (build 180 s, tests
 # 220 s, tests that would start in its last 20 s skipped and counted as NOT RUN, CUDA tests
-# first; the benchmark whatever is left, typically 200+ s), so a hang in one stage still leaves
+# first; the benchmark whatever is left but the profile's reserve, typically 150+ s; the Nsight
+# Compute profile SRT_PROFILE_S, 75 s, when ncu is there), so a hang in one stage still leaves
 # every log. The benchmark gets --budget-s = its time left minus 25 s: it runs by priority (the
 # issue-6 target shape, the longest-sequence search, the other shapes, FlexAttention's per-shape
 # compiles last), stops cleanly at its budget and records what it skipped; bench.json is also
 # rewritten after every measurement, so even a killed benchmark leaves its numbers.
-# OUTDIR gets at most 8 flat files: env.log, build.log, tests.log, tests.xml, bench.log,
-# bench.json, bench_table.txt, summary.txt. The summary is printed last.
+# OUTDIR gets at most 11 flat files: env.log, build.log, tests.log, tests.xml, bench.log,
+# bench.json, bench_table.txt, profile.log, profile_raw.csv (ncu's CSV), profile.txt (its table,
+# benchmarks/profile_gpu.py) and summary.txt. The summary is printed last.
 # Environment: PYTHON (python3), SRT_GPU_CHECK_BUDGET_S (520), TORCH_CUDA_ARCH_LIST (9.0),
-# MAX_JOBS (16), SRT_TEST_WORKERS (8, with pytest-xdist), BENCH_ARGS (extra arguments for
-# benchmarks/bench_gpu.py).
+# MAX_JOBS (16), SRT_TEST_WORKERS (8, with pytest-xdist), SRT_PROFILE_S (75), BENCH_ARGS (extra
+# arguments for benchmarks/bench_gpu.py).
 set -uo pipefail  # no -e: a failing stage is recorded and the next stages still run
 
 OUTDIR="${1:?usage: benchmarks/gpu_check.sh OUTDIR}"
@@ -63,6 +65,8 @@ env_report() {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
   echo "nvcc: $(command -v nvcc) $(nvcc --version 2>/dev/null | tail -n 1)"
+  local ncu_bin; ncu_bin="$(find_ncu)"
+  echo "ncu: ${ncu_bin:-not found} $([[ -n "$ncu_bin" ]] && "$ncu_bin" --version 2>/dev/null | tail -n 1)"
   "$PY" - <<'EOF'
 import importlib.util, platform, sys
 import torch
@@ -115,6 +119,14 @@ for group, c in counts.items():
 EOF
 }
 
+# Nsight Compute's CLI: on PATH, else beside nvcc, else the newest under /opt/nvidia.
+find_ncu() {
+  local c
+  for c in "$(command -v ncu)" "${CUDA_HOME:-/usr/local/cuda}/bin/ncu" $(ls -d /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | sort -V -r); do
+    [[ -n "$c" && -x "$c" ]] && { echo "$c"; return; }
+  done
+}
+
 echo "== env"
 env_report 2>&1 | tee "$OUTDIR/env.log"
 note "$(grep -E '^(device|torch|python|nvcc)' "$OUTDIR/env.log")"
@@ -138,18 +150,43 @@ if (( build_ok == 0 )); then
   tests_summary | tee -a "$SUMMARY"
   grep -E "^(FAILED|ERROR) " "$OUTDIR/tests.log" | head -n 30 | tee -a "$SUMMARY"
 
-  # The benchmark takes all the time left; it stops itself 25 s before the stage timeout
-  # (SIGTERM, then SIGKILL 15 s later, would still leave the JSON it rewrites as it goes).
-  bench_left=$(( DEADLINE - $(date +%s) ))
+  # The benchmark takes all the time left but the profile's reserve; it stops itself 25 s before
+  # the stage timeout (SIGTERM, then SIGKILL 15 s later, would still leave the JSON it rewrites
+  # as it goes).
+  ncu_bin="$(find_ncu)"
+  profile_reserve=0
+  [[ -n "$ncu_bin" ]] && profile_reserve=${SRT_PROFILE_S:-75}
+  bench_left=$(( DEADLINE - $(date +%s) - profile_reserve ))
   # shellcheck disable=SC2086
   stage bench "$bench_left" "$PY" benchmarks/bench_gpu.py --out "$OUTDIR/bench.json" \
         --table-out "$OUTDIR/bench_table.txt" --budget-s $(( bench_left - 25 )) ${BENCH_ARGS:-}
+
+  # Why the numbers are what they are: Nsight Compute on one fwd+bwd of (a), (b) and SDPA's
+  # flash kernels at the target shape (benchmarks/profile_gpu.py), tabulated into profile.txt.
+  if [[ -n "$ncu_bin" ]]; then
+    # the sections this ncu knows (an unknown name would abort the whole profile)
+    known="$("$ncu_bin" --list-sections 2>/dev/null)"
+    sections=()
+    for s in SpeedOfLight ComputeWorkloadAnalysis MemoryWorkloadAnalysis MemoryWorkloadAnalysis_Tables \
+             Occupancy LaunchStats WarpStateStats SchedulerStats; do
+      [[ -z "$known" ]] || grep -qw -- "$s" <<<"$known" && sections+=(--section "$s")
+    done
+    if stage profile "$profile_reserve" "$ncu_bin" --target-processes all --profile-from-start off \
+         --kernel-name "regex:attn_|flash_" "${sections[@]}" --page raw --csv \
+         --log-file "$OUTDIR/profile_raw.csv" "$PY" benchmarks/profile_gpu.py run; then
+      "$PY" benchmarks/profile_gpu.py summarize "$OUTDIR/profile_raw.csv" --out "$OUTDIR/profile.txt" \
+        >/dev/null 2>>"$OUTDIR/profile.log" || note "profile: could not tabulate profile_raw.csv (profile.log)"
+    fi
+  else
+    note "== profile: skipped (no ncu on PATH, in \$CUDA_HOME/bin or /opt/nvidia/nsight-compute)"
+  fi
 else
   note "== tests, bench: not run (the build failed; see build.log)"
   tail -n 40 "$OUTDIR/build.log"
 fi
 
 [[ -f "$OUTDIR/bench_table.txt" ]] && cat "$OUTDIR/bench_table.txt" >> "$SUMMARY"
+[[ -f "$OUTDIR/profile.txt" ]] && { echo; echo "== Nsight Compute profile (profile.txt)"; cat "$OUTDIR/profile.txt"; } >> "$SUMMARY"
 echo
 echo "================ summary ($(( $(date +%s) - T0 )) s) ================"
 cat "$SUMMARY"
