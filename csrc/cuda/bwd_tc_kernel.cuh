@@ -158,9 +158,14 @@ __global__ void __launch_bounds__(BwdTcTraits<D>::kThreads, 1) attn_bwd_tc_kerne
       }
     }
 
-    // 2. P, dS and the factor-weighted copies, two adjacent keys (one register) at a time.
-    //    Tiles where nothing can mask or stop take the plain instantiation (kGeneral = false):
-    //    no per-element predicate code in their instruction stream.
+    // 2. P, dS and the factor-weighted copies, two adjacent keys (one register) at a time, in
+    //    one of three instantiations chosen per tile (block-uniform), so that a tile carries only
+    //    the per-element code it needs:
+    //    - kPlain: nothing can mask or stop inside the tile (no predicate code at all);
+    //    - kRegionOnly: only the stop-grad region can stop gradients here (the reasoning pattern
+    //      in stop-grad mode, no masks, not on the diagonal): a bit test and a range check;
+    //    - kGeneral: everything else (dense masks, stop masks, the causal diagonal, hard mode,
+    //      the ragged last tile), element by element through mask_semantics.h.
     const bool ragged = cols_valid < kBN;
     const bool crosses_diagonal = p.causal && j0 + kBN - 1 > i0 + p.shift;
     const bool region = (hard_region || soft_region) &&
@@ -168,10 +173,11 @@ __global__ void __launch_bounds__(BwdTcTraits<D>::kThreads, 1) attn_bwd_tc_kerne
     const bool check = dense_masks || ragged || crosses_diagonal || (hard_region && region);
     const bool soft_tile = soft_region && region;
     const bool factors = stop_masks || soft_tile;
-    auto p_and_ds = [&](auto general) {
-      constexpr bool kGeneral = decltype(general)::value;
+    enum { kPlain, kRegionOnly, kGeneral };
+    auto p_and_ds = [&](auto mode) {
+      constexpr int kMode = decltype(mode)::value;
       int64_t region_lo[2] = {0, 0}, region_hi[2] = {0, 0};  // keys that may be in row r's region
-      if (kGeneral && soft_tile) {
+      if (kMode != kPlain && soft_tile) {
 #pragma unroll
         for (int r = 0; r < 2; ++r)
           region_key_range(rs, i0 + wm * 16 + g + 8 * r + p.shift, &region_lo[r], &region_hi[r]);
@@ -187,16 +193,18 @@ __global__ void __launch_bounds__(BwdTcTraits<D>::kThreads, 1) attn_bwd_tc_kerne
           for (int c = 0; c < 2; ++c) {
             const int64_t i = i0 + rr, j = j0 + cc + c;
             bool ok = lse_r[r] != kNegInf;  // a row with no allowed key has P = 0
-            if (kGeneral && check && ok)
+            if (kMode == kGeneral && check && ok)
               ok = i < p.N && j < p.M &&
                    forward_allows(b, h, i, j, p.causal, p.shift, p.attn_mask, p.key_padding, rs);
             const float prob = ok ? exp2_approx(s[n][2 * r + c] * scale_log2 - lse_r[r]) : 0.f;
             const float ds = prob * (dp[n][2 * r + c] - dsum_r[r]);
             float fq = 1.f, fk = 1.f, fv = 1.f;
-            if (kGeneral && factors && ok) {
-              // reasoning_kv_factor(rs, h, i + shift, j), evaluated as described above
-              const bool in_region = soft_tile && ((reason_cols >> (2 * n + c)) & 1u) &&
-                                     j >= region_lo[r] && j < region_hi[r];
+            // reasoning_kv_factor(rs, h, i + shift, j), evaluated as described above
+            const bool in_region = kMode != kPlain && soft_tile && ((reason_cols >> (2 * n + c)) & 1u) &&
+                                   j >= region_lo[r] && j < region_hi[r];
+            if (kMode == kRegionOnly) {
+              fk = fv = in_region ? 0.f : 1.f;
+            } else if (kMode == kGeneral && factors && ok) {
               const float reg = in_region ? 0.f : 1.f;
               fq = stop_factor_at<float>(p.q_stop, p.q_stop.offset(b, h, i, j));
               fk = stop_factor_at<float>(p.k_stop, p.k_stop.offset(b, h, i, j)) * reg;
@@ -212,10 +220,12 @@ __global__ void __launch_bounds__(BwdTcTraits<D>::kThreads, 1) attn_bwd_tc_kerne
         }
       }
     };
-    if (check || factors) {
-      p_and_ds(std::true_type{});
+    if (!check && !factors) {
+      p_and_ds(std::integral_constant<int, kPlain>{});
+    } else if (!check && !stop_masks) {  // factors come from the soft region alone
+      p_and_ds(std::integral_constant<int, kRegionOnly>{});
     } else {
-      p_and_ds(std::false_type{});
+      p_and_ds(std::integral_constant<int, kGeneral>{});
     }
     __syncthreads();  // the next steps read every row and key of the three tiles
 
