@@ -166,7 +166,9 @@ __global__ void __launch_bounds__(FwdTcTraits<D>::kThreads) attn_fwd_tc_kernel(c
       }
     }
 
-    // Online softmax per row: new max over the 4 lanes of the row, rescale, exponentiate.
+    // Online softmax per row: new max over the 4 lanes of the row, exponentiate, rescale.
+    float alpha[2];
+    bool new_max = false;  // some row of this lane has a new max (else its alpha is 1)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float mx = row_max[r];
@@ -176,7 +178,8 @@ __global__ void __launch_bounds__(FwdTcTraits<D>::kThreads) attn_fwd_tc_kernel(c
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       // -inf max: nothing allowed yet; exp2(-inf - 0) = 0 keeps P at 0 without inf - inf.
       const float base = mx == kNegInf ? 0.f : mx;
-      const float alpha = row_max[r] == kNegInf ? 0.f : exp2_approx(row_max[r] - mx);
+      alpha[r] = row_max[r] == kNegInf ? 0.f : exp2_approx(row_max[r] - mx);
+      new_max |= !(mx == row_max[r]);  // (a NaN max counts as new)
       row_max[r] = mx;
       float sum = 0.f;
 #pragma unroll
@@ -185,12 +188,20 @@ __global__ void __launch_bounds__(FwdTcTraits<D>::kThreads) attn_fwd_tc_kernel(c
         s[n][2 * r + 1] = exp2_approx(s[n][2 * r + 1] - base);
         sum += s[n][2 * r] + s[n][2 * r + 1];
       }
-      row_sum[r] = row_sum[r] * alpha + sum;
+      row_sum[r] = row_sum[r] * alpha[r] + sum;
+    }
+    // O *= alpha only when a row of the warp has a new max: once the maxima settle (most tiles
+    // of a long causal row) the warp skips D / 2 multiplications per lane. A row without a new
+    // max has the factor 2^0 = 1 (or 0 while it is still empty and its O is all zero), so
+    // skipping it is exact; rows of the warp that do rescale keep their usual arithmetic.
+    if (__any_sync(0xffffffffu, new_max)) {
 #pragma unroll
-      for (int n = 0; n < kOTiles; ++n) {
-        acc[n][2 * r] *= alpha;
-        acc[n][2 * r + 1] *= alpha;
-      }
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int n = 0; n < kOTiles; ++n) {
+          acc[n][2 * r] *= alpha[r];
+          acc[n][2 * r + 1] *= alpha[r];
+        }
     }
 
     cp_async_wait<0>();  // this V tile has landed...

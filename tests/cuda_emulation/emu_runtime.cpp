@@ -319,6 +319,14 @@ float shfl_xor(float x, int offset) {
   return y;
 }
 
+bool any_lane(bool pred) {
+  const unsigned char in = pred ? 1 : 0;
+  const WarpSlots& s = warp_collective("__any_sync", &in, sizeof in);
+  for (int l = 0; l < 32; ++l)
+    if (s.lane[l][0]) return true;
+  return false;
+}
+
 // ---- cp.async ----
 
 void set_cp_async_mode(int mode) {

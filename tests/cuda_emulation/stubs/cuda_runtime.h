@@ -44,6 +44,7 @@ extern EmuDim3 block_idx, block_dim, grid_dim;
 void syncthreads();
 void syncwarp();
 float shfl_xor(float x, int offset);
+bool any_lane(bool pred);
 
 // Warp-collective exchange, the building block of __syncwarp, __shfl_xor_sync, ldmatrix and mma:
 // each of the 32 lanes of the calling thread's warp deposits `bytes` (<= kWarpSlotBytes) bytes
@@ -104,5 +105,7 @@ void launch(K kernel, unsigned grid, int block, size_t smem, cudaStream_t, const
 inline void __syncthreads() { emu::syncthreads(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::syncwarp(); }
 inline float __shfl_xor_sync(unsigned, float x, int offset) { return emu::shfl_xor(x, offset); }
+// The kernels call it with the full mask only; all 32 lanes must take part (a barrier here).
+inline int __any_sync(unsigned, int pred) { return emu::any_lane(pred != 0) ? 1 : 0; }
 // fibers are never preempted: a plain read-modify-write is atomic
 inline float atomicAdd(float* a, float v) { float old = *a; *a = old + v; return old; }
