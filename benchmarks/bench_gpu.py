@@ -5,6 +5,8 @@ FlashAttention's benchmark shapes: hidden size 2048, so heads = 2048 / d; (batch
 and contender: forward, backward and forward+backward time (ms) and TFLOP/s, and peak memory.
 
   (a) ours            stop_graddable_attn, no masks
+  (a2) ours-fwd128    as (a), the float16/bfloat16 forward with 128-row query tiles
+                      (SRT_CUDA_FWD_BLOCK_M=128): an A/B of the tile size, at the target shape only
   (b) ours+reasoning  stop_graddable_attn(reasoning=ReasoningPattern(3, 4)), stop-grad mode:
                       causal forward, k/v gradients stopped on the reasoning region (in-kernel)
   (c) ours+kv-mask    stop_graddable_attn with dense (h, n, n) bool k and v stop masks (the same
@@ -76,6 +78,8 @@ DEFAULT_SHAPES = ["16x1024", "8x2048", "4x4096", "2x8192", "1x16384"]  # batch x
 R, W = 3, 4  # the reasoning pattern of (b), (c), (e), (f)
 CONTENDERS = {  # key: (letter, description)
     "ours": ("a", "stop_graddable_attn, no masks"),
+    "ours-fwd128": ("a2", "as (a) with the float16/bfloat16 forward's 128-row query tiles (SRT_CUDA_FWD_BLOCK_M=128; "
+                          "target shape only: an A/B of the tile size)"),
     "ours+reasoning": ("b", f"stop_graddable_attn, ReasoningPattern({R}, {W}) stop-grad, in-kernel"),
     "ours+kv-mask": ("c", "stop_graddable_attn, dense (h,n,n) bool k/v stop masks (same region)"),
     "sdpa-flash": ("d", "SDPA FLASH_ATTENTION backend, no masks (the ceiling)"),
@@ -83,6 +87,7 @@ CONTENDERS = {  # key: (letter, description)
     "reference": ("f", "naive O(n^2) autograd reference, same pattern"),
 }
 ORDER = list(CONTENDERS)
+TARGET_ONLY = {"ours-fwd128"}  # variants measured at the target shape only
 
 
 class Skip(Exception):
@@ -327,6 +332,21 @@ class Bench:
         h, n, m = q.shape[1], q.shape[2], k.shape[2]
         if name == "ours":
             return (lambda: srt.stop_graddable_attn(q, k, v, causal=True)), info, False
+        if name == "ours-fwd128":
+            if not self.dev.cuda:
+                info["note"] = "CPU: the same kernel as (a)"
+
+            def fwd128():
+                before = os.environ.get("SRT_CUDA_FWD_BLOCK_M")
+                os.environ["SRT_CUDA_FWD_BLOCK_M"] = "128"  # read by the op at every call
+                try:
+                    return srt.stop_graddable_attn(q, k, v, causal=True)
+                finally:
+                    if before is None:
+                        os.environ.pop("SRT_CUDA_FWD_BLOCK_M", None)
+                    else:
+                        os.environ["SRT_CUDA_FWD_BLOCK_M"] = before
+            return fwd128, info, False
         if name == "ours+reasoning":
             return (lambda: srt.stop_graddable_attn(q, k, v, causal=True, reasoning=self.pattern)), info, False
         if name == "ours+kv-mask":
@@ -543,7 +563,7 @@ class Bench:
         h = max(1, self.args.hidden // d)
         q, k, v, do = self.inputs(b, h, n, d)
         results, problems = {}, {}
-        for name in ("ours", "sdpa-flash", "ours+reasoning", "ours+kv-mask", "flex-stopgrad"):
+        for name in ("ours", "ours-fwd128", "sdpa-flash", "ours+reasoning", "ours+kv-mask", "flex-stopgrad"):
             if name not in contenders:
                 continue
             try:
@@ -576,6 +596,7 @@ class Bench:
             return out
 
         pairs = {"ours vs sdpa-flash": ("ours", "sdpa-flash"),
+                 "ours-fwd128 vs ours": ("ours-fwd128", "ours"),
                  "ours+kv-mask vs ours+reasoning": ("ours+kv-mask", "ours+reasoning"),
                  "flex-stopgrad vs ours+reasoning": ("flex-stopgrad", "ours+reasoning"),
                  "ours+reasoning vs ours (dk, dv must differ)": ("ours+reasoning", "ours")}
@@ -838,7 +859,7 @@ def format_tables(data, shapes_order):
              + ("" if meta.get("finished") else "  [UNFINISHED]"),
              "contenders: " + "; ".join(f"{v}" for v in meta["contenders"].values()),
              "",
-             f"{'contender':<18} {'b':>3} {'h':>3} {'n':>6} {'d':>4} | {'fwd ms':>8} {'TF/s':>6} | "
+             f"{'contender':<19} {'b':>3} {'h':>3} {'n':>6} {'d':>4} | {'fwd ms':>8} {'TF/s':>6} | "
              f"{'bwd ms':>8} {'TF/s':>6} | {'f+b ms':>8} {'TF/s':>6} | {'peak MiB':>9} | notes"]
 
     def key(r):
@@ -858,7 +879,7 @@ def format_tables(data, shapes_order):
             lines.append("")
         prev = (r["head_dim"], r["seq"])
         b = f"{r['batch_measured']}*" if r.get("batch_measured", r["batch"]) != r["batch"] else str(r["batch"])
-        head = f"({r['letter']}) {r['contender']:<14} {b:>3} {r['heads']:>3} {r['seq']:>6} {r['head_dim']:>4} |"
+        head = f"{'(' + r['letter'] + ')':<4} {r['contender']:<14} {b:>3} {r['heads']:>3} {r['seq']:>6} {r['head_dim']:>4} |"
         if "skipped" in r or "error" in r:
             lines.append(f"{head} {'skipped: ' + r['skipped'] if 'skipped' in r else 'ERROR: ' + r['error']}")
             continue
@@ -952,7 +973,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--target-repeats", type=int, default=10, help="repeats at the target shape")
     ap.add_argument("--reference-repeats", type=int, default=3, help="repeats for (f) (warmup 1)")
-    ap.add_argument("--contenders", nargs="+", default=None, help="subset (names or letters a-f)")
+    ap.add_argument("--contenders", nargs="+", default=None, help="subset (names or letters a-f, a2)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="stop cleanly (partial JSON, skips recorded) after about this many seconds")
     ap.add_argument("--reserve-s", type=float, default=3.0, help="seconds kept back at the end of the budget")
@@ -1029,12 +1050,13 @@ def main(argv=None):
         bench.cross_check(*target, contenders)
         # 2. the longest sequence per contender
         if not args.skip_longest:
-            bench.longest_all(contenders)
+            bench.longest_all([c for c in contenders if c not in TARGET_ONLY])
         # 3. the other shapes, the target's head dim first; FlexAttention (a compile per shape)
         #    after all the others
         rest = [c for c in configs if c != target]
         rest.sort(key=lambda c: c[2] != target[2])
-        groups = [[c for c in contenders if c != "flex-stopgrad"], [c for c in contenders if c == "flex-stopgrad"]]
+        groups = [[c for c in contenders if c not in TARGET_ONLY | {"flex-stopgrad"}],
+                  [c for c in contenders if c == "flex-stopgrad"]]
         for group in (g for g in groups if g):
             for b, n, d in rest:
                 if bench.budget.left() < args.reserve_s + 1:

@@ -1,7 +1,8 @@
 """Kernel profile at the issue-6 target shape, under Nsight Compute (run by benchmarks/gpu_check.sh).
 
 The benchmark says how fast each contender is; this says why. It profiles one forward+backward of
-(a) ours, (b) ours with the reasoning pattern and (d) SDPA's flash backend (the ceiling) at seq 8k,
+(a) ours, (a2) ours with the forward's 128-row tiles (SRT_CUDA_FWD_BLOCK_M=128), (b) ours with the
+reasoning pattern and (d) SDPA's flash backend (the ceiling) at seq 8k,
 d=128, causal, bfloat16, and tabulates per kernel: duration, compute and memory throughput (% of
 peak), tensor-pipe utilisation, issue-slot use, achieved occupancy, registers, shared-memory bank
 conflicts and the largest warp-stall reasons. Our kernels sit next to FlashAttention-2's own (which
@@ -40,7 +41,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import self_reasoning_tokens as srt  # noqa: E402
 
 R, W = 3, 4  # the reasoning pattern of contender (b), as in bench_gpu.py
-CONTENDERS = ("ours", "ours+reasoning", "sdpa-flash")
+CONTENDERS = ("ours", "ours-fwd128", "ours+reasoning", "sdpa-flash")
 NCU_SECTIONS = ("SpeedOfLight", "ComputeWorkloadAnalysis", "MemoryWorkloadAnalysis",
                 "MemoryWorkloadAnalysis_Tables", "Occupancy", "LaunchStats", "WarpStateStats",
                 "SchedulerStats")
@@ -51,6 +52,18 @@ KERNEL_REGEX = "regex:attn_|flash_"  # ours (attn_*_kernel) and FlashAttention-2
 def contender_fn(name, q, k, v):
     if name == "ours":
         return lambda: srt.stop_graddable_attn(q, k, v, causal=True)
+    if name == "ours-fwd128":  # the forward's 128-row tile variant (read by the op at every call)
+        def fwd128():
+            before = os.environ.get("SRT_CUDA_FWD_BLOCK_M")
+            os.environ["SRT_CUDA_FWD_BLOCK_M"] = "128"
+            try:
+                return srt.stop_graddable_attn(q, k, v, causal=True)
+            finally:
+                if before is None:
+                    os.environ.pop("SRT_CUDA_FWD_BLOCK_M", None)
+                else:
+                    os.environ["SRT_CUDA_FWD_BLOCK_M"] = before
+        return fwd128
     if name == "ours+reasoning":
         pattern = srt.ReasoningPattern(R, W, stop_grad=True)
         return lambda: srt.stop_graddable_attn(q, k, v, causal=True, reasoning=pattern)

@@ -158,13 +158,18 @@ def _assert_close(name, got, exp, dtype, what):
 
 
 @needs_gpu
+@pytest.mark.parametrize("fwd_block_m", ("64", "128"), ids=lambda v: f"fwd{v}rows")
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-def test_cuda_matches_cpu(dtype, head_dim):
+def test_cuda_matches_cpu(dtype, head_dim, fwd_block_m, monkeypatch):
+    # the tensor-core forward's two tile variants (SRT_CUDA_FWD_BLOCK_M); float32 has one kernel
+    if fwd_block_m == "128" and dtype == torch.float32:
+        pytest.skip("SRT_CUDA_FWD_BLOCK_M selects between float16/bfloat16 forward kernels only")
+    monkeypatch.setenv("SRT_CUDA_FWD_BLOCK_M", fwd_block_m)
     gen = torch.Generator().manual_seed(1234 + head_dim)
     for name, (b, h, n, m), build in _cases(gen):
         kw = build(b, h, n, m)
-        what = f"{dtype} d={head_dim} {name}"
+        what = f"{dtype} d={head_dim} fwd {fwd_block_m} rows {name}"
         q, k, v, do = (_rand(b, h, rows, head_dim, dtype=dtype, device="cuda", gen=gen)
                        for rows in (n, m, m, n))
         out, lse, dq, dk, dv = _run_ops(q, k, v, do, kw, "cuda")

@@ -104,15 +104,12 @@ def _run_emu(emu, q, k, v, do, kw):
     return out, lse, dq, dk, dv
 
 
-@pytest.mark.parametrize("head_dim", gpu_cases.HEAD_DIMS)
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16),
-                         ids=lambda d: str(d).replace("torch.", ""))
-def test_emulated_cuda_kernels_match_cpu_op(emu, cp_async_mode, dtype, head_dim):
+def _check_cases_against_cpu(emu, dtype, head_dim, label):
     gen = torch.Generator().manual_seed(1234 + head_dim)
     emu.reset_op_counts()
     for name, (b, h, n, m), build in gpu_cases._cases(gen):
         kw = build(b, h, n, m)
-        what = f"{dtype} d={head_dim} cp.async {cp_async_mode}: {name}"
+        what = f"{dtype} d={head_dim} {label}: {name}"
         q, k, v, do = (gpu_cases._rand(b, h, rows, head_dim, dtype=dtype, device="cpu", gen=gen)
                        for rows in (n, m, m, n))
         out, lse, dq, dk, dv = _run_emu(emu, q, k, v, do, kw)
@@ -133,6 +130,44 @@ def test_emulated_cuda_kernels_match_cpu_op(emu, cp_async_mode, dtype, head_dim)
     elif TENSOR_CORE_KERNELS:
         assert mma > 0 and counts.get("ldmatrix_x4", 0) > 0 and counts.get("ldmatrix_x4_trans", 0) > 0, counts
         assert counts.get("cp_async_16", 0) > 0, counts
+
+
+@pytest.mark.parametrize("head_dim", gpu_cases.HEAD_DIMS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16),
+                         ids=lambda d: str(d).replace("torch.", ""))
+def test_emulated_cuda_kernels_match_cpu_op(emu, cp_async_mode, dtype, head_dim, monkeypatch):
+    monkeypatch.delenv("SRT_CUDA_FWD_BLOCK_M", raising=False)  # the default: 64-row forward tiles
+    _check_cases_against_cpu(emu, dtype, head_dim, f"cp.async {cp_async_mode}")
+
+
+@pytest.mark.parametrize("head_dim", gpu_cases.HEAD_DIMS)
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=lambda d: str(d).replace("torch.", ""))
+def test_emulated_tc_forward_with_128_row_tiles(emu, dtype, head_dim, monkeypatch):
+    """The tensor-core forward's other tile variant (SRT_CUDA_FWD_BLOCK_M=128: 8 warps per block),
+    with cp.async completing late (the stricter of the two emulation modes)."""
+    if not TENSOR_CORE_KERNELS:
+        pytest.skip("no tensor-core kernels in csrc/cuda")
+    monkeypatch.setenv("SRT_CUDA_FWD_BLOCK_M", "128")
+    emu.set_cp_async_mode(CP_ASYNC_MODES["late"])
+    try:
+        _check_cases_against_cpu(emu, dtype, head_dim, "128-row forward tiles, cp.async late")
+    finally:
+        emu.set_cp_async_mode(CP_ASYNC_MODES["early"])
+
+
+def test_fwd_block_m_setting_is_checked(emu, monkeypatch):
+    q = torch.randn(1, 2, 16, 64, dtype=torch.bfloat16)
+    a = (True, 0.125, 0, 0, True, None)
+    monkeypatch.setenv("SRT_CUDA_FWD_BLOCK_M", "96")
+    with pytest.raises(RuntimeError, match="SRT_CUDA_FWD_BLOCK_M must be 64 or 128.*got '96'"):
+        emu.fwd(q, q, q, None, None, None, None, None, *a)
+    for value in ("64", "128", ""):  # both sizes and the empty string (the default) give the same result
+        monkeypatch.setenv("SRT_CUDA_FWD_BLOCK_M", value)
+        out, lse = emu.fwd(q, q, q, None, None, None, None, None, *a)
+        ref, ref_lse = torch.ops.self_reasoning_tokens.attn_fwd(q.float(), q.float(), q.float(), None, None,
+                                                                None, None, None, *a)
+        torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(lse, ref_lse, rtol=1e-3, atol=1e-3)
 
 
 def test_emulated_cuda_edge_shapes(emu):

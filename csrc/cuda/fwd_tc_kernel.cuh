@@ -1,7 +1,8 @@
 // Tensor-core forward for float16 / bfloat16 (FlashAttention-2 style): O = softmax(scale * Q K^T
 // over allowed keys) V and the row log-sum-exp, with fp32 accumulation.
 //
-// One block of 4 warps per (batch, head, query tile of 64 rows); warp w owns rows [16 w, +16).
+// One block of 4 (or 8) warps per (batch, head, query tile of 64 (or 128) rows; kernel_traits.h);
+// warp w owns rows [16 w, +16).
 // Each warp keeps its Q fragments, the S tile, P and the O accumulator in registers: S = Q K^T
 // and O += P V are m16n8k16 mma.sync products (ptx.cuh), and the accumulator fragment of S is
 // exactly the A fragment P needs, so P never goes through shared memory. K and V tiles of kBlockN
@@ -52,9 +53,9 @@ __device__ __forceinline__ const T* b_frag_row_trans(const T* base, int stride, 
   return base + ((lane % 8) + 8 * ((lane / 8) % 2)) * stride + 8 * (lane / 16);
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(FwdTcTraits<D>::kThreads) attn_fwd_tc_kernel(const KernelParams p) {
-  using Tr = FwdTcTraits<D>;
+template <typename T, int D, int kBlockM>
+__global__ void __launch_bounds__(FwdTcTraits<D, kBlockM>::kThreads) attn_fwd_tc_kernel(const KernelParams p) {
+  using Tr = FwdTcTraits<D, kBlockM>;
   constexpr int kBM = Tr::kBlockM, kBN = Tr::kBlockN, kS = Tr::kStride;
   constexpr int kKSteps = D / 16;    // k-steps of S = Q K^T
   constexpr int kSTiles = kBN / 8;   // 8-key n-tiles of S
@@ -249,11 +250,17 @@ __global__ void __launch_bounds__(FwdTcTraits<D>::kThreads) attn_fwd_tc_kernel(c
   }
 }
 
+template <typename T, int D, int kBlockM>
+cudaError_t launch_attn_fwd_tc_tiles(const KernelParams& p, cudaStream_t stream) {
+  using Tr = FwdTcTraits<D, kBlockM>;
+  return launch_blocks(&attn_fwd_tc_kernel<T, D, kBlockM>, p.B * p.H * ceil_div(p.N, Tr::kBlockM), Tr::kThreads,
+                       Tr::kSmemBytes, p, stream);
+}
+
 template <typename T, int D>
 cudaError_t launch_attn_fwd_tc(const KernelParams& p, cudaStream_t stream) {
-  using Tr = FwdTcTraits<D>;
-  return launch_blocks(&attn_fwd_tc_kernel<T, D>, p.B * p.H * ceil_div(p.N, Tr::kBlockM), Tr::kThreads,
-                       Tr::kSmemBytes, p, stream);
+  return p.fwd_block_m == 128 ? launch_attn_fwd_tc_tiles<T, D, 128>(p, stream)
+                              : launch_attn_fwd_tc_tiles<T, D, 64>(p, stream);
 }
 
 }  // namespace srt::cuda

@@ -15,6 +15,8 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 #include <type_traits>
 
@@ -58,6 +60,18 @@ inline at::Tensor dense(const at::Tensor& t) {
   return c;
 }
 
+// SRT_CUDA_FWD_BLOCK_M: the float16/bfloat16 forward's query rows per block, 64 (the default) or
+// 128 (kernel_traits.h weighs the two). Read at every call, so that a benchmark can compare both
+// in one process; any other value is an error.
+inline int fwd_block_m_from_env() {
+  const char* v = std::getenv("SRT_CUDA_FWD_BLOCK_M");
+  if (v == nullptr || *v == '\0') return 64;
+  const std::string s(v);
+  TORCH_CHECK(s == "64" || s == "128", "SRT_CUDA_FWD_BLOCK_M must be 64 or 128 (query rows per block of the "
+              "float16/bfloat16 CUDA forward), got '", s, "'");
+  return s == "128" ? 128 : 64;
+}
+
 // Sizes, flags and masks; the tensor pointers are filled in by the steps below.
 inline KernelParams kernel_params(const AttnParams& a) {
   KernelParams p;
@@ -74,6 +88,7 @@ inline KernelParams kernel_params(const AttnParams& a) {
   p.k_stop = a.k_stop;
   p.v_stop = a.v_stop;
   p.reasoning = a.reasoning;  // heads (if any) is a pointer on q's device
+  p.fwd_block_m = fwd_block_m_from_env();
   return p;
 }
 

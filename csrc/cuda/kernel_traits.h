@@ -75,15 +75,19 @@ struct BwdTraits {
 // supported head dim. All matrix products are m16n8k16 mma.sync tiles (ptx.cuh).
 constexpr int kTcPad = 8;
 
-// Forward: one block = 4 warps = one (batch, head, query tile of 64 rows); warp w owns rows
-// [16 w, 16 w + 16) for the whole key loop (Q fragments, S, P and the O accumulator stay in
-// registers). Shared memory: the Q tile and one K and one V tile of kBlockN keys.
-template <int D>
+// Forward: one block = kBlockM / 16 warps = one (batch, head, query tile of kBlockM rows); warp w
+// owns rows [16 w, 16 w + 16) for the whole key loop (Q fragments, S, P and the O accumulator stay
+// in registers). Shared memory: the Q tile and one K and one V tile of kBlockN keys.
+// kBlockM is 64 (4 warps, two blocks per SM) or 128 (8 warps, one block per SM: each K/V tile
+// serves twice the rows, halving the K/V traffic from L2 per FLOP); both are compiled and the host
+// picks one per call (KernelParams::fwd_block_m).
+template <int D, int kBlockM_ = 64>
 struct FwdTcTraits {
   static_assert(D % 16 == 0, "head dim must be a multiple of 16");
-  static constexpr int kWarps = 4;
+  static_assert(kBlockM_ == 64 || kBlockM_ == 128, "64 or 128 query rows per block");
+  static constexpr int kBlockM = kBlockM_;
+  static constexpr int kWarps = kBlockM / 16;
   static constexpr int kThreads = kWarps * kWarpSize;
-  static constexpr int kBlockM = 16 * kWarps;
   // Keys per tile: 128 while the S tile (kBlockN / 2 fp32 registers per lane) and the O
   // accumulator (D / 2) fit the register file together, 64 for the larger head dims.
   static constexpr int kBlockN = D <= 64 ? 128 : 64;
@@ -117,9 +121,11 @@ struct BwdTcTraits {
 template <typename T, int D>
 struct KernelsFor {
   static constexpr bool kTensorCores = sizeof(T) == 2;
-  static constexpr size_t kFwdSmemBytes = kTensorCores ? FwdTcTraits<D>::kSmemBytes : FwdTraits<D>::kSmemBytes;
+  // the larger of the two forward tile variants (the 128-row one)
+  static constexpr size_t kFwdSmemBytes = kTensorCores ? FwdTcTraits<D, 128>::kSmemBytes : FwdTraits<D>::kSmemBytes;
   static constexpr size_t kBwdSmemBytes = kTensorCores ? BwdTcTraits<D>::kSmemBytes : BwdTraits<D>::kSmemBytes;
-  static constexpr int kFwdBlockM = kTensorCores ? FwdTcTraits<D>::kBlockM : FwdTraits<D>::kBlockM;
+  // the smaller variant: the most blocks a forward launches
+  static constexpr int kFwdBlockM = kTensorCores ? FwdTcTraits<D, 64>::kBlockM : FwdTraits<D>::kBlockM;
   static constexpr int kBwdBlockN = kTensorCores ? BwdTcTraits<D>::kBlockN : BwdTraits<D>::kBlockN;
 };
 
