@@ -42,7 +42,7 @@ note() { echo "$*" | tee -a "$SUMMARY"; }
 # killed after min(LIMIT_S, time left before the deadline).
 stage() {
   local name="$1" limit="$2"; shift 2
-  local left=$(( DEADLINE - $(date +%s) ))
+  local left=$(( DEADLINE - $(date +%s) - 15 ))  # timeout's --kill-after grace stays inside the budget
   (( left < limit )) && limit=$left
   if (( limit < 10 )); then
     note "== $name: SKIPPED (no time left in the budget)"; failed+=("$name"); return 1
@@ -171,11 +171,19 @@ if (( build_ok == 0 )); then
              Occupancy LaunchStats WarpStateStats SchedulerStats; do
       [[ -z "$known" ]] || grep -qw -- "$s" <<<"$known" && sections+=(--section "$s")
     done
-    if stage profile "$profile_reserve" "$ncu_bin" --target-processes all --profile-from-start off \
-         --kernel-name "regex:attn_|flash_" "${sections[@]}" --page raw --csv \
-         --log-file "$OUTDIR/profile_raw.csv" "$PY" benchmarks/profile_gpu.py run; then
+    # ncu writes its CSV when the profiled process ends; the launches are bounded by the
+    # profiler start/stop bracket in profile_gpu.py (about 13 kernels), --launch-count caps them
+    stage profile "$profile_reserve" "$ncu_bin" --target-processes all --profile-from-start off \
+         --kernel-name "regex:attn_|flash_" --launch-count 20 ${sections[@]+"${sections[@]}"} \
+         --page raw --csv --print-units base --log-file "$OUTDIR/profile_raw.csv" \
+         "$PY" benchmarks/profile_gpu.py run
+    if grep -q "ERR_NVGPUCTRPERM" "$OUTDIR/profile_raw.csv" "$OUTDIR/profile.log" 2>/dev/null; then
+      note "profile: no access to the GPU performance counters (ERR_NVGPUCTRPERM)"
+    elif [[ -s "$OUTDIR/profile_raw.csv" ]]; then
       "$PY" benchmarks/profile_gpu.py summarize "$OUTDIR/profile_raw.csv" --out "$OUTDIR/profile.txt" \
         >/dev/null 2>>"$OUTDIR/profile.log" || note "profile: could not tabulate profile_raw.csv (profile.log)"
+    else
+      note "profile: ncu wrote no CSV (profile.log)"
     fi
   else
     note "== profile: skipped (no ncu on PATH, in \$CUDA_HOME/bin or /opt/nvidia/nsight-compute)"

@@ -206,7 +206,8 @@ def top_stalls(metrics, count=4):
     stalls = {}
     for name, (value, _) in metrics.items():
         m = re.fullmatch(r"smsp__average_warps?_(?:latency_)?issue_stalled_([a-z0-9_]+?)_per_issue_active\.ratio", name)
-        if m and not m.group(1).endswith("_not_issued"):
+        # "selected" (about 1 per issue by definition) and "not_selected" are not stalls
+        if m and not m.group(1).endswith("_not_issued") and m.group(1) not in ("selected", "not_selected"):
             x = number(value)
             if x is not None:
                 stalls[m.group(1)] = x

@@ -17,7 +17,7 @@ FIXED = ["ID", "Process ID", "Process Name", "Host Name", "Kernel Name", "Contex
          "Block Size", "Grid Size", "Device", "CC"]
 KERNELS = [  # (name, duration ns, tensor %, stalls {reason: ratio})
     ("void srt::cuda::attn_fwd_tc_kernel<__nv_bfloat16, 128>(srt::cuda::KernelParams)", 1000, 40.0,
-     {"barrier": 1.0, "long_scoreboard": 3.0}),
+     {"barrier": 1.0, "long_scoreboard": 3.0, "selected": 5.0, "not_selected": 2.0}),  # the last two: not stalls
     ("void srt::cuda::attn_bwd_dsum_kernel<__nv_bfloat16>(srt::cuda::KernelParams)", 100, 0.0, {}),
     ("void srt::cuda::attn_bwd_tc_kernel<__nv_bfloat16, 128>(srt::cuda::KernelParams)", 3000, 30.0,
      {"mio_throttle": 2.0}),

@@ -88,7 +88,6 @@ inline KernelParams kernel_params(const AttnParams& a) {
   p.k_stop = a.k_stop;
   p.v_stop = a.v_stop;
   p.reasoning = a.reasoning;  // heads (if any) is a pointer on q's device
-  p.fwd_block_m = fwd_block_m_from_env();
   return p;
 }
 
@@ -109,6 +108,7 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_host(const AttnParams& a, const at::
   p.v = vc.data_ptr();
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
+  if (q.scalar_type() != at::kFloat) p.fwd_block_m = fwd_block_m_from_env();  // tensor-core kernels only
   dispatch_dtype_head_dim(q.scalar_type(), a.D, [&](auto tag, auto head_dim) { launch(tag, head_dim, p); });
   return {out, lse};
 }

@@ -16,10 +16,6 @@ namespace srt::cuda {
 // Head dims with compiled kernels. Anything else is rejected on the host with this list.
 constexpr int kSupportedHeadDims[] = {32, 64, 96, 128};
 
-// Query rows per block of the tensor-core forward: both sizes are compiled, 64 is the default
-// (see FwdTcTraits in kernel_traits.h and SRT_CUDA_FWD_BLOCK_M in host_glue.h).
-constexpr int kFwdTcBlockMs[] = {64, 128};
-
 struct KernelParams {
   // q, out, grad_out: (B, H, N, D) contiguous; k, v: (B, H, M, D) contiguous; element type T.
   const void* q = nullptr;
@@ -42,7 +38,9 @@ struct KernelParams {
   MaskView key_padding, attn_mask, q_stop, k_stop, v_stop;
   ReasoningSpec reasoning;  // reasoning.heads, when set, is a device pointer
 
-  int fwd_block_m = 64;  // float16/bfloat16 forward: query rows per block, one of kFwdTcBlockMs
+  // float16/bfloat16 forward: query rows per block, 64 or 128 (FwdTcTraits in kernel_traits.h;
+  // the host sets it from SRT_CUDA_FWD_BLOCK_M, host_glue.h)
+  int fwd_block_m = 64;
 };
 
 // Launchers, explicitly instantiated for T in {__half, __nv_bfloat16, float} and
