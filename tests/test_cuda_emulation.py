@@ -8,11 +8,14 @@ compares them with the CPU op in float64 on the same cases as the GPU test
 (tests/test_cuda_build.py), in both cp.async timing modes. GPU-only problems (atomics, bank
 conflicts, shared-memory limits, real timing) still need a GPU run.
 """
+import fcntl
+import hashlib
 import os
+import pathlib
 import platform
 import re
-import shutil
 import sys
+import tempfile
 import time
 
 import pytest
@@ -48,30 +51,45 @@ EMU_SOURCES = ("emu_ops.cpp", "emu_runtime.cpp", "emu_kernels_fp16.cpp", "emu_ke
                "emu_kernels_fp32.cpp")
 
 
-def build_emulation(work):
-    """Copies the kernel sources and the emulator into `work` (a pathlib.Path), compiles them and
-    returns the ops namespace torch.ops.srt_cuda_emulation (fwd, bwd, set_cp_async_mode, ...)."""
-    from torch.utils.cpp_extension import load
-
-    os.makedirs(work / "csrc" / "cuda", exist_ok=True)
+def emulation_files():
+    """{relative path: text} of the tree the emulation compiles: the kernel headers of csrc/cuda
+    (launch sites rewritten to emu::launch), ptx.cuh replaced by the emulator's, the csrc headers
+    and attn_params.cpp, the emulator's sources and stubs."""
+    files = {}
     for f in os.listdir(os.path.join(ROOT, "csrc")):
         if f.endswith(".h") or f == "attn_params.cpp":
-            shutil.copy(os.path.join(ROOT, "csrc", f), work / "csrc" / f)
+            with open(os.path.join(ROOT, "csrc", f)) as fh:
+                files[f"csrc/{f}"] = fh.read()
     launches = 0
     headers = kernel_headers()
     for f in headers:
         with open(os.path.join(CUDA_DIR, f)) as fh:
             text, n = LAUNCH.subn(r"\1emu::launch(\2, \3, p);", fh.read())
         launches += n
-        (work / "csrc" / "cuda" / f).write_text(text)
+        files[f"csrc/cuda/{f}"] = text
     assert launches >= 1, "expected the kernel launch line (kernel<<<...>>>(p);, launch_blocks in tile_utils.cuh)"
-    shutil.copy(os.path.join(EMU, "ptx.cuh"), work / "csrc" / "cuda" / "ptx.cuh")
     # emu_kernels.inc includes this: every kernel header, so it sees the launchers wherever they are
-    (work / "csrc" / "cuda" / "emu_all_kernels.h").write_text(
-        "#pragma once\n" + "".join(f'#include "{f}"\n' for f in headers if f.endswith(".cuh")))
-    shutil.copytree(os.path.join(EMU, "stubs"), work / "stubs", dirs_exist_ok=True)
-    for f in EMU_SOURCES + ("emu_kernels.inc",):
-        shutil.copy(os.path.join(EMU, f), work / f)
+    files["csrc/cuda/emu_all_kernels.h"] = "#pragma once\n" + "".join(
+        f'#include "{f}"\n' for f in headers if f.endswith(".cuh"))
+    emu_files = ["ptx.cuh", "emu_kernels.inc", *EMU_SOURCES] + [
+        os.path.join("stubs", f) for f in sorted(os.listdir(os.path.join(EMU, "stubs")))]
+    for f in emu_files:
+        with open(os.path.join(EMU, f)) as fh:
+            files[f"csrc/cuda/ptx.cuh" if f == "ptx.cuh" else f] = fh.read()
+    return files
+
+
+def build_emulation(work):
+    """Writes the emulation's sources into `work` (a pathlib.Path; only files whose text changed,
+    so that an existing build is reused), compiles them and returns the ops namespace
+    torch.ops.srt_cuda_emulation (fwd, bwd, set_cp_async_mode, ...)."""
+    from torch.utils.cpp_extension import load
+
+    for rel, text in emulation_files().items():
+        path = work / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
     os.makedirs(work / "build", exist_ok=True)
     load("srt_cuda_emulation", [str(work / f) for f in EMU_SOURCES] + [str(work / "csrc" / "attn_params.cpp")],
          extra_include_paths=[str(work), str(work / "stubs")], extra_cflags=["-O2"],
@@ -79,11 +97,28 @@ def build_emulation(work):
     return torch.ops.srt_cuda_emulation
 
 
+def shared_workdir():
+    """One build per source text and torch version, shared by every pytest process (pytest-xdist
+    workers would otherwise each compile their own copy, minutes of CPU on a busy machine):
+    a folder under the temp dir named by a hash of what it compiles."""
+    h = hashlib.sha256(f"{torch.__version__} {sys.version}".encode())
+    for rel, text in sorted(emulation_files().items()):
+        h.update(rel.encode() + b"\0" + text.encode() + b"\0")
+    return pathlib.Path(tempfile.gettempdir()) / f"srt_cuda_emulation_{h.hexdigest()[:16]}"
+
+
 @pytest.fixture(scope="module")
-def emu(tmp_path_factory):
+def emu():
     t0 = time.time()
-    ops = build_emulation(tmp_path_factory.mktemp("cuda_emulation"))
-    print(f"emulated CUDA kernels built in {time.time() - t0:.0f} s")
+    work = shared_workdir()
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / ".lock", "w") as lock:  # one process writes and builds, the others wait
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            ops = build_emulation(work)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    print(f"emulated CUDA kernels ready in {time.time() - t0:.0f} s ({work})")
     return ops
 
 
