@@ -69,6 +69,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 import self_reasoning_tokens as srt  # noqa: E402
 from self_reasoning_tokens.reference import reference_attention  # noqa: E402
+from _variants import ours_fwd128  # noqa: E402
 from flex_stopgrad import (build_block_mask, evaluate_mask_mod, flex_stopgrad_attention,  # noqa: E402
                            reasoning_stopped, stopgrad_mask_mod)
 
@@ -338,17 +339,7 @@ class Bench:
             if not self.dev.cuda:
                 info["note"] = "CPU: the same kernel as (a)"
 
-            def fwd128():
-                before = os.environ.get("SRT_CUDA_FWD_BLOCK_M")
-                os.environ["SRT_CUDA_FWD_BLOCK_M"] = "128"  # read by the op at every call
-                try:
-                    return srt.stop_graddable_attn(q, k, v, causal=True)
-                finally:
-                    if before is None:
-                        os.environ.pop("SRT_CUDA_FWD_BLOCK_M", None)
-                    else:
-                        os.environ["SRT_CUDA_FWD_BLOCK_M"] = before
-            return fwd128, info, False
+            return ours_fwd128(q, k, v), info, False
         if name == "ours+reasoning":
             return (lambda: srt.stop_graddable_attn(q, k, v, causal=True, reasoning=self.pattern)), info, False
         if name == "ours+kv-mask":

@@ -38,7 +38,9 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 import self_reasoning_tokens as srt  # noqa: E402
+from _variants import ours_fwd128  # noqa: E402
 
 R, W = 3, 4  # the reasoning pattern of contender (b), as in bench_gpu.py
 CONTENDERS = ("ours", "ours-fwd128", "ours+reasoning", "sdpa-flash")
@@ -52,18 +54,8 @@ KERNEL_REGEX = "regex:attn_|flash_"  # ours (attn_*_kernel) and FlashAttention-2
 def contender_fn(name, q, k, v):
     if name == "ours":
         return lambda: srt.stop_graddable_attn(q, k, v, causal=True)
-    if name == "ours-fwd128":  # the forward's 128-row tile variant (read by the op at every call)
-        def fwd128():
-            before = os.environ.get("SRT_CUDA_FWD_BLOCK_M")
-            os.environ["SRT_CUDA_FWD_BLOCK_M"] = "128"
-            try:
-                return srt.stop_graddable_attn(q, k, v, causal=True)
-            finally:
-                if before is None:
-                    os.environ.pop("SRT_CUDA_FWD_BLOCK_M", None)
-                else:
-                    os.environ["SRT_CUDA_FWD_BLOCK_M"] = before
-        return fwd128
+    if name == "ours-fwd128":  # the forward's 128-row tile variant
+        return ours_fwd128(q, k, v)
     if name == "ours+reasoning":
         pattern = srt.ReasoningPattern(R, W, stop_grad=True)
         return lambda: srt.stop_graddable_attn(q, k, v, causal=True, reasoning=pattern)

@@ -191,3 +191,17 @@ def test_dense_region_mask_is_the_reasoning_region(h, n, m, rows):
     mask = bench_gpu.dense_region_mask(h, n, m, "cpu", rows_per_chunk=rows)
     assert mask.shape == (h, n, m) and mask.is_contiguous()
     assert torch.equal(mask, reasoning_region(n, m, bench_gpu.R, bench_gpu.W).expand(h, n, m))
+
+
+def test_fwd_block_m_variant_restores_the_environment(monkeypatch):
+    from _variants import fwd_block_m
+
+    monkeypatch.delenv("SRT_CUDA_FWD_BLOCK_M", raising=False)
+    with fwd_block_m(128):
+        assert os.environ["SRT_CUDA_FWD_BLOCK_M"] == "128"
+    assert "SRT_CUDA_FWD_BLOCK_M" not in os.environ
+    monkeypatch.setenv("SRT_CUDA_FWD_BLOCK_M", "64")
+    with pytest.raises(ZeroDivisionError):
+        with fwd_block_m(128):
+            1 / 0
+    assert os.environ["SRT_CUDA_FWD_BLOCK_M"] == "64"
