@@ -56,8 +56,9 @@ __global__ void __launch_bounds__(BwdTcTraits<D>::kThreads, 1) attn_bwd_tc_kerne
 
   const T* q = static_cast<const T*>(p.q) + bh * p.N * D;
   const T* dout = static_cast<const T*>(p.dout) + bh * p.N * D;
-  const float* lse = p.lse + bh * p.N;
-  const float* dsum = p.dsum + bh * p.N;
+  // this lane's rows 16 wm + g (+ 8) of query tile i0 are lse_lane[i0] (and [i0 + 8])
+  const float* lse_lane = p.lse + bh * p.N + wm * 16 + g;
+  const float* dsum_lane = p.dsum + bh * p.N + wm * 16 + g;
   float* dq_accum = p.dq_accum + bh * p.N * D;
 
   load_tile_async<kBN, D, kS, Tr::kThreads>(sK, static_cast<const T*>(p.k) + (bh * p.M + j0) * D, cols_valid);
@@ -127,8 +128,8 @@ __global__ void __launch_bounds__(BwdTcTraits<D>::kThreads, 1) attn_bwd_tc_kerne
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int rr = wm * 16 + g + 8 * r;
-      lse_r[r] = rr < rows_valid ? lse[i0 + rr] * kLog2e : kNegInf;
-      dsum_r[r] = rr < rows_valid ? dsum[i0 + rr] : 0.f;
+      lse_r[r] = rr < rows_valid ? lse_lane[i0 + 8 * r] * kLog2e : kNegInf;
+      dsum_r[r] = rr < rows_valid ? dsum_lane[i0 + 8 * r] : 0.f;
     }
     cp_async_wait<1>();  // this tile's Q/dO (and K/V) have landed
     __syncthreads();
