@@ -10,7 +10,7 @@
 # 220 s, tests that would start in its last 20 s skipped and counted as NOT RUN, CUDA tests
 # first; the benchmark whatever is left but the profile's reserve, typically 150+ s; the Nsight
 # Compute profile SRT_PROFILE_S, 75 s, when ncu is there), so a hang in one stage still leaves
-# every log. The benchmark gets --budget-s = its time left minus 25 s: it runs by priority (the
+# every log. The benchmark gets --budget-s = its time left minus 40 s: it runs by priority (the
 # issue-6 target shape, the longest-sequence search, the other shapes, FlexAttention's per-shape
 # compiles last), stops cleanly at its budget and records what it skipped; bench.json is also
 # rewritten after every measurement, so even a killed benchmark leaves its numbers.
@@ -18,8 +18,11 @@
 # bench.json, bench_table.txt, profile.log, profile_raw.csv (ncu's CSV), profile.txt (its table,
 # benchmarks/profile_gpu.py) and summary.txt. The summary is printed last.
 # Environment: PYTHON (python3), SRT_GPU_CHECK_BUDGET_S (520), TORCH_CUDA_ARCH_LIST (9.0),
-# MAX_JOBS (16), SRT_TEST_WORKERS (8, with pytest-xdist), SRT_PROFILE_S (75), BENCH_ARGS (extra
-# arguments for benchmarks/bench_gpu.py).
+# MAX_JOBS (16), SRT_TEST_WORKERS (8, with pytest-xdist), SRT_TEST_ARGS (pytest's paths and
+# filters instead of "tests"), SRT_PROFILE_S (75), BENCH_ARGS (extra arguments for
+# benchmarks/bench_gpu.py), SRT_GPU_CHECK_SKIP (stages to leave out: tests,bench,profile).
+# A quick rerun after a fix, e.g.: SRT_TEST_ARGS=tests/test_cuda_build.py SRT_GPU_CHECK_SKIP=profile
+# BENCH_ARGS="--skip-longest --shapes 2x8192 --head-dims 128" benchmarks/gpu_check.sh OUTDIR
 set -uo pipefail  # no -e: a failing stage is recorded and the next stages still run
 
 OUTDIR="${1:?usage: benchmarks/gpu_check.sh OUTDIR}"
@@ -119,6 +122,12 @@ for group, c in counts.items():
 EOF
 }
 
+# wanted STAGE: false when SRT_GPU_CHECK_SKIP (comma-separated: tests, bench, profile) names it.
+wanted() {
+  [[ ",${SRT_GPU_CHECK_SKIP:-}," == *",$1,"* ]] && { note "== $1: skipped (SRT_GPU_CHECK_SKIP)"; return 1; }
+  return 0
+}
+
 # Nsight Compute's CLI: on PATH, else beside nvcc, else the newest under /opt/nvidia.
 find_ncu() {
   local c
@@ -142,28 +151,38 @@ if (( build_ok == 0 )); then
   # (SRT_TEST_DEADLINE), so pytest still ends normally and tests.xml counts what ran.
   # With pytest-xdist installed (the lent machines have it), SRT_TEST_WORKERS (8) processes share
   # the suite; the suite also passes under xdist on the CPU.
-  tests_limit=$(( DEADLINE - $(date +%s) )); (( tests_limit > 220 )) && tests_limit=220
-  xdist=()
-  "$PY" -c "import xdist" 2>/dev/null && xdist=(-n "${SRT_TEST_WORKERS:-8}")
-  SRT_TEST_DEADLINE=$(( $(date +%s) + tests_limit - 20 )) \
-    stage tests 220 "$PY" -m pytest tests -q -p no:cacheprovider ${xdist[@]+"${xdist[@]}"} --junitxml="$OUTDIR/tests.xml"
-  tests_summary | tee -a "$SUMMARY"
-  grep -E "^(FAILED|ERROR) " "$OUTDIR/tests.log" | head -n 30 | tee -a "$SUMMARY"
+  # SRT_TEST_ARGS: extra pytest arguments (e.g. "tests/test_cuda_build.py" or "-k cuda" for a
+  # quick rerun after a fix; they follow the default "tests" path).
+  if wanted tests; then
+    tests_limit=$(( DEADLINE - $(date +%s) )); (( tests_limit > 220 )) && tests_limit=220
+    xdist=()
+    "$PY" -c "import xdist" 2>/dev/null && xdist=(-n "${SRT_TEST_WORKERS:-8}")
+    # shellcheck disable=SC2086
+    SRT_TEST_DEADLINE=$(( $(date +%s) + tests_limit - 20 )) \
+      stage tests 220 "$PY" -m pytest ${SRT_TEST_ARGS:-tests} -q -p no:cacheprovider ${xdist[@]+"${xdist[@]}"} \
+        --junitxml="$OUTDIR/tests.xml"
+    tests_summary | tee -a "$SUMMARY"
+    grep -E "^(FAILED|ERROR) " "$OUTDIR/tests.log" | head -n 30 | tee -a "$SUMMARY"
+  fi
 
   # The benchmark takes all the time left but the profile's reserve; it stops itself 25 s before
   # the stage timeout (SIGTERM, then SIGKILL 15 s later, would still leave the JSON it rewrites
   # as it goes).
   ncu_bin="$(find_ncu)"
   profile_reserve=0
-  [[ -n "$ncu_bin" ]] && profile_reserve=${SRT_PROFILE_S:-75}
+  [[ -n "$ncu_bin" && ",${SRT_GPU_CHECK_SKIP:-}," != *",profile,"* ]] && profile_reserve=${SRT_PROFILE_S:-75}
   bench_left=$(( DEADLINE - $(date +%s) - profile_reserve ))
-  # shellcheck disable=SC2086
-  stage bench "$bench_left" "$PY" benchmarks/bench_gpu.py --out "$OUTDIR/bench.json" \
-        --table-out "$OUTDIR/bench_table.txt" --budget-s $(( bench_left - 25 )) ${BENCH_ARGS:-}
+  if wanted bench; then
+    # shellcheck disable=SC2086
+    stage bench "$bench_left" "$PY" benchmarks/bench_gpu.py --out "$OUTDIR/bench.json" \
+          --table-out "$OUTDIR/bench_table.txt" --budget-s $(( bench_left - 40 )) ${BENCH_ARGS:-}
+  fi
 
   # Why the numbers are what they are: Nsight Compute on one fwd+bwd of (a), (b) and SDPA's
   # flash kernels at the target shape (benchmarks/profile_gpu.py), tabulated into profile.txt.
-  if [[ -n "$ncu_bin" ]]; then
+  if ! wanted profile; then
+    :
+  elif [[ -n "$ncu_bin" ]]; then
     # the sections this ncu knows (an unknown name would abort the whole profile)
     known="$("$ncu_bin" --list-sections 2>/dev/null)"
     sections=()

@@ -1,0 +1,90 @@
+"""benchmarks/gpu_check.sh, the prepared GPU run, end to end on the CPU: its stages, budget
+arithmetic, file layout and summary. Three things are stood in for, nothing else: the CUDA build
+(a python wrapper answers `setup.py build_ext` without building; the extension is already built),
+the GPU benchmark (BENCH_ARGS runs its --dry-run code paths) and Nsight Compute (a stand-in `ncu`
+runs the profiled workload on the CPU and writes tests/test_profile_gpu.py's synthetic CSV)."""
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(ROOT, "tests")
+BENCH = os.path.join(ROOT, "benchmarks")
+
+PYWRAP = f"""#!/usr/bin/env bash
+if [[ "$1" == setup.py ]]; then echo "(CUDA build stood in for)"; exit 0; fi
+exec {sys.executable} "$@"
+"""
+
+NCU = f"""#!/usr/bin/env bash
+case "$1" in
+  --version) echo "stand-in ncu"; exit 0;;
+  --list-sections) printf 'Identifier Display Name\\nSpeedOfLight x\\nOccupancy x\\nWarpStateStats x\\n'; exit 0;;
+esac
+log=""
+while (( $# )); do
+  case "$1" in
+    --log-file) log="$2"; shift 2;;
+    --csv) shift;;
+    --*) echo "ncu option $1 $2" >&2; shift 2;;
+    *) break;;
+  esac
+done
+"$@" --device cpu --seq 64 --head-dim 32 --hidden 64 --dtype float32 --warmup 1 || exit $?
+PYTHONPATH={TESTS}:{BENCH} {sys.executable} -c "import test_profile_gpu as t; print(t.raw_csv(), end='')" > "$log"
+"""
+
+
+def _script(path, text):
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+
+
+def _env(bin_dir, **settings):
+    """This process's environment without the script's own settings (this test may itself run
+    inside gpu_check.sh, whose deadline and stage choices must not leak in), plus `settings`."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SRT_TEST_", "SRT_GPU_CHECK_", "SRT_PROFILE_")) and k != "BENCH_ARGS"}
+    env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=str(bin_dir / "pywrap"), PYTHONPATH=ROOT, **settings)
+    return env
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
+def test_gpu_check_runs_every_stage_and_writes_its_files(tmp_path):
+    bin_dir, out = tmp_path / "bin", tmp_path / "out"
+    bin_dir.mkdir()
+    _script(bin_dir / "pywrap", PYWRAP)
+    _script(bin_dir / "ncu", NCU)
+    env = _env(bin_dir, SRT_TEST_ARGS="tests/test_sass_loop.py", SRT_TEST_WORKERS="1",
+               BENCH_ARGS="--dry-run --device cpu --skip-longest")
+    r = subprocess.run(["bash", os.path.join(BENCH, "gpu_check.sh"), str(out)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    summary = (out / "summary.txt").read_text()
+    for line in ("== build: ok", "== tests: ok", "== bench: ok", "== profile: ok", "gpu_check: all stages passed",
+                 "all tests: 3 passed, 0 failed", "== Nsight Compute profile (profile.txt)"):
+        assert line in summary, summary
+    assert {p.name for p in out.iterdir()} == {
+        "env.log", "build.log", "tests.log", "tests.xml", "bench.log", "bench.json", "bench_table.txt",
+        "profile.log", "profile_raw.csv", "profile.txt", "summary.txt"}
+    # the profile table attributes the stand-in CSV's kernels to the contenders, in launch order
+    assert "attn_fwd_tc_kernel" in (out / "profile.txt").read_text()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
+def test_gpu_check_skips_stages_on_request(tmp_path):
+    bin_dir, out = tmp_path / "bin", tmp_path / "out"
+    bin_dir.mkdir()
+    _script(bin_dir / "pywrap", PYWRAP)
+    _script(bin_dir / "ncu", NCU)
+    env = _env(bin_dir, SRT_GPU_CHECK_SKIP="tests,bench,profile")
+    r = subprocess.run(["bash", os.path.join(BENCH, "gpu_check.sh"), str(out)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-4000:]
+    summary = (out / "summary.txt").read_text()
+    for stage in ("tests", "bench", "profile"):
+        assert f"== {stage}: skipped (SRT_GPU_CHECK_SKIP)" in summary
+    assert not (out / "bench.json").exists() and not (out / "tests.xml").exists()
