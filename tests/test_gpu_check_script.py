@@ -52,17 +52,22 @@ def _env(bin_dir, **settings):
     return env
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
-def test_gpu_check_runs_every_stage_and_writes_its_files(tmp_path):
+def _run_gpu_check(tmp_path, timeout, **settings):
+    """Runs gpu_check.sh with the stand-ins and `settings`; (the finished process, OUTDIR)."""
     bin_dir, out = tmp_path / "bin", tmp_path / "out"
     bin_dir.mkdir()
     _script(bin_dir / "pywrap", PYWRAP)
     _script(bin_dir / "ncu", NCU)
-    env = _env(bin_dir, SRT_TEST_ARGS="tests/test_sass_loop.py", SRT_TEST_WORKERS="1",
-               BENCH_ARGS="--dry-run --device cpu --skip-longest")
-    r = subprocess.run(["bash", os.path.join(BENCH, "gpu_check.sh"), str(out)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(["bash", os.path.join(BENCH, "gpu_check.sh"), str(out)], cwd=ROOT,
+                       env=_env(bin_dir, **settings), capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    return r, out
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
+def test_gpu_check_runs_every_stage_and_writes_its_files(tmp_path):
+    _, out = _run_gpu_check(tmp_path, 600, SRT_TEST_ARGS="tests/test_sass_loop.py", SRT_TEST_WORKERS="1",
+                            BENCH_ARGS="--dry-run --device cpu --skip-longest")
     summary = (out / "summary.txt").read_text()
     for line in ("== build: ok", "== tests: ok", "== bench: ok", "== profile: ok", "gpu_check: all stages passed",
                  "all tests: 3 passed, 0 failed", "== Nsight Compute profile (profile.txt)"):
@@ -76,14 +81,7 @@ def test_gpu_check_runs_every_stage_and_writes_its_files(tmp_path):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
 def test_gpu_check_skips_stages_on_request(tmp_path):
-    bin_dir, out = tmp_path / "bin", tmp_path / "out"
-    bin_dir.mkdir()
-    _script(bin_dir / "pywrap", PYWRAP)
-    _script(bin_dir / "ncu", NCU)
-    env = _env(bin_dir, SRT_GPU_CHECK_SKIP="tests,bench,profile")
-    r = subprocess.run(["bash", os.path.join(BENCH, "gpu_check.sh"), str(out)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-4000:]
+    _, out = _run_gpu_check(tmp_path, 300, SRT_GPU_CHECK_SKIP="tests,bench,profile")
     summary = (out / "summary.txt").read_text()
     for stage in ("tests", "bench", "profile"):
         assert f"== {stage}: skipped (SRT_GPU_CHECK_SKIP)" in summary
