@@ -1,8 +1,11 @@
-"""Kernel variants the GPU benchmark and profile compare (shared by bench_gpu.py and profile_gpu.py)."""
+"""What the GPU benchmark and the profile share (bench_gpu.py, profile_gpu.py): the reasoning pattern
+of the contenders and the kernel variants they compare."""
 import contextlib
 import os
 
 import self_reasoning_tokens as srt
+
+R, W = 3, 4  # the reasoning pattern of contenders (b), (c), (e), (f): ReasoningPattern(R, W), stop-grad
 
 
 @contextlib.contextmanager

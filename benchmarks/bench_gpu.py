@@ -69,14 +69,13 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 import self_reasoning_tokens as srt  # noqa: E402
 from self_reasoning_tokens.reference import reference_attention  # noqa: E402
-from _variants import ours_fwd128  # noqa: E402
+from _variants import R, W, ours_fwd128  # noqa: E402
 from flex_stopgrad import (build_block_mask, evaluate_mask_mod, flex_stopgrad_attention,  # noqa: E402
                            reasoning_stopped, stopgrad_mask_mod)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 HIDDEN = 2048  # FlashAttention's benchmark setting: heads = HIDDEN / head_dim
 DEFAULT_SHAPES = ["16x1024", "8x2048", "4x4096", "2x8192", "1x16384"]  # batch x seq
-R, W = 3, 4  # the reasoning pattern of (b), (c), (e), (f)
 CONTENDERS = {  # key: (letter, description)
     "ours": ("a", "stop_graddable_attn, no masks"),
     "ours-fwd128": ("a2", "as (a) with the float16/bfloat16 forward's 128-row query tiles (SRT_CUDA_FWD_BLOCK_M=128; "
@@ -338,7 +337,6 @@ class Bench:
                 raise Skip("float32 has one forward kernel (the tile variants are float16/bfloat16)")
             if not self.dev.cuda:
                 info["note"] = "CPU: the same kernel as (a)"
-
             return ours_fwd128(q, k, v), info, False
         if name == "ours+reasoning":
             return (lambda: srt.stop_graddable_attn(q, k, v, causal=True, reasoning=self.pattern)), info, False

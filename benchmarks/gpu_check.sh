@@ -122,9 +122,11 @@ for group, c in counts.items():
 EOF
 }
 
-# wanted STAGE: false when SRT_GPU_CHECK_SKIP (comma-separated: tests, bench, profile) names it.
+# skipped STAGE: SRT_GPU_CHECK_SKIP (comma-separated: tests, bench, profile) names it.
+skipped() { [[ ",${SRT_GPU_CHECK_SKIP:-}," == *",$1,"* ]]; }
+# wanted STAGE: not skipped; a skipped stage is noted in the summary.
 wanted() {
-  [[ ",${SRT_GPU_CHECK_SKIP:-}," == *",$1,"* ]] && { note "== $1: skipped (SRT_GPU_CHECK_SKIP)"; return 1; }
+  skipped "$1" && { note "== $1: skipped (SRT_GPU_CHECK_SKIP)"; return 1; }
   return 0
 }
 
@@ -151,8 +153,8 @@ if (( build_ok == 0 )); then
   # (SRT_TEST_DEADLINE), so pytest still ends normally and tests.xml counts what ran.
   # With pytest-xdist installed (the lent machines have it), SRT_TEST_WORKERS (8) processes share
   # the suite; the suite also passes under xdist on the CPU.
-  # SRT_TEST_ARGS: extra pytest arguments (e.g. "tests/test_cuda_build.py" or "-k cuda" for a
-  # quick rerun after a fix; they follow the default "tests" path).
+  # SRT_TEST_ARGS replaces pytest's "tests" (e.g. "tests/test_cuda_build.py" or "tests -k cuda"
+  # for a quick rerun after a fix).
   if wanted tests; then
     tests_limit=$(( DEADLINE - $(date +%s) )); (( tests_limit > 220 )) && tests_limit=220
     xdist=()
@@ -170,7 +172,7 @@ if (( build_ok == 0 )); then
   # as it goes).
   ncu_bin="$(find_ncu)"
   profile_reserve=0
-  [[ -n "$ncu_bin" && ",${SRT_GPU_CHECK_SKIP:-}," != *",profile,"* ]] && profile_reserve=${SRT_PROFILE_S:-75}
+  [[ -n "$ncu_bin" ]] && ! skipped profile && profile_reserve=${SRT_PROFILE_S:-75}
   bench_left=$(( DEADLINE - $(date +%s) - profile_reserve ))
   if wanted bench; then
     # shellcheck disable=SC2086
@@ -178,10 +180,10 @@ if (( build_ok == 0 )); then
           --table-out "$OUTDIR/bench_table.txt" --budget-s $(( bench_left - 40 )) ${BENCH_ARGS:-}
   fi
 
-  # Why the numbers are what they are: Nsight Compute on one fwd+bwd of (a), (b) and SDPA's
-  # flash kernels at the target shape (benchmarks/profile_gpu.py), tabulated into profile.txt.
-  if ! wanted profile; then
-    :
+  # Why the numbers are what they are: Nsight Compute on one fwd+bwd of (a), (a2), (b) and
+  # SDPA's flash kernels at the target shape (benchmarks/profile_gpu.py), into profile.txt.
+  if skipped profile; then
+    wanted profile  # notes the skip
   elif [[ -n "$ncu_bin" ]]; then
     # the sections this ncu knows (an unknown name would abort the whole profile)
     known="$("$ncu_bin" --list-sections 2>/dev/null)"

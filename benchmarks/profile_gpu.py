@@ -40,9 +40,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 import self_reasoning_tokens as srt  # noqa: E402
-from _variants import ours_fwd128  # noqa: E402
+from _variants import R, W, ours_fwd128  # noqa: E402
 
-R, W = 3, 4  # the reasoning pattern of contender (b), as in bench_gpu.py
 CONTENDERS = ("ours", "ours-fwd128", "ours+reasoning", "sdpa-flash")
 NCU_SECTIONS = ("SpeedOfLight", "ComputeWorkloadAnalysis", "MemoryWorkloadAnalysis",
                 "MemoryWorkloadAnalysis_Tables", "Occupancy", "LaunchStats", "WarpStateStats",

@@ -79,13 +79,13 @@ def emulation_files():
     return files
 
 
-def build_emulation(work):
-    """Writes the emulation's sources into `work` (a pathlib.Path; only files whose text changed,
-    so that an existing build is reused), compiles them and returns the ops namespace
+def build_emulation(work, files):
+    """Writes `files` (emulation_files()) into `work` (a pathlib.Path; only those whose text
+    changed, so that an existing build is reused), compiles them and returns the ops namespace
     torch.ops.srt_cuda_emulation (fwd, bwd, set_cp_async_mode, ...)."""
     from torch.utils.cpp_extension import load
 
-    for rel, text in emulation_files().items():
+    for rel, text in files.items():
         path = work / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists() or path.read_text() != text:
@@ -97,12 +97,12 @@ def build_emulation(work):
     return torch.ops.srt_cuda_emulation
 
 
-def shared_workdir():
+def shared_workdir(files):
     """One build per source text and torch version, shared by every pytest process (pytest-xdist
     workers would otherwise each compile their own copy, minutes of CPU on a busy machine):
-    a folder under the temp dir named by a hash of what it compiles."""
+    a folder under the temp dir named by a hash of what it compiles (`files`)."""
     h = hashlib.sha256(f"{torch.__version__} {sys.version}".encode())
-    for rel, text in sorted(emulation_files().items()):
+    for rel, text in sorted(files.items()):
         h.update(rel.encode() + b"\0" + text.encode() + b"\0")
     return pathlib.Path(tempfile.gettempdir()) / f"srt_cuda_emulation_{h.hexdigest()[:16]}"
 
@@ -110,12 +110,13 @@ def shared_workdir():
 @pytest.fixture(scope="module")
 def emu():
     t0 = time.time()
-    work = shared_workdir()
+    files = emulation_files()
+    work = shared_workdir(files)
     work.mkdir(parents=True, exist_ok=True)
     with open(work / ".lock", "w") as lock:  # one process writes and builds, the others wait
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            ops = build_emulation(work)
+            ops = build_emulation(work, files)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     print(f"emulated CUDA kernels ready in {time.time() - t0:.0f} s ({work})")
