@@ -7,20 +7,35 @@ import self_reasoning_tokens as srt
 
 R, W = 3, 4  # the reasoning pattern of contenders (b), (c), (e), (f): ReasoningPattern(R, W), stop-grad
 
+# The float16/bfloat16 CUDA kernels' tile variants (csrc/cuda/kernel_traits.h), chosen by environment
+# variables that the op reads at every call; unset means 64 for both.
+FWD_BLOCK_M = "SRT_CUDA_FWD_BLOCK_M"  # the forward's query rows per block, 64 or 128
+BWD_BLOCK_N = "SRT_CUDA_BWD_BLOCK_N"  # the backward's keys per block, 64 or 128
+
 
 @contextlib.contextmanager
-def fwd_block_m(rows):
-    """SRT_CUDA_FWD_BLOCK_M=rows inside the block (the op reads it at every call: the
-    float16/bfloat16 CUDA forward's query rows per block, 64 or 128), the previous value after."""
-    before = os.environ.get("SRT_CUDA_FWD_BLOCK_M")
-    os.environ["SRT_CUDA_FWD_BLOCK_M"] = str(rows)
+def tile_setting(name, value):
+    """Environment variable `name` (FWD_BLOCK_M or BWD_BLOCK_N) set to `value` inside the block,
+    its previous value (or absence) after."""
+    before = os.environ.get(name)
+    os.environ[name] = str(value)
     try:
         yield
     finally:
         if before is None:
-            os.environ.pop("SRT_CUDA_FWD_BLOCK_M", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["SRT_CUDA_FWD_BLOCK_M"] = before
+            os.environ[name] = before
+
+
+def fwd_block_m(rows):
+    """SRT_CUDA_FWD_BLOCK_M=rows inside the block."""
+    return tile_setting(FWD_BLOCK_M, rows)
+
+
+def bwd_block_n(keys):
+    """SRT_CUDA_BWD_BLOCK_N=keys inside the block."""
+    return tile_setting(BWD_BLOCK_N, keys)
 
 
 def ours_fwd128(q, k, v):
@@ -28,4 +43,36 @@ def ours_fwd128(q, k, v):
     def run():
         with fwd_block_m(128):
             return srt.stop_graddable_attn(q, k, v, causal=True)
+    return run
+
+
+_open_settings = []  # settings entered by (a3)'s backward hooks and not yet left
+
+
+def close_stale_settings():
+    """Leave the settings of (a3) backward calls that raised (their closing hook never ran), so that
+    the contenders measured after it run with the default tiles. The benchmark calls it after every
+    contender."""
+    while _open_settings:
+        _open_settings.pop().__exit__(None, None, None)
+
+
+def ours_bwd128(q, k, v):
+    """Contender (a3): (a) with the backward's 128-key tiles. The backward runs when autograd calls
+    it, after run() has returned, so the setting must hold then: hooks on the output's grad_fn (the
+    attention's backward node) set it for the backward call and restore the previous value after."""
+    def run():
+        out = srt.stop_graddable_attn(q, k, v, causal=True)
+        if out.grad_fn is not None:
+            def pre(grad_outputs):
+                ctx = bwd_block_n(128)
+                ctx.__enter__()
+                _open_settings.append(ctx)
+
+            def post(grad_inputs, grad_outputs):
+                _open_settings.pop().__exit__(None, None, None)
+
+            out.grad_fn.register_prehook(pre)
+            out.grad_fn.register_hook(post)
+        return out
     return run

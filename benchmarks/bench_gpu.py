@@ -7,6 +7,8 @@ and contender: forward, backward and forward+backward time (ms) and TFLOP/s, and
   (a) ours            stop_graddable_attn, no masks
   (a2) ours-fwd128    as (a), the float16/bfloat16 forward with 128-row query tiles
                       (SRT_CUDA_FWD_BLOCK_M=128): an A/B of the tile size, at the target shape only
+  (a3) ours-bwd128    as (a), the float16/bfloat16 backward with 128-key tiles
+                      (SRT_CUDA_BWD_BLOCK_N=128): the same kind of A/B, at the target shape only
   (b) ours+reasoning  stop_graddable_attn(reasoning=ReasoningPattern(3, 4)), stop-grad mode:
                       causal forward, k/v gradients stopped on the reasoning region (in-kernel)
   (c) ours+kv-mask    stop_graddable_attn with dense (h, n, n) bool k and v stop masks (the same
@@ -69,7 +71,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 import self_reasoning_tokens as srt  # noqa: E402
 from self_reasoning_tokens.reference import reference_attention  # noqa: E402
-from _variants import R, W, ours_fwd128  # noqa: E402
+from _variants import R, W, close_stale_settings, ours_bwd128, ours_fwd128  # noqa: E402
 from flex_stopgrad import (build_block_mask, evaluate_mask_mod, flex_stopgrad_attention,  # noqa: E402
                            reasoning_stopped, stopgrad_mask_mod)
 
@@ -80,6 +82,8 @@ CONTENDERS = {  # key: (letter, description)
     "ours": ("a", "stop_graddable_attn, no masks"),
     "ours-fwd128": ("a2", "as (a) with the float16/bfloat16 forward's 128-row query tiles (SRT_CUDA_FWD_BLOCK_M=128; "
                           "target shape only: an A/B of the tile size)"),
+    "ours-bwd128": ("a3", "as (a) with the float16/bfloat16 backward's 128-key tiles (SRT_CUDA_BWD_BLOCK_N=128; "
+                          "target shape only: an A/B of the tile size)"),
     "ours+reasoning": ("b", f"stop_graddable_attn, ReasoningPattern({R}, {W}) stop-grad, in-kernel"),
     "ours+kv-mask": ("c", "stop_graddable_attn, dense (h,n,n) bool k/v stop masks (same region)"),
     "sdpa-flash": ("d", "SDPA FLASH_ATTENTION backend, no masks (the ceiling)"),
@@ -87,7 +91,7 @@ CONTENDERS = {  # key: (letter, description)
     "reference": ("f", "naive O(n^2) autograd reference, same pattern"),
 }
 ORDER = list(CONTENDERS)
-TARGET_ONLY = {"ours-fwd128"}  # variants measured at the target shape only
+TARGET_ONLY = {"ours-fwd128", "ours-bwd128"}  # variants measured at the target shape only
 
 
 class Skip(Exception):
@@ -139,6 +143,7 @@ class Device:
         """Return cached blocks to the device; collect=True also breaks reference cycles (after
         an exception, whose traceback holds the frames' tensors). gc.collect() takes ~0.1 s with
         torch loaded, so it is not done by default: tensors are freed by reference counting."""
+        close_stale_settings()  # a failed (a3) backward leaves its tile setting: not for the next contender
         if collect:
             gc.collect()
         if self.cuda:
@@ -332,12 +337,12 @@ class Bench:
         h, n, m = q.shape[1], q.shape[2], k.shape[2]
         if name == "ours":
             return (lambda: srt.stop_graddable_attn(q, k, v, causal=True)), info, False
-        if name == "ours-fwd128":
+        if name in ("ours-fwd128", "ours-bwd128"):
             if self.dtype == torch.float32 and self.dev.cuda:
-                raise Skip("float32 has one forward kernel (the tile variants are float16/bfloat16)")
+                raise Skip("float32 has one kernel each way (the tile variants are float16/bfloat16)")
             if not self.dev.cuda:
                 info["note"] = "CPU: the same kernel as (a)"
-            return ours_fwd128(q, k, v), info, False
+            return (ours_fwd128 if name == "ours-fwd128" else ours_bwd128)(q, k, v), info, False
         if name == "ours+reasoning":
             return (lambda: srt.stop_graddable_attn(q, k, v, causal=True, reasoning=self.pattern)), info, False
         if name == "ours+kv-mask":
@@ -555,7 +560,8 @@ class Bench:
         h = max(1, self.args.hidden // d)
         q, k, v, do = self.inputs(b, h, n, d)
         results, problems = {}, {}
-        for name in ("ours", "ours-fwd128", "sdpa-flash", "ours+reasoning", "ours+kv-mask", "flex-stopgrad"):
+        for name in ("ours", "ours-fwd128", "ours-bwd128", "sdpa-flash", "ours+reasoning", "ours+kv-mask",
+                     "flex-stopgrad"):
             if name not in contenders:
                 continue
             try:
@@ -589,6 +595,7 @@ class Bench:
 
         pairs = {"ours vs sdpa-flash": ("ours", "sdpa-flash"),
                  "ours-fwd128 vs ours": ("ours-fwd128", "ours"),
+                 "ours-bwd128 vs ours": ("ours-bwd128", "ours"),
                  "ours+kv-mask vs ours+reasoning": ("ours+kv-mask", "ours+reasoning"),
                  "flex-stopgrad vs ours+reasoning": ("flex-stopgrad", "ours+reasoning"),
                  "ours+reasoning vs ours (dk, dv must differ)": ("ours+reasoning", "ours")}
@@ -965,7 +972,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--target-repeats", type=int, default=10, help="repeats at the target shape")
     ap.add_argument("--reference-repeats", type=int, default=3, help="repeats for (f) (warmup 1)")
-    ap.add_argument("--contenders", nargs="+", default=None, help="subset (names or letters a-f, a2)")
+    ap.add_argument("--contenders", nargs="+", default=None, help="subset (names or letters a-f, a2, a3)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="stop cleanly (partial JSON, skips recorded) after about this many seconds")
     ap.add_argument("--reserve-s", type=float, default=3.0, help="seconds kept back at the end of the budget")

@@ -180,7 +180,7 @@ if (( build_ok == 0 )); then
           --table-out "$OUTDIR/bench_table.txt" --budget-s $(( bench_left - 40 )) ${BENCH_ARGS:-}
   fi
 
-  # Why the numbers are what they are: Nsight Compute on one fwd+bwd of (a), (a2), (b) and
+  # Why the numbers are what they are: Nsight Compute on one fwd+bwd of (a), (a2), (a3), (b) and
   # SDPA's flash kernels at the target shape (benchmarks/profile_gpu.py), into profile.txt.
   if skipped profile; then
     wanted profile  # notes the skip
@@ -193,7 +193,7 @@ if (( build_ok == 0 )); then
       [[ -z "$known" ]] || grep -qw -- "$s" <<<"$known" && sections+=(--section "$s")
     done
     # ncu writes its CSV when the profiled process ends; the launches are bounded by the
-    # profiler start/stop bracket in profile_gpu.py (about 13 kernels), --launch-count caps them
+    # profiler start/stop bracket in profile_gpu.py (about 16 kernels), --launch-count caps them
     stage profile "$profile_reserve" "$ncu_bin" --target-processes all --profile-from-start off \
          --kernel-name "regex:attn_|flash_" --launch-count 20 ${sections[@]+"${sections[@]}"} \
          --page raw --csv --print-units base --log-file "$OUTDIR/profile_raw.csv" \

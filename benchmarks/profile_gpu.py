@@ -1,8 +1,9 @@
 """Kernel profile at the issue-6 target shape, under Nsight Compute (run by benchmarks/gpu_check.sh).
 
 The benchmark says how fast each contender is; this says why. It profiles one forward+backward of
-(a) ours, (a2) ours with the forward's 128-row tiles (SRT_CUDA_FWD_BLOCK_M=128), (b) ours with the
-reasoning pattern and (d) SDPA's flash backend (the ceiling) at seq 8k,
+(a) ours, (a2) ours with the forward's 128-row tiles (SRT_CUDA_FWD_BLOCK_M=128), (a3) ours with the
+backward's 128-key tiles (SRT_CUDA_BWD_BLOCK_N=128), (b) ours with the reasoning pattern and (d)
+SDPA's flash backend (the ceiling) at seq 8k,
 d=128, causal, bfloat16, and tabulates per kernel: duration, compute and memory throughput (% of
 peak), tensor-pipe utilisation, issue-slot use, achieved occupancy, registers, shared-memory bank
 conflicts and the largest warp-stall reasons. Our kernels sit next to FlashAttention-2's own (which
@@ -40,9 +41,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 import self_reasoning_tokens as srt  # noqa: E402
-from _variants import R, W, ours_fwd128  # noqa: E402
+from _variants import R, W, ours_bwd128, ours_fwd128  # noqa: E402
 
-CONTENDERS = ("ours", "ours-fwd128", "ours+reasoning", "sdpa-flash")
+CONTENDERS = ("ours", "ours-fwd128", "ours-bwd128", "ours+reasoning", "sdpa-flash")
 NCU_SECTIONS = ("SpeedOfLight", "ComputeWorkloadAnalysis", "MemoryWorkloadAnalysis",
                 "MemoryWorkloadAnalysis_Tables", "Occupancy", "LaunchStats", "WarpStateStats",
                 "SchedulerStats")
@@ -55,6 +56,8 @@ def contender_fn(name, q, k, v):
         return lambda: srt.stop_graddable_attn(q, k, v, causal=True)
     if name == "ours-fwd128":  # the forward's 128-row tile variant
         return ours_fwd128(q, k, v)
+    if name == "ours-bwd128":  # the backward's 128-key tile variant
+        return ours_bwd128(q, k, v)
     if name == "ours+reasoning":
         pattern = srt.ReasoningPattern(R, W, stop_grad=True)
         return lambda: srt.stop_graddable_attn(q, k, v, causal=True, reasoning=pattern)

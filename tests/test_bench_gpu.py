@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import bench_gpu  # noqa: E402
 from self_reasoning_tokens.reasoning import reasoning_region  # noqa: E402
 
-LETTERS = {"ours": "a", "ours-fwd128": "a2", "ours+reasoning": "b", "ours+kv-mask": "c", "sdpa-flash": "d",
+LETTERS = {"ours": "a", "ours-fwd128": "a2", "ours-bwd128": "a3", "ours+reasoning": "b", "ours+kv-mask": "c", "sdpa-flash": "d",
            "flex-stopgrad": "e", "reference": "f"}
 
 
@@ -40,7 +40,7 @@ def test_dry_run_covers_every_contender(dry_run):
     target = (2, 128)  # the dry run's target shape: every contender; elsewhere not the A/B variant
     for shape in shapes:
         rows = {r["contender"]: r for r in data["results"] if (r["batch"], r["seq"]) == shape}
-        assert set(rows) == set(LETTERS) - (set() if shape == target else {"ours-fwd128"})
+        assert set(rows) == set(LETTERS) - (set() if shape == target else bench_gpu.TARGET_ONLY)
         for name, r in rows.items():
             assert r["letter"] == LETTERS[name]
             assert "skipped" not in r and "error" not in r, r
@@ -57,10 +57,11 @@ def test_dry_run_cross_check_longest_and_targets(dry_run):
     _, data, table = dry_run
     cc = data["cross_check"]
     assert cc["ours vs sdpa-flash"]["ok"] and cc["ours+kv-mask vs ours+reasoning"]["ok"]
-    assert cc["ours-fwd128 vs ours"]["ok"]  # on the CPU the same kernel: the variant's plumbing
+    # on the CPU the same kernels: the variants' plumbing
+    assert cc["ours-fwd128 vs ours"]["ok"] and cc["ours-bwd128 vs ours"]["ok"]
     assert cc["flex-stopgrad vs ours+reasoning"]["ok"]  # forward only on the CPU
     assert cc["ours+reasoning vs ours (dk, dv must differ)"]["ok"]
-    assert set(data["longest_seq"]) == set(LETTERS) - {"ours-fwd128"}  # a target-shape-only variant
+    assert set(data["longest_seq"]) == set(LETTERS) - {"ours-fwd128", "ours-bwd128"}  # target-shape-only variants
     for res in data["longest_seq"].values():
         assert res["longest"] == 512 and res["lower_bound"]
     assert [t["target"] for t in data["targets"]] == [
@@ -193,15 +194,45 @@ def test_dense_region_mask_is_the_reasoning_region(h, n, m, rows):
     assert torch.equal(mask, reasoning_region(n, m, bench_gpu.R, bench_gpu.W).expand(h, n, m))
 
 
-def test_fwd_block_m_variant_restores_the_environment(monkeypatch):
-    from _variants import fwd_block_m
+@pytest.mark.parametrize("var", ("SRT_CUDA_FWD_BLOCK_M", "SRT_CUDA_BWD_BLOCK_N"))
+def test_tile_setting_restores_the_environment(var, monkeypatch):
+    import _variants
 
-    monkeypatch.delenv("SRT_CUDA_FWD_BLOCK_M", raising=False)
-    with fwd_block_m(128):
-        assert os.environ["SRT_CUDA_FWD_BLOCK_M"] == "128"
-    assert "SRT_CUDA_FWD_BLOCK_M" not in os.environ
-    monkeypatch.setenv("SRT_CUDA_FWD_BLOCK_M", "64")
+    setting = _variants.fwd_block_m if var == _variants.FWD_BLOCK_M else _variants.bwd_block_n
+    monkeypatch.delenv(var, raising=False)
+    with setting(128):
+        assert os.environ[var] == "128"
+    assert var not in os.environ
+    monkeypatch.setenv(var, "64")
     with pytest.raises(ZeroDivisionError):
-        with fwd_block_m(128):
+        with setting(128):
             1 / 0
-    assert os.environ["SRT_CUDA_FWD_BLOCK_M"] == "64"
+    assert os.environ[var] == "64"
+
+
+def test_bwd128_contender_sets_the_tile_for_its_backward_only(monkeypatch):
+    """(a3)'s backward runs when autograd calls it, after the contender's function returned: the
+    setting must be in force inside the attention's backward node, and gone before and after."""
+    from _variants import BWD_BLOCK_N, ours_bwd128
+
+    monkeypatch.delenv(BWD_BLOCK_N, raising=False)
+    q, k, v = (torch.randn(1, 2, 16, 32, requires_grad=True) for _ in range(3))
+    out = ours_bwd128(q, k, v)()
+    assert BWD_BLOCK_N not in os.environ
+    seen = []
+    # node pre-hooks run in registration order: this one runs after the contender's
+    out.grad_fn.register_prehook(lambda grads: seen.append(os.environ.get(BWD_BLOCK_N)))
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    assert seen == ["128"] and BWD_BLOCK_N not in os.environ
+    ref = torch.autograd.grad(bench_gpu.srt.stop_graddable_attn(q, k, v, causal=True), (q, k, v), do)
+    for g, r in zip(grads, ref):  # the CPU op has one kernel: the same gradients
+        torch.testing.assert_close(g, r)
+    # a backward that raises never reaches the closing hook: the benchmark's free() clears it
+    out = ours_bwd128(q, k, v)()
+    out.grad_fn.register_prehook(lambda grads: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        torch.autograd.grad(out, (q, k, v), do)
+    assert os.environ[BWD_BLOCK_N] == "128"
+    bench_gpu.Device(torch.device("cpu")).free()
+    assert BWD_BLOCK_N not in os.environ

@@ -108,12 +108,18 @@ def _cases(gen):
         # touch the region (tile_may_touch_region), and must not miss any
         return dict(causal=True, reasoning=(3, 4, True, None))
 
+    def reasoning_stop_period3(b, h, n, m):
+        # R = 2: a period of 3 keys, which divides no tile width, so every key tile and chunk has
+        # its own pattern of reasoning columns
+        return dict(causal=True, reasoning=(2, 3, True, None))
+
     return [
         ("plain n>m", (2, 3, 70, 45), plain),
         # several full 64 x 64 tiles with nothing to mask: the kernels' unchecked fast path
         ("plain, multi-tile", (1, 1, 130, 190), plain),
         ("causal only, multi-tile", (1, 2, 200, 200), causal_only),
         ("reasoning stop-grad only, multi-tile", (1, 1, 203, 203), reasoning_stop_only),
+        ("reasoning stop-grad R=2, multi-tile", (1, 1, 190, 190), reasoning_stop_period3),
         ("causal n<m, masks, empty rows", (2, 3, 37, 83), causal_masks),
         ("causal n>m, masks, empty rows", (2, 2, 90, 41), causal_masks),
         ("float masks", (1, 3, 65, 65), float_masks),
@@ -157,19 +163,26 @@ def _assert_close(name, got, exp, dtype, what):
     assert err <= tol, f"{what}: {name} max abs err {err:.3e} > tol {tol:.3e}"
 
 
+# The float16/bfloat16 kernels' tile variants (kernel_traits.h): the defaults, then each
+# environment setting that picks the other size.
+TILE_SETTINGS = {"default": {}, "fwd128": {"SRT_CUDA_FWD_BLOCK_M": "128"}, "bwd128": {"SRT_CUDA_BWD_BLOCK_N": "128"}}
+
+
 @needs_gpu
-@pytest.mark.parametrize("fwd_block_m", ("64", "128"), ids=lambda v: f"fwd{v}rows")
+@pytest.mark.parametrize("tiles", TILE_SETTINGS)
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-def test_cuda_matches_cpu(dtype, head_dim, fwd_block_m, monkeypatch):
-    # the tensor-core forward's two tile variants (SRT_CUDA_FWD_BLOCK_M); float32 has one kernel
-    if fwd_block_m == "128" and dtype == torch.float32:
-        pytest.skip("SRT_CUDA_FWD_BLOCK_M selects between float16/bfloat16 forward kernels only")
-    monkeypatch.setenv("SRT_CUDA_FWD_BLOCK_M", fwd_block_m)
+def test_cuda_matches_cpu(dtype, head_dim, tiles, monkeypatch):
+    if tiles != "default" and dtype == torch.float32:
+        pytest.skip("the tile settings select between float16/bfloat16 kernels only")
+    for var in ("SRT_CUDA_FWD_BLOCK_M", "SRT_CUDA_BWD_BLOCK_N"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in TILE_SETTINGS[tiles].items():
+        monkeypatch.setenv(var, value)
     gen = torch.Generator().manual_seed(1234 + head_dim)
     for name, (b, h, n, m), build in _cases(gen):
         kw = build(b, h, n, m)
-        what = f"{dtype} d={head_dim} fwd {fwd_block_m} rows {name}"
+        what = f"{dtype} d={head_dim} tiles {tiles} {name}"
         q, k, v, do = (_rand(b, h, rows, head_dim, dtype=dtype, device="cuda", gen=gen)
                        for rows in (n, m, m, n))
         out, lse, dq, dk, dv = _run_ops(q, k, v, do, kw, "cuda")

@@ -172,38 +172,65 @@ def _check_cases_against_cpu(emu, dtype, head_dim, label):
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16),
                          ids=lambda d: str(d).replace("torch.", ""))
 def test_emulated_cuda_kernels_match_cpu_op(emu, cp_async_mode, dtype, head_dim, monkeypatch):
-    monkeypatch.delenv("SRT_CUDA_FWD_BLOCK_M", raising=False)  # the default: 64-row forward tiles
+    # the default tiles: 64-row forward, 64-key backward
+    monkeypatch.delenv("SRT_CUDA_FWD_BLOCK_M", raising=False)
+    monkeypatch.delenv("SRT_CUDA_BWD_BLOCK_N", raising=False)
     _check_cases_against_cpu(emu, dtype, head_dim, f"cp.async {cp_async_mode}")
 
 
+# The tensor-core kernels' other tile variants (kernel_traits.h), each with cp.async completing late
+# (the stricter of the two emulation modes): the forward with 128-row query tiles (8 warps per
+# block) and the backward with 128-key tiles (two 64-key chunks in the S/dP step, two 16-key m-tiles
+# per warp in the dK/dV step).
+TILE_VARIANTS = {"fwd128": ("SRT_CUDA_FWD_BLOCK_M", "128-row forward tiles"),
+                 "bwd128": ("SRT_CUDA_BWD_BLOCK_N", "128-key backward tiles")}
+
+
+@pytest.mark.parametrize("variant", TILE_VARIANTS)
 @pytest.mark.parametrize("head_dim", gpu_cases.HEAD_DIMS)
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=lambda d: str(d).replace("torch.", ""))
-def test_emulated_tc_forward_with_128_row_tiles(emu, dtype, head_dim, monkeypatch):
-    """The tensor-core forward's other tile variant (SRT_CUDA_FWD_BLOCK_M=128: 8 warps per block),
-    with cp.async completing late (the stricter of the two emulation modes)."""
+def test_emulated_tc_tile_variants(emu, dtype, head_dim, variant, monkeypatch):
     if not TENSOR_CORE_KERNELS:
         pytest.skip("no tensor-core kernels in csrc/cuda")
-    monkeypatch.setenv("SRT_CUDA_FWD_BLOCK_M", "128")
+    for var, _ in TILE_VARIANTS.values():
+        monkeypatch.delenv(var, raising=False)
+    var, what = TILE_VARIANTS[variant]
+    monkeypatch.setenv(var, "128")
     emu.set_cp_async_mode(CP_ASYNC_MODES["late"])
     try:
-        _check_cases_against_cpu(emu, dtype, head_dim, "128-row forward tiles, cp.async late")
+        _check_cases_against_cpu(emu, dtype, head_dim, f"{what}, cp.async late")
     finally:
         emu.set_cp_async_mode(CP_ASYNC_MODES["early"])
 
 
-def test_fwd_block_m_setting_is_checked(emu, monkeypatch):
-    q = torch.randn(1, 2, 16, 64, dtype=torch.bfloat16)
+def test_tile_settings_are_checked(emu, monkeypatch):
+    q = torch.randn(1, 2, 70, 64, dtype=torch.bfloat16)
+    do = torch.randn_like(q)
     a = (True, 0.125, 0, 0, True, None)
     monkeypatch.setenv("SRT_CUDA_FWD_BLOCK_M", "96")
     with pytest.raises(RuntimeError, match="SRT_CUDA_FWD_BLOCK_M must be 64 or 128.*got '96'"):
         emu.fwd(q, q, q, None, None, None, None, None, *a)
-    for value in ("64", "128", ""):  # both sizes and the empty string (the default) give the same result
-        monkeypatch.setenv("SRT_CUDA_FWD_BLOCK_M", value)
-        out, lse = emu.fwd(q, q, q, None, None, None, None, None, *a)
-        ref, ref_lse = torch.ops.self_reasoning_tokens.attn_fwd(q.float(), q.float(), q.float(), None, None,
-                                                                None, None, None, *a)
-        torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
-        torch.testing.assert_close(lse, ref_lse, rtol=1e-3, atol=1e-3)
+    monkeypatch.delenv("SRT_CUDA_FWD_BLOCK_M")
+    out, lse = emu.fwd(q, q, q, None, None, None, None, None, *a)
+    monkeypatch.setenv("SRT_CUDA_BWD_BLOCK_N", "256")
+    with pytest.raises(RuntimeError, match="SRT_CUDA_BWD_BLOCK_N must be 64 or 128.*got '256'"):
+        emu.bwd(do, q, q, q, out, lse, None, None, None, None, None, *a)
+    monkeypatch.delenv("SRT_CUDA_BWD_BLOCK_N")
+    ref = torch.ops.self_reasoning_tokens.attn_fwd(q.float(), q.float(), q.float(), None, None, None, None, None,
+                                                   *a)
+    ref_grads = torch.ops.self_reasoning_tokens.attn_bwd(do.float(), q.float(), q.float(), q.float(), out.float(),
+                                                         lse, None, None, None, None, None, *a)
+    # both sizes and the empty string (the default) give the same result
+    for var in ("SRT_CUDA_FWD_BLOCK_M", "SRT_CUDA_BWD_BLOCK_N"):
+        for value in ("64", "128", ""):
+            monkeypatch.setenv(var, value)
+            got = emu.fwd(q, q, q, None, None, None, None, None, *a)
+            for x, y in zip(got, ref):
+                torch.testing.assert_close(x.float(), y, rtol=2e-2, atol=2e-2)
+            grads = emu.bwd(do, q, q, q, out, lse, None, None, None, None, None, *a)
+            for x, y in zip(grads, ref_grads):
+                torch.testing.assert_close(x.float(), y, rtol=3e-2, atol=3e-2)
+        monkeypatch.delenv(var)
 
 
 def test_emulated_cuda_edge_shapes(emu):

@@ -111,7 +111,7 @@ def test_run_on_cpu_executes_every_contender(capsys):
     assert profile_gpu.main(["run", "--device", "cpu", "--batch", "1", "--seq", "64", "--head-dim", "32",
                              "--hidden", "64", "--dtype", "float32", "--warmup", "1"]) == 0
     out = capsys.readouterr().out
-    assert "ours, ours-fwd128, ours+reasoning, sdpa-flash" in out and "b=1 h=2 n=64 d=32" in out
+    assert "ours, ours-fwd128, ours-bwd128, ours+reasoning, sdpa-flash" in out and "b=1 h=2 n=64 d=32" in out
 
 
 def test_cli_summarize_writes_the_table(tmp_path, capsys):

@@ -45,13 +45,14 @@ void check_cuda_inputs(const char* op, const at::Tensor& q, int64_t head_dim) {
               " is not supported; supported head dims: 32, 64, 96, 128");
 }
 
-// The shared memory a kernel needs must fit the device's per-block opt-in limit.
-void check_smem(const char* op, size_t bytes, const at::Tensor& q) {
+// The shared memory a kernel needs must fit the device's per-block opt-in limit; `hint` is
+// appended to the error (how to pick a smaller variant, or nothing).
+void check_smem(const char* op, size_t bytes, const at::Tensor& q, const char* hint = "") {
   int optin = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, q.get_device()));
   TORCH_CHECK(bytes <= static_cast<size_t>(optin), op, " on CUDA: the kernel for head_dim ", q.size(3),
               " needs ", bytes, " bytes of shared memory per block, but device ", q.get_device(),
-              " allows ", optin);
+              " allows ", optin, hint);
 }
 
 void check_grid(const char* op, int64_t blocks) {
@@ -105,7 +106,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_cuda(
                          using T = typename decltype(tag)::type;
                          constexpr int D = decltype(head_dim)::value;
                          using K = KernelsFor<T, D>;
-                         check_smem("attn_bwd", K::kBwdSmemBytes, q);
+                         check_smem("attn_bwd", K::bwd_smem_bytes(p.bwd_block_n), q,
+                                    p.bwd_block_n == 128 ? " (SRT_CUDA_BWD_BLOCK_N=128; 64 needs less)" : "");
                          check_grid("attn_bwd", a.B * a.H * ((a.M + K::kBwdBlockN - 1) / K::kBwdBlockN));
                          check_grid("attn_bwd", (a.B * a.H * a.N + kDsumWarps - 1) / kDsumWarps);
                          const cudaError_t err = launch_attn_bwd<T, D>(p, stream);

@@ -5,12 +5,15 @@
 // with the v-factor applied to P before the dV product and the q- and k-factors applied to
 // separate copies of dS before the dQ and dK products.
 //
-// One block of 8 warps per (batch, head, key tile of 64 keys); dK and dV of the tile stay in
-// registers while the block walks the query tiles of 64 rows that can see it (causally earlier
-// tiles are never visited; hard-mode tiles entirely inside the reasoning region are skipped).
+// One block of 8 warps per (batch, head, key tile of kBlockN = 64 or 128 keys; the host picks,
+// BwdTcTraits); dK and dV of the tile stay in registers while the block walks the query tiles of
+// 64 rows that can see it (causally earlier tiles are never visited; hard-mode tiles entirely
+// inside the reasoning region are skipped).
 // The next query tile's Q and dO are copied (cp.async, two buffers) while the current one is
-// computed. Per query tile: S and dP (mma from Q, K, dO, V tiles in shared memory), then P, dS
-// and the three factor-weighted copies in the input type into shared memory, then the dV/dK
+// computed. Per query tile, for each 64-key chunk of the key tile in turn: S and dP (mma from
+// Q, K, dO, V tiles in shared memory), then P, dS and the three factor-weighted copies in the
+// input type into shared memory (one chunk at a time keeps the S and dP accumulators at 32
+// registers per lane whatever the tile width); then, over the whole key tile, the dV/dK
 // products (their A operands read transposed with ldmatrix.trans) and this tile's share of dQ,
 // added atomically (float2) into the fp32 dq_accum buffer. Warp roles are in BwdTcTraits
 // (kernel_traits.h).
@@ -30,13 +33,16 @@
 
 namespace srt::cuda {
 
-template <typename T, int D>
-__global__ void __launch_bounds__(BwdTcTraits<D>::kThreads, 1) attn_bwd_tc_kernel(const KernelParams p) {
-  using Tr = BwdTcTraits<D>;
+template <typename T, int D, int kBlockN>
+__global__ void __launch_bounds__(BwdTcTraits<D, kBlockN>::kThreads, 1) attn_bwd_tc_kernel(const KernelParams p) {
+  using Tr = BwdTcTraits<D, kBlockN>;
   constexpr int kBM = Tr::kBlockM, kBN = Tr::kBlockN, kS = Tr::kStride, kPS = Tr::kPStride;
+  constexpr int kChunks = kBN / 64;    // 64-key chunks of the S/dP step
+  constexpr int kKM = kBN / 64;        // 16-key m-tiles per warp in the dK/dV step
   constexpr int kHalfD = D / 2;        // head dims per warp in the dK/dV and dQ steps
   constexpr int kDTiles = kHalfD / 8;  // their 8-dim n-tiles
   static_assert(kDTiles % 2 == 0, "n-tiles are loaded in pairs");
+  static_assert(kBN % 64 == 0 && 8 * kChunks <= 32, "reason_cols holds 8 bits per chunk");
 
   extern __shared__ float4 smem_f4[];
   T* sQdO = reinterpret_cast<T*>(smem_f4);  // 2 buffers x (Q, dO), each kBM x kS
@@ -65,12 +71,14 @@ __global__ void __launch_bounds__(BwdTcTraits<D>::kThreads, 1) attn_bwd_tc_kerne
   load_tile_async<kBN, D, kS, Tr::kThreads>(sV, static_cast<const T*>(p.v) + (bh * p.M + j0) * D, cols_valid);
   cp_async_commit();
 
-  // dK / dV of keys [16 wm, +16) and head dims [kHalfD wn, +kHalfD): C fragments.
-  float dk_acc[kDTiles][4], dv_acc[kDTiles][4];
+  // dK / dV of keys [kBN/4 wm + 16 km, +16) and head dims [kHalfD wn, +kHalfD): C fragments.
+  float dk_acc[kKM][kDTiles][4], dv_acc[kKM][kDTiles][4];
 #pragma unroll
-  for (int n = 0; n < kDTiles; ++n)
+  for (int km = 0; km < kKM; ++km)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) dk_acc[n][e] = dv_acc[n][e] = 0.f;
+    for (int n = 0; n < kDTiles; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dk_acc[km][n][e] = dv_acc[km][n][e] = 0.f;
 
   const ReasoningSpec& rs = p.reasoning;
   const bool hard_region = !rs.stop_grad && rs.on_head(h);          // block-uniform
@@ -79,17 +87,19 @@ __global__ void __launch_bounds__(BwdTcTraits<D>::kThreads, 1) attn_bwd_tc_kerne
   const bool stop_masks = p.q_stop.present() || p.k_stop.present() || p.v_stop.present();
   const float scale_log2 = p.scale * kLog2e;
 
-  // Which of this lane's 8 keys of the S/dP step (j0 + 32 wn + 8 n + 2 t + c, bit 2 n + c) are
-  // reasoning positions: fixed for the block. With each row's region_key_range, the stop-grad
-  // region test per element is then a bit test and a range check, the same predicate as
-  // ReasoningSpec::region (mask_semantics.h) without its divisions.
+  // Which of this lane's 8 keys per chunk of the S/dP step (j0 + 64 ch + 32 wn + 8 n + 2 t + c,
+  // bit 8 ch + 2 n + c) are reasoning positions: fixed for the block. With each row's
+  // region_key_range, the stop-grad region test per element is then a bit test and a range
+  // check, the same predicate as ReasoningSpec::region (mask_semantics.h) without its divisions.
   uint32_t reason_cols = 0;
   if (soft_region) {
 #pragma unroll
-    for (int n = 0; n < 4; ++n)
+    for (int ch = 0; ch < kChunks; ++ch)
 #pragma unroll
-      for (int c = 0; c < 2; ++c)
-        if (rs.is_reason(j0 + wn * 32 + n * 8 + 2 * t + c)) reason_cols |= 1u << (2 * n + c);
+      for (int n = 0; n < 4; ++n)
+#pragma unroll
+        for (int c = 0; c < 2; ++c)
+          if (rs.is_reason(j0 + ch * 64 + wn * 32 + n * 8 + 2 * t + c)) reason_cols |= 1u << (8 * ch + 2 * n + c);
   }
 
   int64_t i_begin = 0;  // query i sees key j0 iff j0 <= i + shift
@@ -134,111 +144,125 @@ __global__ void __launch_bounds__(BwdTcTraits<D>::kThreads, 1) attn_bwd_tc_kerne
     cp_async_wait<1>();  // this tile's Q/dO (and K/V) have landed
     __syncthreads();
 
-    // 1. S = Q K^T and dP = dO V^T: rows [16 wm, +16) x keys [32 wn, +32) (4 key n-tiles).
-    float s[4][4], dp[4][4];
+#pragma unroll 1
+    for (int ch = 0; ch < kChunks; ++ch) {
+      const int kc0 = ch * 64;         // the chunk's first key in the tile
+      const int64_t jc0 = j0 + kc0;    // ... and in the sequence
+      // 1. S = Q K^T and dP = dO V^T: rows [16 wm, +16) x keys [kc0 + 32 wn, +32) (4 key n-tiles).
+      float s[4][4], dp[4][4];
 #pragma unroll
-    for (int n = 0; n < 4; ++n)
+      for (int n = 0; n < 4; ++n)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
+        for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
 #pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
-      uint32_t qa[4], ga[4];
-      ldmatrix_x4(qa, a_frag_row(sQ + wm * 16 * kS + ks * 16, kS, lane));
-      ldmatrix_x4(ga, a_frag_row(sdO + wm * 16 * kS + ks * 16, kS, lane));
+      for (int ks = 0; ks < D / 16; ++ks) {
+        uint32_t qa[4], ga[4];
+        ldmatrix_x4(qa, a_frag_row(sQ + wm * 16 * kS + ks * 16, kS, lane));
+        ldmatrix_x4(ga, a_frag_row(sdO + wm * 16 * kS + ks * 16, kS, lane));
 #pragma unroll
-      for (int np = 0; np < 2; ++np) {
-        uint32_t kb[4], vb[4];
-        ldmatrix_x4(kb, bt_frag_row(sK + (wn * 32 + np * 16) * kS + ks * 16, kS, lane));
-        ldmatrix_x4(vb, bt_frag_row(sV + (wn * 32 + np * 16) * kS + ks * 16, kS, lane));
-        const uint32_t k0[2] = {kb[0], kb[1]}, k1[2] = {kb[2], kb[3]};
-        const uint32_t v0[2] = {vb[0], vb[1]}, v1[2] = {vb[2], vb[3]};
-        mma_16816<T>(s[2 * np], qa, k0);
-        mma_16816<T>(s[2 * np + 1], qa, k1);
-        mma_16816<T>(dp[2 * np], ga, v0);
-        mma_16816<T>(dp[2 * np + 1], ga, v1);
-      }
-    }
-
-    // 2. P, dS and the factor-weighted copies, two adjacent keys (one register) at a time, in
-    //    one of three instantiations chosen per tile (block-uniform), so that a tile carries only
-    //    the per-element code it needs:
-    //    - kPlain: nothing can mask or stop inside the tile (no predicate code at all);
-    //    - kRegionOnly: only the stop-grad region can stop gradients here (the reasoning pattern
-    //      in stop-grad mode, no masks, not on the diagonal): a bit test and a range check;
-    //    - kGeneral: everything else (dense masks, stop masks, the causal diagonal, hard mode,
-    //      the ragged last tile), element by element through mask_semantics.h.
-    const bool ragged = cols_valid < kBN;
-    const bool crosses_diagonal = p.causal && j0 + kBN - 1 > i0 + p.shift;
-    const bool region = (hard_region || soft_region) &&
-                        tile_may_touch_region(rs, i0 + p.shift, i_last + p.shift, j0, j0 + kBN - 1);
-    const bool check = dense_masks || ragged || crosses_diagonal || (hard_region && region);
-    const bool soft_tile = soft_region && region;
-    const bool factors = stop_masks || soft_tile;
-    enum { kPlain, kRegionOnly, kGeneral };
-    auto p_and_ds = [&](auto mode) {
-      constexpr int kMode = decltype(mode)::value;
-      int64_t region_lo[2] = {0, 0}, region_hi[2] = {0, 0};  // keys that may be in row r's region
-      if (kMode != kPlain && soft_tile) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-          region_key_range(rs, i0 + wm * 16 + g + 8 * r + p.shift, &region_lo[r], &region_hi[r]);
-      }
-#pragma unroll
-      for (int n = 0; n < 4; ++n) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int rr = wm * 16 + g + 8 * r;      // row in the tile
-          const int cc = wn * 32 + n * 8 + 2 * t;  // first of the two keys in the tile
-          float pv[2], dsk[2], dsq[2];
-#pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            const int64_t i = i0 + rr, j = j0 + cc + c;
-            bool ok = lse_r[r] != kNegInf;  // a row with no allowed key has P = 0
-            if (kMode == kGeneral && check && ok)
-              ok = i < p.N && j < p.M &&
-                   forward_allows(b, h, i, j, p.causal, p.shift, p.attn_mask, p.key_padding, rs);
-            const float prob = ok ? exp2_approx(s[n][2 * r + c] * scale_log2 - lse_r[r]) : 0.f;
-            const float ds = prob * (dp[n][2 * r + c] - dsum_r[r]);
-            float fq = 1.f, fk = 1.f, fv = 1.f;
-            // reasoning_kv_factor(rs, h, i + shift, j), evaluated as described above
-            const bool in_region = kMode != kPlain && soft_tile && ((reason_cols >> (2 * n + c)) & 1u) &&
-                                   j >= region_lo[r] && j < region_hi[r];
-            if (kMode == kRegionOnly) {
-              fk = fv = in_region ? 0.f : 1.f;
-            } else if (kMode == kGeneral && factors && ok) {
-              const float reg = in_region ? 0.f : 1.f;
-              fq = stop_factor_at<float>(p.q_stop, p.q_stop.offset(b, h, i, j));
-              fk = stop_factor_at<float>(p.k_stop, p.k_stop.offset(b, h, i, j)) * reg;
-              fv = stop_factor_at<float>(p.v_stop, p.v_stop.offset(b, h, i, j)) * reg;
-            }
-            pv[c] = fv * prob;
-            dsk[c] = fk * ds;
-            dsq[c] = fq * ds;
-          }
-          *reinterpret_cast<uint32_t*>(sPv + rr * kPS + cc) = pack2<T>(pv[0], pv[1]);
-          *reinterpret_cast<uint32_t*>(sdSk + rr * kPS + cc) = pack2<T>(dsk[0], dsk[1]);
-          *reinterpret_cast<uint32_t*>(sdSq + rr * kPS + cc) = pack2<T>(dsq[0], dsq[1]);
+        for (int np = 0; np < 2; ++np) {
+          uint32_t kb[4], vb[4];
+          ldmatrix_x4(kb, bt_frag_row(sK + (kc0 + wn * 32 + np * 16) * kS + ks * 16, kS, lane));
+          ldmatrix_x4(vb, bt_frag_row(sV + (kc0 + wn * 32 + np * 16) * kS + ks * 16, kS, lane));
+          const uint32_t k0[2] = {kb[0], kb[1]}, k1[2] = {kb[2], kb[3]};
+          const uint32_t v0[2] = {vb[0], vb[1]}, v1[2] = {vb[2], vb[3]};
+          mma_16816<T>(s[2 * np], qa, k0);
+          mma_16816<T>(s[2 * np + 1], qa, k1);
+          mma_16816<T>(dp[2 * np], ga, v0);
+          mma_16816<T>(dp[2 * np + 1], ga, v1);
         }
       }
-    };
-    if (!check && !factors) {
-      p_and_ds(std::integral_constant<int, kPlain>{});
-    } else if (!check && !stop_masks) {  // factors come from the soft region alone
-      p_and_ds(std::integral_constant<int, kRegionOnly>{});
-    } else {
-      p_and_ds(std::integral_constant<int, kGeneral>{});
+
+      // 2. P, dS and the factor-weighted copies, two adjacent keys (one register) at a time, in
+      //    one of three instantiations chosen per chunk (block-uniform), so that a chunk carries
+      //    only the per-element code it needs:
+      //    - kPlain: nothing can mask or stop inside the chunk (no predicate code at all);
+      //    - kRegionOnly: only the stop-grad region can stop gradients here (the reasoning pattern
+      //      in stop-grad mode, no masks, not on the diagonal): a bit test and a range check;
+      //    - kGeneral: everything else (dense masks, stop masks, the causal diagonal, hard mode,
+      //      a ragged last tile), element by element through mask_semantics.h.
+      const bool ragged = cols_valid < kc0 + 64;
+      const bool crosses_diagonal = p.causal && jc0 + 63 > i0 + p.shift;
+      const bool region = (hard_region || soft_region) &&
+                          tile_may_touch_region(rs, i0 + p.shift, i_last + p.shift, jc0, jc0 + 63);
+      const bool check = dense_masks || ragged || crosses_diagonal || (hard_region && region);
+      const bool soft_tile = soft_region && region;
+      const bool factors = stop_masks || soft_tile;
+      enum { kPlain, kRegionOnly, kGeneral };
+      auto p_and_ds = [&](auto mode) {
+        constexpr int kMode = decltype(mode)::value;
+        int64_t region_lo[2] = {0, 0}, region_hi[2] = {0, 0};  // keys that may be in row r's region
+        if (kMode != kPlain && soft_tile) {
+#pragma unroll
+          for (int r = 0; r < 2; ++r)
+            region_key_range(rs, i0 + wm * 16 + g + 8 * r + p.shift, &region_lo[r], &region_hi[r]);
+        }
+#pragma unroll
+        for (int n = 0; n < 4; ++n) {
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int rr = wm * 16 + g + 8 * r;            // row in the tile
+            const int cc = kc0 + wn * 32 + n * 8 + 2 * t;  // first of the two keys in the tile
+            float pv[2], dsk[2], dsq[2];
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              const int64_t i = i0 + rr, j = j0 + cc + c;
+              bool ok = lse_r[r] != kNegInf;  // a row with no allowed key has P = 0
+              if (kMode == kGeneral && check && ok)
+                ok = i < p.N && j < p.M &&
+                     forward_allows(b, h, i, j, p.causal, p.shift, p.attn_mask, p.key_padding, rs);
+              const float prob = ok ? exp2_approx(s[n][2 * r + c] * scale_log2 - lse_r[r]) : 0.f;
+              const float ds = prob * (dp[n][2 * r + c] - dsum_r[r]);
+              float fq = 1.f, fk = 1.f, fv = 1.f;
+              // reasoning_kv_factor(rs, h, i + shift, j), evaluated as described above
+              const bool in_region = kMode != kPlain && soft_tile &&
+                                     ((reason_cols >> (8 * ch + 2 * n + c)) & 1u) && j >= region_lo[r] &&
+                                     j < region_hi[r];
+              if (kMode == kRegionOnly) {
+                fk = fv = in_region ? 0.f : 1.f;
+              } else if (kMode == kGeneral && factors && ok) {
+                const float reg = in_region ? 0.f : 1.f;
+                fq = stop_factor_at<float>(p.q_stop, p.q_stop.offset(b, h, i, j));
+                fk = stop_factor_at<float>(p.k_stop, p.k_stop.offset(b, h, i, j)) * reg;
+                fv = stop_factor_at<float>(p.v_stop, p.v_stop.offset(b, h, i, j)) * reg;
+              }
+              pv[c] = fv * prob;
+              dsk[c] = fk * ds;
+              dsq[c] = fq * ds;
+            }
+            *reinterpret_cast<uint32_t*>(sPv + rr * kPS + cc) = pack2<T>(pv[0], pv[1]);
+            *reinterpret_cast<uint32_t*>(sdSk + rr * kPS + cc) = pack2<T>(dsk[0], dsk[1]);
+            *reinterpret_cast<uint32_t*>(sdSq + rr * kPS + cc) = pack2<T>(dsq[0], dsq[1]);
+          }
+        }
+      };
+      if (!check && !factors) {
+        p_and_ds(std::integral_constant<int, kPlain>{});
+      } else if (!check && !stop_masks) {  // factors come from the soft region alone
+        p_and_ds(std::integral_constant<int, kRegionOnly>{});
+      } else {
+        p_and_ds(std::integral_constant<int, kGeneral>{});
+      }
     }
     __syncthreads();  // the next steps read every row and key of the three tiles
 
-    // 3. dV += (Fv P)^T dO and dK += (Fk dS)^T Q: keys [16 wm, +16) x dims [kHalfD wn, +kHalfD).
-    //    The A operands are the [query][key] tiles read transposed: for a 16-query k-step,
-    //    matrix i = lane / 8 covers queries 8 (i / 2) and keys 8 (i % 2) of the warp's keys.
-#pragma unroll
+    // 3. dV += (Fv P)^T dO and dK += (Fk dS)^T Q: keys [kBN/4 wm + 16 km, +16) x dims
+    //    [kHalfD wn, +kHalfD). The A operands are the [query][key] tiles read transposed: for a
+    //    16-query k-step, matrix i = lane / 8 covers queries 8 (i / 2) and keys 8 (i % 2) of the
+    //    m-tile's keys. Each B fragment (dO, Q) serves the warp's kKM key m-tiles. At D = 128 with
+    //    128-key tiles (128 accumulator registers per lane) the k-steps stay a loop: unrolled, the
+    //    compiler's prefetching of the next k-step's fragments spills accumulators (ptxas -v:
+    //    192 bytes per lane, against none as a loop).
+    constexpr int kDkvUnroll = (D == 128 && kBN == 128) ? 1 : kBM / 16;
+#pragma unroll kDkvUnroll
     for (int ks = 0; ks < kBM / 16; ++ks) {
-      uint32_t pa[4], sa[4];
-      const int a_off = (ks * 16 + (lane % 8) + 8 * (lane / 16)) * kPS + wm * 16 + 8 * ((lane / 8) % 2);
-      ldmatrix_x4_trans(pa, sPv + a_off);
-      ldmatrix_x4_trans(sa, sdSk + a_off);
+      uint32_t pa[kKM][4], sa[kKM][4];
+#pragma unroll
+      for (int km = 0; km < kKM; ++km) {
+        const int a_off = (ks * 16 + (lane % 8) + 8 * (lane / 16)) * kPS + (wm * kKM + km) * 16 + 8 * ((lane / 8) % 2);
+        ldmatrix_x4_trans(pa[km], sPv + a_off);
+        ldmatrix_x4_trans(sa[km], sdSk + a_off);
+      }
 #pragma unroll
       for (int dpair = 0; dpair < kDTiles / 2; ++dpair) {
         uint32_t gb[4], qb[4];
@@ -247,10 +271,13 @@ __global__ void __launch_bounds__(BwdTcTraits<D>::kThreads, 1) attn_bwd_tc_kerne
         ldmatrix_x4_trans(qb, b_frag_row_trans(sQ + ks * 16 * kS + col, kS, lane));
         const uint32_t g0[2] = {gb[0], gb[1]}, g1[2] = {gb[2], gb[3]};
         const uint32_t q0[2] = {qb[0], qb[1]}, q1[2] = {qb[2], qb[3]};
-        mma_16816<T>(dv_acc[2 * dpair], pa, g0);
-        mma_16816<T>(dv_acc[2 * dpair + 1], pa, g1);
-        mma_16816<T>(dk_acc[2 * dpair], sa, q0);
-        mma_16816<T>(dk_acc[2 * dpair + 1], sa, q1);
+#pragma unroll
+        for (int km = 0; km < kKM; ++km) {
+          mma_16816<T>(dv_acc[km][2 * dpair], pa[km], g0);
+          mma_16816<T>(dv_acc[km][2 * dpair + 1], pa[km], g1);
+          mma_16816<T>(dk_acc[km][2 * dpair], sa[km], q0);
+          mma_16816<T>(dk_acc[km][2 * dpair + 1], sa[km], q1);
+        }
       }
     }
 
@@ -289,23 +316,33 @@ __global__ void __launch_bounds__(BwdTcTraits<D>::kThreads, 1) attn_bwd_tc_kerne
   T* dk = static_cast<T*>(p.dk) + (bh * p.M + j0) * D;
   T* dv = static_cast<T*>(p.dv) + (bh * p.M + j0) * D;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int c = wm * 16 + g + 8 * r;
-    if (c >= cols_valid) continue;
+  for (int km = 0; km < kKM; ++km) {
 #pragma unroll
-    for (int n = 0; n < kDTiles; ++n) {
-      const int64_t off = int64_t(c) * D + wn * kHalfD + n * 8 + 2 * t;
-      *reinterpret_cast<uint32_t*>(dk + off) = pack2<T>(p.scale * dk_acc[n][2 * r], p.scale * dk_acc[n][2 * r + 1]);
-      *reinterpret_cast<uint32_t*>(dv + off) = pack2<T>(dv_acc[n][2 * r], dv_acc[n][2 * r + 1]);
+    for (int r = 0; r < 2; ++r) {
+      const int c = (wm * kKM + km) * 16 + g + 8 * r;
+      if (c >= cols_valid) continue;
+#pragma unroll
+      for (int n = 0; n < kDTiles; ++n) {
+        const int64_t off = int64_t(c) * D + wn * kHalfD + n * 8 + 2 * t;
+        *reinterpret_cast<uint32_t*>(dk + off) =
+            pack2<T>(p.scale * dk_acc[km][n][2 * r], p.scale * dk_acc[km][n][2 * r + 1]);
+        *reinterpret_cast<uint32_t*>(dv + off) = pack2<T>(dv_acc[km][n][2 * r], dv_acc[km][n][2 * r + 1]);
+      }
     }
   }
 }
 
+template <typename T, int D, int kBlockN>
+cudaError_t launch_attn_bwd_tc_tiles(const KernelParams& p, cudaStream_t stream) {
+  using Tr = BwdTcTraits<D, kBlockN>;
+  return launch_blocks(&attn_bwd_tc_kernel<T, D, kBlockN>, p.B * p.H * ceil_div(p.M, Tr::kBlockN), Tr::kThreads,
+                       Tr::kSmemBytes, p, stream);
+}
+
 template <typename T, int D>
 cudaError_t launch_attn_bwd_tc(const KernelParams& p, cudaStream_t stream) {
-  using Tr = BwdTcTraits<D>;
-  return launch_blocks(&attn_bwd_tc_kernel<T, D>, p.B * p.H * ceil_div(p.M, Tr::kBlockN), Tr::kThreads,
-                       Tr::kSmemBytes, p, stream);
+  return p.bwd_block_n == 128 ? launch_attn_bwd_tc_tiles<T, D, 128>(p, stream)
+                              : launch_attn_bwd_tc_tiles<T, D, 64>(p, stream);
 }
 
 }  // namespace srt::cuda

@@ -60,16 +60,25 @@ inline at::Tensor dense(const at::Tensor& t) {
   return c;
 }
 
-// SRT_CUDA_FWD_BLOCK_M: the float16/bfloat16 forward's query rows per block, 64 (the default) or
-// 128 (kernel_traits.h weighs the two). Read at every call, so that a benchmark can compare both
-// in one process; any other value is an error.
-inline int fwd_block_m_from_env() {
-  const char* v = std::getenv("SRT_CUDA_FWD_BLOCK_M");
+// The tensor-core kernels' tile variants, read at every call (so that a benchmark can compare
+// them in one process); unset or empty is the default, any other value is an error naming the
+// variable. kernel_traits.h weighs the sizes.
+// - SRT_CUDA_FWD_BLOCK_M: the float16/bfloat16 forward's query rows per block, 64 (default) or 128;
+// - SRT_CUDA_BWD_BLOCK_N: the float16/bfloat16 backward's keys per block, 64 (default) or 128.
+inline int tile_from_env(const char* name, const char* what) {
+  const char* v = std::getenv(name);
   if (v == nullptr || *v == '\0') return 64;
   const std::string s(v);
-  TORCH_CHECK(s == "64" || s == "128", "SRT_CUDA_FWD_BLOCK_M must be 64 or 128 (query rows per block of the "
-              "float16/bfloat16 CUDA forward), got '", s, "'");
+  TORCH_CHECK(s == "64" || s == "128", name, " must be 64 or 128 (", what, "), got '", s, "'");
   return s == "128" ? 128 : 64;
+}
+
+inline int fwd_block_m_from_env() {
+  return tile_from_env("SRT_CUDA_FWD_BLOCK_M", "query rows per block of the float16/bfloat16 CUDA forward");
+}
+
+inline int bwd_block_n_from_env() {
+  return tile_from_env("SRT_CUDA_BWD_BLOCK_N", "keys per block of the float16/bfloat16 CUDA backward");
 }
 
 // Sizes, flags and masks; the tensor pointers are filled in by the steps below.
@@ -144,6 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_host(const AttnParams& a
   p.dq_accum = dq_accum.data_ptr<float>();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
+  if (q.scalar_type() != at::kFloat) p.bwd_block_n = bwd_block_n_from_env();  // tensor-core kernels only
   dispatch_dtype_head_dim(q.scalar_type(), a.D, [&](auto tag, auto head_dim) { launch(tag, head_dim, p); });
   // fp32 inputs: the buffer is the result; otherwise one O(N) conversion.
   at::Tensor dq = q.scalar_type() == at::kFloat ? dq_accum : dq_accum.to(q.scalar_type());

@@ -41,6 +41,8 @@ struct KernelParams {
   // float16/bfloat16 forward: query rows per block, 64 or 128 (FwdTcTraits in kernel_traits.h;
   // the host sets it from SRT_CUDA_FWD_BLOCK_M, host_glue.h)
   int fwd_block_m = 64;
+  // float16/bfloat16 backward: keys per block, 64 or 128 (BwdTcTraits; from SRT_CUDA_BWD_BLOCK_N)
+  int bwd_block_n = 64;
 };
 
 // Launchers, explicitly instantiated for T in {__half, __nv_bfloat16, float} and

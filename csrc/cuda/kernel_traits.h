@@ -95,21 +95,27 @@ struct FwdTcTraits {
   static constexpr size_t kSmemBytes = size_t(kBlockM + 2 * kBlockN) * kStride * 2;
 };
 
-// Backward: one block = 8 warps = one (batch, head, key tile of 64 keys), looping over query
-// tiles of 64 rows. Warp w = (wm, wn) = (w % 4, w / 4):
-// - S / dP step: query rows [16 wm, +16) x keys [32 wn, +32) of the 64 x 64 tile;
-// - dK / dV step: keys [16 wm, +16) x head dims [D/2 wn, +D/2) (accumulators in registers);
+// Backward: one block = 8 warps = one (batch, head, key tile of kBlockN keys), looping over query
+// tiles of 64 rows. kBlockN is 64 or 128 (both compiled; the host picks one per call,
+// KernelParams::bwd_block_n): 128 keys halve, per FLOP, the Q/dO tile reads and the fp32 dQ
+// atomics (64 x D per query tile and block either way) at twice the dK/dV registers
+// (kBlockN * D / 128 per lane) and more shared memory. Warp w = (wm, wn) = (w % 4, w / 4):
+// - S / dP step, per 64-key chunk of the tile in turn: query rows [16 wm, +16) x keys
+//   [32 wn, +32) of the chunk;
+// - dK / dV step: keys [kBlockN/4 wm, +kBlockN/4) x head dims [D/2 wn, +D/2) (accumulators in
+//   registers);
 // - dQ step: query rows [16 wm, +16) x head dims [D/2 wn, +D/2), added atomically.
 // Shared memory: two buffers of Q and dO tiles (the next query tile loads while the current one
-// is computed), K and V tiles; the three factor-weighted 64 x 64 tiles Fv*P, Fk*dS, Fq*dS in
-// the input type. (Each lane keeps the lse and D values of its two rows in registers.)
-template <int D>
+// is computed), K and V tiles; the three factor-weighted 64 x kBlockN tiles Fv*P, Fk*dS, Fq*dS
+// in the input type. (Each lane keeps the lse and D values of its two rows in registers.)
+template <int D, int kBlockN_ = 64>
 struct BwdTcTraits {
   static_assert(D % 32 == 0, "head dim must be a multiple of 32 (two warps split it in 8-wide n-tiles)");
+  static_assert(kBlockN_ == 64 || kBlockN_ == 128, "64 or 128 keys per block");
   static constexpr int kWarps = 8;
   static constexpr int kThreads = kWarps * kWarpSize;
   static constexpr int kBlockM = 64;
-  static constexpr int kBlockN = 64;
+  static constexpr int kBlockN = kBlockN_;
   static constexpr int kStride = D + kTcPad;
   static constexpr int kPStride = kBlockN + kTcPad;
   static constexpr size_t kSmemBytes = size_t(4 * kBlockM + 2 * kBlockN) * kStride * 2 +
@@ -123,10 +129,16 @@ struct KernelsFor {
   static constexpr bool kTensorCores = sizeof(T) == 2;
   // the larger of the two forward tile variants (the 128-row one)
   static constexpr size_t kFwdSmemBytes = kTensorCores ? FwdTcTraits<D, 128>::kSmemBytes : FwdTraits<D>::kSmemBytes;
-  static constexpr size_t kBwdSmemBytes = kTensorCores ? BwdTcTraits<D>::kSmemBytes : BwdTraits<D>::kSmemBytes;
+  // the backward's shared memory for the key tile the host picked (bwd_block_n: 64 or 128;
+  // float32 has one kernel)
+  static constexpr size_t bwd_smem_bytes(int bwd_block_n) {
+    return !kTensorCores ? BwdTraits<D>::kSmemBytes
+           : bwd_block_n == 128 ? BwdTcTraits<D, 128>::kSmemBytes
+                                : BwdTcTraits<D, 64>::kSmemBytes;
+  }
   // the smaller variant: the most blocks a forward launches
   static constexpr int kFwdBlockM = kTensorCores ? FwdTcTraits<D, 64>::kBlockM : FwdTraits<D>::kBlockM;
-  static constexpr int kBwdBlockN = kTensorCores ? BwdTcTraits<D>::kBlockN : BwdTraits<D>::kBlockN;
+  static constexpr int kBwdBlockN = kTensorCores ? BwdTcTraits<D, 64>::kBlockN : BwdTraits<D>::kBlockN;
 };
 
 // Backward preprocessing (dsum = rowsum(dO * O)): one warp per row.
