@@ -28,6 +28,14 @@ def tile_setting(name, value):
             os.environ[name] = before
 
 
+def clear_inherited_settings():
+    """Removes FWD_BLOCK_M and BWD_BLOCK_N from the environment and returns what they were: the
+    contenders other than the A/B variants must run the default tiles (an inherited
+    SRT_CUDA_BWD_BLOCK_N=128 would make (a) the variant and "(a3) vs (a)" a kernel against itself).
+    The benchmark and the profile call it at start and record the result."""
+    return {name: os.environ.pop(name) for name in (FWD_BLOCK_M, BWD_BLOCK_N) if name in os.environ}
+
+
 def fwd_block_m(rows):
     """SRT_CUDA_FWD_BLOCK_M=rows inside the block."""
     return tile_setting(FWD_BLOCK_M, rows)
@@ -64,6 +72,12 @@ def ours_bwd128(q, k, v):
     def run():
         out = srt.stop_graddable_attn(q, k, v, causal=True)
         if out.grad_fn is not None:
+            # the hooks must sit on the attention's own node: on a node after it (a view, a cast)
+            # they would close before the attention's backward runs
+            if "attn_fwd" not in out.grad_fn.name():
+                raise RuntimeError(f"(a3): the output's grad_fn is {out.grad_fn.name()}, not the attention's "
+                                   "backward node; the tile setting would not cover the attention backward")
+
             def pre(grad_outputs):
                 ctx = bwd_block_n(128)
                 ctx.__enter__()

@@ -71,7 +71,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 import self_reasoning_tokens as srt  # noqa: E402
 from self_reasoning_tokens.reference import reference_attention  # noqa: E402
-from _variants import R, W, close_stale_settings, ours_bwd128, ours_fwd128  # noqa: E402
+from _variants import (R, W, clear_inherited_settings, close_stale_settings, ours_bwd128,  # noqa: E402
+                       ours_fwd128)
 from flex_stopgrad import (build_block_mask, evaluate_mask_mod, flex_stopgrad_attention,  # noqa: E402
                            reasoning_stopped, stopgrad_mask_mod)
 
@@ -999,6 +1000,11 @@ def main(argv=None):
     ap.add_argument("--dry-run", action="store_true",
                     help="tiny shapes, few repeats: checks every code path on any machine")
     args = ap.parse_args(argv)
+    inherited = clear_inherited_settings()
+    if inherited:
+        print(f"bench_gpu: ignoring the inherited tile settings {inherited}: (a) and the others run the "
+              "default tiles, (a2) and (a3) set their own", file=sys.stderr)
+    args.inherited_tile_settings = inherited  # recorded in the JSON's meta.args
 
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -41,7 +41,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 import self_reasoning_tokens as srt  # noqa: E402
-from _variants import R, W, ours_bwd128, ours_fwd128  # noqa: E402
+from _variants import R, W, clear_inherited_settings, ours_bwd128, ours_fwd128  # noqa: E402
 
 CONTENDERS = ("ours", "ours-fwd128", "ours-bwd128", "ours+reasoning", "sdpa-flash")
 NCU_SECTIONS = ("SpeedOfLight", "ComputeWorkloadAnalysis", "MemoryWorkloadAnalysis",
@@ -72,6 +72,9 @@ def contender_fn(name, q, k, v):
 
 
 def run(args):
+    inherited = clear_inherited_settings()  # (a) runs the default tiles; (a2), (a3) set their own
+    if inherited:
+        print(f"profile_gpu: ignoring the inherited tile settings {inherited}", file=sys.stderr)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("profile_gpu: no CUDA device visible (use --device cpu for a dry run)")

@@ -212,19 +212,33 @@ def test_tile_setting_restores_the_environment(var, monkeypatch):
 
 def test_bwd128_contender_sets_the_tile_for_its_backward_only(monkeypatch):
     """(a3)'s backward runs when autograd calls it, after the contender's function returned: the
-    setting must be in force inside the attention's backward node, and gone before and after."""
+    setting must be in force when the attention's backward op is dispatched, and gone before and
+    after (watched at the dispatcher, where the op reads it)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import _variants
     from _variants import BWD_BLOCK_N, ours_bwd128
+
+    class Spy(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ns, _, name = func._schema.name.partition("::")
+            if ns == "self_reasoning_tokens":
+                self.seen.setdefault(name, []).append(os.environ.get(BWD_BLOCK_N))
+            return func(*args, **(kwargs or {}))
 
     monkeypatch.delenv(BWD_BLOCK_N, raising=False)
     q, k, v = (torch.randn(1, 2, 16, 32, requires_grad=True) for _ in range(3))
-    out = ours_bwd128(q, k, v)()
+    do = torch.randn(1, 2, 16, 32)
+    with Spy() as spy:
+        out = ours_bwd128(q, k, v)()
+        assert BWD_BLOCK_N not in os.environ
+        grads = torch.autograd.grad(out, (q, k, v), do)
+    assert spy.seen == {"attn_fwd": [None], "attn_bwd": ["128"]}, spy.seen
     assert BWD_BLOCK_N not in os.environ
-    seen = []
-    # node pre-hooks run in registration order: this one runs after the contender's
-    out.grad_fn.register_prehook(lambda grads: seen.append(os.environ.get(BWD_BLOCK_N)))
-    do = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), do)
-    assert seen == ["128"] and BWD_BLOCK_N not in os.environ
     ref = torch.autograd.grad(bench_gpu.srt.stop_graddable_attn(q, k, v, causal=True), (q, k, v), do)
     for g, r in zip(grads, ref):  # the CPU op has one kernel: the same gradients
         torch.testing.assert_close(g, r)
@@ -236,3 +250,18 @@ def test_bwd128_contender_sets_the_tile_for_its_backward_only(monkeypatch):
     assert os.environ[BWD_BLOCK_N] == "128"
     bench_gpu.Device(torch.device("cpu")).free()
     assert BWD_BLOCK_N not in os.environ
+    # hooks on a node after the attention's (here a multiplication) would close too early: refused
+    plain = _variants.srt.stop_graddable_attn
+    monkeypatch.setattr(_variants.srt, "stop_graddable_attn", lambda *a, **kw: plain(*a, **kw) * 1)
+    with pytest.raises(RuntimeError, match="not the attention's backward node"):
+        ours_bwd128(q, k, v)()
+
+
+def test_inherited_tile_settings_are_cleared_and_recorded(monkeypatch, dry_run):
+    from _variants import BWD_BLOCK_N, FWD_BLOCK_M, clear_inherited_settings
+
+    monkeypatch.setenv(BWD_BLOCK_N, "128")
+    monkeypatch.delenv(FWD_BLOCK_M, raising=False)
+    assert clear_inherited_settings() == {BWD_BLOCK_N: "128"}
+    assert BWD_BLOCK_N not in os.environ and clear_inherited_settings() == {}
+    assert dry_run[1]["meta"]["args"]["inherited_tile_settings"] == {}
