@@ -203,6 +203,36 @@ def test_emulated_tc_tile_variants(emu, dtype, head_dim, variant, monkeypatch):
         emu.set_cp_async_mode(CP_ASYNC_MODES["early"])
 
 
+@pytest.mark.parametrize("variant", TILE_VARIANTS)
+def test_emulated_tc_tile_variants_skip_whole_hard_mode_tiles(emu, variant, monkeypatch):
+    """Hard mode skips a tile that lies entirely inside the reasoning region of every row that
+    sees it; with 128-wide tiles that needs more than 128 reasoning tokens per step. R = 255: the
+    key tile [384, 512) holds only step 1's reasoning tokens, and the query tiles of steps 2 and 3
+    skip it. The skips must leave the results exact (the tiles hold only masked pairs)."""
+    if not TENSOR_CORE_KERNELS:
+        pytest.skip("no tensor-core kernels in csrc/cuda")
+    for var, _ in TILE_VARIANTS.values():
+        monkeypatch.delenv(var, raising=False)
+    gen = torch.Generator().manual_seed(5)
+    b, h, n, d = 1, 1, 800, 32
+    q, k, v, do = (gpu_cases._rand(b, h, n, d, dtype=torch.bfloat16, device="cpu", gen=gen) for _ in range(4))
+    kw = dict(causal=True, reasoning=(255, 2, False, None))
+    ref = gpu_cases._run_ops(*(t.double() for t in (q, k, v, do)), kw, "cpu")
+    mma = {}
+    for setting in ("64", "128"):
+        monkeypatch.setenv(TILE_VARIANTS[variant][0], setting)
+        emu.reset_op_counts()
+        got = _run_emu(emu, q, k, v, do, kw)
+        mma[setting] = emu.op_counts().get("mma_16816<__nv_bfloat16>", 0)
+        out, lse = got[0], got[1]
+        exp = gpu_cases._run_ops(*(t.double() for t in (q, k, v, do)), kw, "cpu",
+                                 out_lse=(out.double(), lse.double()))
+        for tname, g, e, r in zip(("out", "lse", "dq", "dk", "dv"), got, exp, ref):
+            gpu_cases._assert_close(tname, g, e, torch.bfloat16, f"{variant}={setting} hard-mode skips")
+            gpu_cases._assert_close(tname, g, r, torch.bfloat16, f"{variant}={setting} vs the CPU forward")
+    assert mma["64"] > 0 and mma["128"] > 0, mma
+
+
 def test_tile_settings_are_checked(emu, monkeypatch):
     q = torch.randn(1, 2, 70, 64, dtype=torch.bfloat16)
     do = torch.randn_like(q)
