@@ -6,9 +6,11 @@ and contender: forward, backward and forward+backward time (ms) and TFLOP/s, and
 
   (a) ours            stop_graddable_attn, no masks
   (a2) ours-fwd128    as (a), the float16/bfloat16 forward with 128-row query tiles
-                      (SRT_CUDA_FWD_BLOCK_M=128): an A/B of the tile size, at the target shape only
+                      (SRT_CUDA_FWD_BLOCK_M=128): an A/B of the tile size
   (a3) ours-bwd128    as (a), the float16/bfloat16 backward with 128-key tiles
-                      (SRT_CUDA_BWD_BLOCK_N=128): the same kind of A/B, at the target shape only
+                      (SRT_CUDA_BWD_BLOCK_N=128): the same kind of A/B
+                      (a2) and (a3) run at the target shape and at its (batch, seq) with the
+                      other head dims only
   (b) ours+reasoning  stop_graddable_attn(reasoning=ReasoningPattern(3, 4)), stop-grad mode:
                       causal forward, k/v gradients stopped on the reasoning region (in-kernel)
   (c) ours+kv-mask    stop_graddable_attn with dense (h, n, n) bool k and v stop masks (the same
@@ -40,7 +42,8 @@ FlexAttention is compiled once per shape (dynamic=False by default); the first c
 
 Run order is by priority, so that a --budget-s cut leaves the important numbers: the target
 shape (with a correctness cross-check of (a)-(e) on its inputs), the longest-sequence search,
-then the other shapes. Results go to --out after every measurement; past the budget the script
+then the other shapes, the A/B variants at the target's (batch, seq) with the other head dims,
+FlexAttention's other shapes. Results go to --out after every measurement; past the budget the script
 stops cleanly and records what it skipped.
 
     python benchmarks/bench_gpu.py --out bench.json --table-out table.txt --budget-s 200
@@ -82,9 +85,9 @@ DEFAULT_SHAPES = ["16x1024", "8x2048", "4x4096", "2x8192", "1x16384"]  # batch x
 CONTENDERS = {  # key: (letter, description)
     "ours": ("a", "stop_graddable_attn, no masks"),
     "ours-fwd128": ("a2", "as (a) with the float16/bfloat16 forward's 128-row query tiles (SRT_CUDA_FWD_BLOCK_M=128; "
-                          "target shape only: an A/B of the tile size)"),
+                          "an A/B of the tile size at the target (batch, seq))"),
     "ours-bwd128": ("a3", "as (a) with the float16/bfloat16 backward's 128-key tiles (SRT_CUDA_BWD_BLOCK_N=128; "
-                          "target shape only: an A/B of the tile size)"),
+                          "an A/B of the tile size at the target (batch, seq))"),
     "ours+reasoning": ("b", f"stop_graddable_attn, ReasoningPattern({R}, {W}) stop-grad, in-kernel"),
     "ours+kv-mask": ("c", "stop_graddable_attn, dense (h,n,n) bool k/v stop masks (same region)"),
     "sdpa-flash": ("d", "SDPA FLASH_ATTENTION backend, no masks (the ceiling)"),
@@ -92,7 +95,9 @@ CONTENDERS = {  # key: (letter, description)
     "reference": ("f", "naive O(n^2) autograd reference, same pattern"),
 }
 ORDER = list(CONTENDERS)
-TARGET_ONLY = {"ours-fwd128", "ours-bwd128"}  # variants measured at the target shape only
+# The tile A/B variants: measured at the target shape and at its (batch, seq) with each other head
+# dim (so that a default can be chosen per head dim), not at the other shapes or in the search.
+AB_VARIANTS = {"ours-fwd128", "ours-bwd128"}
 
 
 class Skip(Exception):
@@ -441,7 +446,7 @@ class Bench:
         h = max(1, self.args.hidden // d)
         tensors = self.inputs(b, h, n, d)
         # the A/B variants last: under a tight budget the contenders are measured first
-        for name in sorted(contenders, key=lambda c: c in TARGET_ONLY):
+        for name in sorted(contenders, key=lambda c: c in AB_VARIANTS):
             row = {"contender": name, "letter": CONTENDERS[name][0], "batch": b, "batch_measured": b,
                    "heads": h, "seq": n, "head_dim": d, "dtype": self.meta["dtype"], "causal": True,
                    "target_shape": target}
@@ -1015,7 +1020,7 @@ def main(argv=None):
         return 2
     dtype = DTYPES[args.dtype]
     if args.dry_run:
-        args.shapes, args.head_dims, args.target, args.hidden = ["2x128", "1x256"], [32], "2x128:32", 64
+        args.shapes, args.head_dims, args.target, args.hidden = ["2x128", "1x256"], [32, 64], "2x128:32", 64
         args.warmup, args.repeats, args.target_repeats, args.reference_repeats = 1, 2, 2, 2
         args.longest_start, args.longest_min, args.longest_max = 128, 64, 512
         args.longest_heads, args.longest_head_dim = 2, 32
@@ -1055,15 +1060,17 @@ def main(argv=None):
         bench.cross_check(*target, contenders)
         # 2. the longest sequence per contender
         if not args.skip_longest:
-            bench.longest_all([c for c in contenders if c not in TARGET_ONLY])
-        # 3. the other shapes, the target's head dim first; FlexAttention (a compile per shape)
-        #    after all the others
+            bench.longest_all([c for c in contenders if c not in AB_VARIANTS])
+        # 3. the other shapes, the target's head dim first; then the A/B variants at the target's
+        #    (batch, seq) with the other head dims; FlexAttention (a compile per shape) last
         rest = [c for c in configs if c != target]
         rest.sort(key=lambda c: c[2] != target[2])
-        groups = [[c for c in contenders if c not in TARGET_ONLY | {"flex-stopgrad"}],
-                  [c for c in contenders if c == "flex-stopgrad"]]
-        for group in (g for g in groups if g):
-            for b, n, d in rest:
+        twins = [(target[0], target[1], d) for d in args.head_dims if d != target[2]]
+        groups = [(rest, [c for c in contenders if c not in AB_VARIANTS | {"flex-stopgrad"}]),
+                  (twins, [c for c in contenders if c in AB_VARIANTS]),
+                  (rest, [c for c in contenders if c == "flex-stopgrad"])]
+        for where, group in ((w, g) for w, g in groups if g):
+            for b, n, d in where:
                 if bench.budget.left() < args.reserve_s + 1:
                     bench.skipped.append(f"b={b} n={n} d={d} {'/'.join(group)}: budget")
                     continue

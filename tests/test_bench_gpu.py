@@ -35,12 +35,15 @@ def test_dry_run_covers_every_contender(dry_run):
         assert key in meta
     assert meta["torch"] == torch.__version__
     assert set(meta["contenders"]) == set(LETTERS) and meta["reasoning_pattern"]["stop_grad"]
-    shapes = {(r["batch"], r["seq"]) for r in data["results"]}
-    assert shapes == {(2, 128), (1, 256)}
-    target = (2, 128)  # the dry run's target shape: every contender; elsewhere not the A/B variant
+    shapes = {(r["batch"], r["seq"], r["head_dim"]) for r in data["results"]}
+    assert shapes == {(2, 128, 32), (1, 256, 32), (2, 128, 64), (1, 256, 64)}
+    # the target shape (2, 128, 32) and its (batch, seq) with the other head dim: every contender;
+    # elsewhere not the A/B variants
     for shape in shapes:
-        rows = {r["contender"]: r for r in data["results"] if (r["batch"], r["seq"]) == shape}
-        assert set(rows) == set(LETTERS) - (set() if shape == target else bench_gpu.TARGET_ONLY)
+        rows = {r["contender"]: r for r in data["results"] if (r["batch"], r["seq"], r["head_dim"]) == shape}
+        assert len(rows) == len([r for r in data["results"] if (r["batch"], r["seq"], r["head_dim"]) == shape])
+        assert set(rows) == set(LETTERS) - (set() if shape[:2] == (2, 128) else bench_gpu.AB_VARIANTS)
+        assert all(r["target_shape"] == (shape == (2, 128, 32)) for r in rows.values())
         for name, r in rows.items():
             assert r["letter"] == LETTERS[name]
             assert "skipped" not in r and "error" not in r, r
@@ -61,7 +64,7 @@ def test_dry_run_cross_check_longest_and_targets(dry_run):
     assert cc["ours-fwd128 vs ours"]["ok"] and cc["ours-bwd128 vs ours"]["ok"]
     assert cc["flex-stopgrad vs ours+reasoning"]["ok"]  # forward only on the CPU
     assert cc["ours+reasoning vs ours (dk, dv must differ)"]["ok"]
-    assert set(data["longest_seq"]) == set(LETTERS) - {"ours-fwd128", "ours-bwd128"}  # target-shape-only variants
+    assert set(data["longest_seq"]) == set(LETTERS) - bench_gpu.AB_VARIANTS  # no search for the A/B variants
     for res in data["longest_seq"].values():
         assert res["longest"] == 512 and res["lower_bound"]
     assert [t["target"] for t in data["targets"]] == [
