@@ -90,3 +90,7 @@ def ours_bwd128(q, k, v):
             out.grad_fn.register_hook(post)
         return out
     return run
+
+
+# The tile A/B contenders of the benchmark and the profile: name -> fn(q, k, v) giving run().
+AB_VARIANTS = {"ours-fwd128": ours_fwd128, "ours-bwd128": ours_bwd128}

@@ -74,8 +74,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 import self_reasoning_tokens as srt  # noqa: E402
 from self_reasoning_tokens.reference import reference_attention  # noqa: E402
-from _variants import (R, W, clear_inherited_settings, close_stale_settings, ours_bwd128,  # noqa: E402
-                       ours_fwd128)
+from _variants import AB_VARIANTS, R, W, clear_inherited_settings, close_stale_settings  # noqa: E402
 from flex_stopgrad import (build_block_mask, evaluate_mask_mod, flex_stopgrad_attention,  # noqa: E402
                            reasoning_stopped, stopgrad_mask_mod)
 
@@ -95,9 +94,9 @@ CONTENDERS = {  # key: (letter, description)
     "reference": ("f", "naive O(n^2) autograd reference, same pattern"),
 }
 ORDER = list(CONTENDERS)
-# The tile A/B variants: measured at the target shape and at its (batch, seq) with each other head
-# dim (so that a default can be chosen per head dim), not at the other shapes or in the search.
-AB_VARIANTS = {"ours-fwd128", "ours-bwd128"}
+# The tile A/B variants (AB_VARIANTS, _variants.py) are measured at the target shape and at its
+# (batch, seq) with each other head dim (so that a default can be chosen per head dim), not at the
+# other shapes or in the search.
 
 
 class Skip(Exception):
@@ -343,12 +342,12 @@ class Bench:
         h, n, m = q.shape[1], q.shape[2], k.shape[2]
         if name == "ours":
             return (lambda: srt.stop_graddable_attn(q, k, v, causal=True)), info, False
-        if name in ("ours-fwd128", "ours-bwd128"):
+        if name in AB_VARIANTS:
             if self.dtype == torch.float32 and self.dev.cuda:
                 raise Skip("float32 has one kernel each way (the tile variants are float16/bfloat16)")
             if not self.dev.cuda:
                 info["note"] = "CPU: the same kernel as (a)"
-            return (ours_fwd128 if name == "ours-fwd128" else ours_bwd128)(q, k, v), info, False
+            return AB_VARIANTS[name](q, k, v), info, False
         if name == "ours+reasoning":
             return (lambda: srt.stop_graddable_attn(q, k, v, causal=True, reasoning=self.pattern)), info, False
         if name == "ours+kv-mask":
@@ -1066,7 +1065,7 @@ def main(argv=None):
         rest = [c for c in configs if c != target]
         rest.sort(key=lambda c: c[2] != target[2])
         twins = [(target[0], target[1], d) for d in args.head_dims if d != target[2]]
-        groups = [(rest, [c for c in contenders if c not in AB_VARIANTS | {"flex-stopgrad"}]),
+        groups = [(rest, [c for c in contenders if c not in {*AB_VARIANTS, "flex-stopgrad"}]),
                   (twins, [c for c in contenders if c in AB_VARIANTS]),
                   (rest, [c for c in contenders if c == "flex-stopgrad"])]
         for where, group in ((w, g) for w, g in groups if g):

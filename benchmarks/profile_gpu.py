@@ -41,7 +41,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 import self_reasoning_tokens as srt  # noqa: E402
-from _variants import R, W, clear_inherited_settings, ours_bwd128, ours_fwd128  # noqa: E402
+from _variants import AB_VARIANTS, R, W, clear_inherited_settings  # noqa: E402
 
 CONTENDERS = ("ours", "ours-fwd128", "ours-bwd128", "ours+reasoning", "sdpa-flash")
 NCU_SECTIONS = ("SpeedOfLight", "ComputeWorkloadAnalysis", "MemoryWorkloadAnalysis",
@@ -54,10 +54,8 @@ KERNEL_REGEX = "regex:attn_|flash_"  # ours (attn_*_kernel) and FlashAttention-2
 def contender_fn(name, q, k, v):
     if name == "ours":
         return lambda: srt.stop_graddable_attn(q, k, v, causal=True)
-    if name == "ours-fwd128":  # the forward's 128-row tile variant
-        return ours_fwd128(q, k, v)
-    if name == "ours-bwd128":  # the backward's 128-key tile variant
-        return ours_bwd128(q, k, v)
+    if name in AB_VARIANTS:  # the forward's 128-row or the backward's 128-key tile variant
+        return AB_VARIANTS[name](q, k, v)
     if name == "ours+reasoning":
         pattern = srt.ReasoningPattern(R, W, stop_grad=True)
         return lambda: srt.stop_graddable_attn(q, k, v, causal=True, reasoning=pattern)

@@ -165,7 +165,16 @@ def _assert_close(name, got, exp, dtype, what):
 
 # The float16/bfloat16 kernels' tile variants (kernel_traits.h): the defaults, then each
 # environment setting that picks the other size.
+TILE_VARS = ("SRT_CUDA_FWD_BLOCK_M", "SRT_CUDA_BWD_BLOCK_N")
 TILE_SETTINGS = {"default": {}, "fwd128": {"SRT_CUDA_FWD_BLOCK_M": "128"}, "bwd128": {"SRT_CUDA_BWD_BLOCK_N": "128"}}
+
+
+def use_tiles(monkeypatch, tiles):
+    """The environment of tile setting `tiles` (a TILE_SETTINGS key), the other variable unset."""
+    for var in TILE_VARS:
+        monkeypatch.delenv(var, raising=False)
+    for var, value in TILE_SETTINGS[tiles].items():
+        monkeypatch.setenv(var, value)
 
 
 @needs_gpu
@@ -175,10 +184,7 @@ TILE_SETTINGS = {"default": {}, "fwd128": {"SRT_CUDA_FWD_BLOCK_M": "128"}, "bwd1
 def test_cuda_matches_cpu(dtype, head_dim, tiles, monkeypatch):
     if tiles != "default" and dtype == torch.float32:
         pytest.skip("the tile settings select between float16/bfloat16 kernels only")
-    for var in ("SRT_CUDA_FWD_BLOCK_M", "SRT_CUDA_BWD_BLOCK_N"):
-        monkeypatch.delenv(var, raising=False)
-    for var, value in TILE_SETTINGS[tiles].items():
-        monkeypatch.setenv(var, value)
+    use_tiles(monkeypatch, tiles)
     gen = torch.Generator().manual_seed(1234 + head_dim)
     for name, (b, h, n, m), build in _cases(gen):
         kw = build(b, h, n, m)

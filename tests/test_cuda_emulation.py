@@ -172,9 +172,7 @@ def _check_cases_against_cpu(emu, dtype, head_dim, label):
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16),
                          ids=lambda d: str(d).replace("torch.", ""))
 def test_emulated_cuda_kernels_match_cpu_op(emu, cp_async_mode, dtype, head_dim, monkeypatch):
-    # the default tiles: 64-row forward, 64-key backward
-    monkeypatch.delenv("SRT_CUDA_FWD_BLOCK_M", raising=False)
-    monkeypatch.delenv("SRT_CUDA_BWD_BLOCK_N", raising=False)
+    gpu_cases.use_tiles(monkeypatch, "default")  # 64-row forward, 64-key backward
     _check_cases_against_cpu(emu, dtype, head_dim, f"cp.async {cp_async_mode}")
 
 
@@ -182,8 +180,7 @@ def test_emulated_cuda_kernels_match_cpu_op(emu, cp_async_mode, dtype, head_dim,
 # (the stricter of the two emulation modes): the forward with 128-row query tiles (8 warps per
 # block) and the backward with 128-key tiles (two 64-key chunks in the S/dP step, two 16-key m-tiles
 # per warp in the dK/dV step).
-TILE_VARIANTS = {"fwd128": ("SRT_CUDA_FWD_BLOCK_M", "128-row forward tiles"),
-                 "bwd128": ("SRT_CUDA_BWD_BLOCK_N", "128-key backward tiles")}
+TILE_VARIANTS = {"fwd128": "128-row forward tiles", "bwd128": "128-key backward tiles"}  # labels of TILE_SETTINGS keys
 
 
 @pytest.mark.parametrize("variant", TILE_VARIANTS)
@@ -192,13 +189,10 @@ TILE_VARIANTS = {"fwd128": ("SRT_CUDA_FWD_BLOCK_M", "128-row forward tiles"),
 def test_emulated_tc_tile_variants(emu, dtype, head_dim, variant, monkeypatch):
     if not TENSOR_CORE_KERNELS:
         pytest.skip("no tensor-core kernels in csrc/cuda")
-    for var, _ in TILE_VARIANTS.values():
-        monkeypatch.delenv(var, raising=False)
-    var, what = TILE_VARIANTS[variant]
-    monkeypatch.setenv(var, "128")
+    gpu_cases.use_tiles(monkeypatch, variant)
     emu.set_cp_async_mode(CP_ASYNC_MODES["late"])
     try:
-        _check_cases_against_cpu(emu, dtype, head_dim, f"{what}, cp.async late")
+        _check_cases_against_cpu(emu, dtype, head_dim, f"{TILE_VARIANTS[variant]}, cp.async late")
     finally:
         emu.set_cp_async_mode(CP_ASYNC_MODES["early"])
 
@@ -211,16 +205,14 @@ def test_emulated_tc_tile_variants_skip_whole_hard_mode_tiles(emu, variant, monk
     skip it. The skips must leave the results exact (the tiles hold only masked pairs)."""
     if not TENSOR_CORE_KERNELS:
         pytest.skip("no tensor-core kernels in csrc/cuda")
-    for var, _ in TILE_VARIANTS.values():
-        monkeypatch.delenv(var, raising=False)
     gen = torch.Generator().manual_seed(5)
     b, h, n, d = 1, 1, 800, 32
     q, k, v, do = (gpu_cases._rand(b, h, n, d, dtype=torch.bfloat16, device="cpu", gen=gen) for _ in range(4))
     kw = dict(causal=True, reasoning=(255, 2, False, None))
     ref = gpu_cases._run_ops(*(t.double() for t in (q, k, v, do)), kw, "cpu")
     mma = {}
-    for setting in ("64", "128"):
-        monkeypatch.setenv(TILE_VARIANTS[variant][0], setting)
+    for setting in ("default", variant):
+        gpu_cases.use_tiles(monkeypatch, setting)
         emu.reset_op_counts()
         got = _run_emu(emu, q, k, v, do, kw)
         mma[setting] = emu.op_counts().get("mma_16816<__nv_bfloat16>", 0)
@@ -230,7 +222,7 @@ def test_emulated_tc_tile_variants_skip_whole_hard_mode_tiles(emu, variant, monk
         for tname, g, e, r in zip(("out", "lse", "dq", "dk", "dv"), got, exp, ref):
             gpu_cases._assert_close(tname, g, e, torch.bfloat16, f"{variant}={setting} hard-mode skips")
             gpu_cases._assert_close(tname, g, r, torch.bfloat16, f"{variant}={setting} vs the CPU forward")
-    assert mma["64"] > 0 and mma["128"] > 0, mma
+    assert mma["default"] > 0 and mma[variant] > 0, mma
 
 
 def test_tile_settings_are_checked(emu, monkeypatch):
@@ -251,7 +243,7 @@ def test_tile_settings_are_checked(emu, monkeypatch):
     ref_grads = torch.ops.self_reasoning_tokens.attn_bwd(do.float(), q.float(), q.float(), q.float(), out.float(),
                                                          lse, None, None, None, None, None, *a)
     # both sizes and the empty string (the default) give the same result
-    for var in ("SRT_CUDA_FWD_BLOCK_M", "SRT_CUDA_BWD_BLOCK_N"):
+    for var in gpu_cases.TILE_VARS:
         for value in ("64", "128", ""):
             monkeypatch.setenv(var, value)
             got = emu.fwd(q, q, q, None, None, None, None, None, *a)

@@ -81,7 +81,8 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_cuda(
     using T = typename decltype(tag)::type;
     constexpr int D = decltype(head_dim)::value;
     using K = KernelsFor<T, D>;
-    check_smem("attn_fwd", K::kFwdSmemBytes, q);
+    check_smem("attn_fwd", K::fwd_smem_bytes(p.fwd_block_m), q,
+               p.fwd_block_m == 128 ? " (SRT_CUDA_FWD_BLOCK_M=128; 64 needs less)" : "");
     check_grid("attn_fwd", a.B * a.H * ((a.N + K::kFwdBlockM - 1) / K::kFwdBlockM));
     const cudaError_t err = launch_attn_fwd<T, D>(p, stream);
     C10_CUDA_CHECK(err);

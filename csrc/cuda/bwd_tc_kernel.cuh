@@ -37,12 +37,13 @@ template <typename T, int D, int kBlockN>
 __global__ void __launch_bounds__(BwdTcTraits<D, kBlockN>::kThreads, 1) attn_bwd_tc_kernel(const KernelParams p) {
   using Tr = BwdTcTraits<D, kBlockN>;
   constexpr int kBM = Tr::kBlockM, kBN = Tr::kBlockN, kS = Tr::kStride, kPS = Tr::kPStride;
-  constexpr int kChunks = kBN / 64;    // 64-key chunks of the S/dP step
-  constexpr int kKM = kBN / 64;        // 16-key m-tiles per warp in the dK/dV step
-  constexpr int kHalfD = D / 2;        // head dims per warp in the dK/dV and dQ steps
-  constexpr int kDTiles = kHalfD / 8;  // their 8-dim n-tiles
+  constexpr int kChunkN = 64;             // keys per chunk of the S/dP step (2 warp columns x 32)
+  constexpr int kChunks = kBN / kChunkN;  // chunks per key tile
+  constexpr int kKM = kBN / 4 / 16;       // 16-key m-tiles per warp in the dK/dV step (kBN / 4 keys)
+  constexpr int kHalfD = D / 2;           // head dims per warp in the dK/dV and dQ steps
+  constexpr int kDTiles = kHalfD / 8;     // their 8-dim n-tiles
   static_assert(kDTiles % 2 == 0, "n-tiles are loaded in pairs");
-  static_assert(kBN % 64 == 0 && 8 * kChunks <= 32, "reason_cols holds 8 bits per chunk");
+  static_assert(kBN % kChunkN == 0 && 8 * kChunks <= 32, "reason_cols holds 8 bits per chunk");
 
   extern __shared__ float4 smem_f4[];
   T* sQdO = reinterpret_cast<T*>(smem_f4);  // 2 buffers x (Q, dO), each kBM x kS
@@ -99,7 +100,7 @@ __global__ void __launch_bounds__(BwdTcTraits<D, kBlockN>::kThreads, 1) attn_bwd
       for (int n = 0; n < 4; ++n)
 #pragma unroll
         for (int c = 0; c < 2; ++c)
-          if (rs.is_reason(j0 + ch * 64 + wn * 32 + n * 8 + 2 * t + c)) reason_cols |= 1u << (8 * ch + 2 * n + c);
+          if (rs.is_reason(j0 + ch * kChunkN + wn * 32 + n * 8 + 2 * t + c)) reason_cols |= 1u << (8 * ch + 2 * n + c);
   }
 
   int64_t i_begin = 0;  // query i sees key j0 iff j0 <= i + shift
@@ -146,8 +147,8 @@ __global__ void __launch_bounds__(BwdTcTraits<D, kBlockN>::kThreads, 1) attn_bwd
 
 #pragma unroll 1
     for (int ch = 0; ch < kChunks; ++ch) {
-      const int kc0 = ch * 64;         // the chunk's first key in the tile
-      const int64_t jc0 = j0 + kc0;    // ... and in the sequence
+      const int kc0 = ch * kChunkN;   // the chunk's first key in the tile
+      const int64_t jc0 = j0 + kc0;   // ... and in the sequence
       // 1. S = Q K^T and dP = dO V^T: rows [16 wm, +16) x keys [kc0 + 32 wn, +32) (4 key n-tiles).
       float s[4][4], dp[4][4];
 #pragma unroll
@@ -181,10 +182,11 @@ __global__ void __launch_bounds__(BwdTcTraits<D, kBlockN>::kThreads, 1) attn_bwd
       //      in stop-grad mode, no masks, not on the diagonal): a bit test and a range check;
       //    - kGeneral: everything else (dense masks, stop masks, the causal diagonal, hard mode,
       //      a ragged last tile), element by element through mask_semantics.h.
-      const bool ragged = cols_valid < kc0 + 64;
-      const bool crosses_diagonal = p.causal && jc0 + 63 > i0 + p.shift;
+      const int64_t jc_last = jc0 + kChunkN - 1;
+      const bool ragged = cols_valid < kc0 + kChunkN;
+      const bool crosses_diagonal = p.causal && jc_last > i0 + p.shift;
       const bool region = (hard_region || soft_region) &&
-                          tile_may_touch_region(rs, i0 + p.shift, i_last + p.shift, jc0, jc0 + 63);
+                          tile_may_touch_region(rs, i0 + p.shift, i_last + p.shift, jc0, jc_last);
       const bool check = dense_masks || ragged || crosses_diagonal || (hard_region && region);
       const bool soft_tile = soft_region && region;
       const bool factors = stop_masks || soft_tile;

@@ -127,10 +127,13 @@ struct BwdTcTraits {
 template <typename T, int D>
 struct KernelsFor {
   static constexpr bool kTensorCores = sizeof(T) == 2;
-  // the larger of the two forward tile variants (the 128-row one)
-  static constexpr size_t kFwdSmemBytes = kTensorCores ? FwdTcTraits<D, 128>::kSmemBytes : FwdTraits<D>::kSmemBytes;
-  // the backward's shared memory for the key tile the host picked (bwd_block_n: 64 or 128;
-  // float32 has one kernel)
+  // the shared memory of the tile variant the host picked (fwd_block_m, bwd_block_n: 64 or 128;
+  // float32 has one kernel each way)
+  static constexpr size_t fwd_smem_bytes(int fwd_block_m) {
+    return !kTensorCores ? FwdTraits<D>::kSmemBytes
+           : fwd_block_m == 128 ? FwdTcTraits<D, 128>::kSmemBytes
+                                : FwdTcTraits<D, 64>::kSmemBytes;
+  }
   static constexpr size_t bwd_smem_bytes(int bwd_block_n) {
     return !kTensorCores ? BwdTraits<D>::kSmemBytes
            : bwd_block_n == 128 ? BwdTcTraits<D, 128>::kSmemBytes
