@@ -86,3 +86,18 @@ def test_gpu_check_skips_stages_on_request(tmp_path):
     for stage in ("tests", "bench", "profile"):
         assert f"== {stage}: skipped (SRT_GPU_CHECK_SKIP)" in summary
     assert not (out / "bench.json").exists() and not (out / "tests.xml").exists()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
+def test_gpu_check_gives_the_profile_time_to_a_short_benchmark(tmp_path):
+    # SRT_BENCH_MIN_S above the whole budget: the benchmark is "short of time", so it gets the
+    # profile's reserve and the profile is not run, which is not a failure
+    r, out = _run_gpu_check(tmp_path, 600, SRT_GPU_CHECK_SKIP="tests", SRT_BENCH_MIN_S="100000",
+                            BENCH_ARGS="--dry-run --device cpu --skip-longest")
+    summary = (out / "summary.txt").read_text()
+    for line in ("== bench: ok", "== profile: not run (its 75 s went to the benchmark", "gpu_check: all stages passed"):
+        assert line in summary, summary
+    assert not (out / "profile_raw.csv").exists()
+    # the benchmark's stage limit includes the reserve: 15 s of timeout grace are kept back
+    bench_limit = int(r.stdout.split("== bench (timeout ")[1].split("s)")[0])
+    assert 470 - 15 - 60 < bench_limit <= 470 - 15, r.stdout[-3000:]
