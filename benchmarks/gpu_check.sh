@@ -204,7 +204,8 @@ if (( build_ok == 0 )); then
     done
     # ncu writes its CSV when the profiled process ends; the launches are bounded by the
     # profiler start/stop bracket in profile_gpu.py (about 16 kernels), --launch-count caps them
-    stage profile "$profile_reserve" "$ncu_bin" --target-processes all --profile-from-start off \
+    # --clock-control none: the card's clocks are left alone (ncu's default locks them to base)
+    stage profile "$profile_reserve" "$ncu_bin" --target-processes all --profile-from-start off --clock-control none \
          --kernel-name "regex:attn_|flash_" --launch-count 20 ${sections[@]+"${sections[@]}"} \
          --page raw --csv --print-units base --log-file "$OUTDIR/profile_raw.csv" \
          "$PY" benchmarks/profile_gpu.py run

@@ -21,8 +21,10 @@ cudaProfilerStop, so with --profile-from-start off only those launches are profi
 `summarize` reads ncu's CSV in either layout (--page raw: one row per kernel, a column per metric,
 maybe a units row; --page details: one row per metric), skips ncu's ==PROF== lines, and assigns the
 kernels to contenders in launch order (each contender's launches begin with its forward kernel).
-Metrics a given ncu version does not collect are shown as '-'. ncu locks clocks to base by default,
-so durations here are longer than the benchmark's; compare ratios, not absolute times.
+Metrics a given ncu version does not collect are shown as '-'. gpu_check.sh runs ncu with
+`--clock-control none` (ncu would otherwise lock the card's clocks to base, and the lent machines'
+rules say to leave clocks alone), so the card runs at its own clocks; profiled launches still
+run one at a time with caches flushed, so compare ratios, not absolute times.
 """
 from __future__ import annotations
 
@@ -255,7 +257,7 @@ def summarize(text, contenders):
     if totals:
         out.append("")
         base = totals.get("sdpa-flash")
-        out.append("fwd+bwd kernel time (ncu, base clocks): " + ", ".join(
+        out.append("fwd+bwd kernel time (ncu, one launch at a time): " + ", ".join(
             f"{who} {t:.3f} ms" + (f" ({t / base:.2f}x sdpa-flash)" if base and who != "sdpa-flash" else "")
             for who, t in totals.items()))
     return "\n".join(out) + "\n"

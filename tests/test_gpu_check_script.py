@@ -77,6 +77,8 @@ def test_gpu_check_runs_every_stage_and_writes_its_files(tmp_path):
         "profile.log", "profile_raw.csv", "profile.txt", "summary.txt"}
     # the profile table attributes the stand-in CSV's kernels to the contenders, in launch order
     assert "attn_fwd_tc_kernel" in (out / "profile.txt").read_text()
+    # ncu leaves the card's clocks alone (its default would lock them to base)
+    assert "ncu option --clock-control none" in (out / "profile.log").read_text()
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
