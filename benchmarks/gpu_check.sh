@@ -15,9 +15,10 @@
 # longest-sequence search, the other shapes, FlexAttention's per-shape compiles last), stops
 # cleanly at its budget and records what it skipped; bench.json is also
 # rewritten after every measurement, so even a killed benchmark leaves its numbers.
-# OUTDIR gets at most 11 flat files: env.log, build.log, tests.log, tests.xml, bench.log,
-# bench.json, bench_table.txt, profile.log, profile_raw.csv (ncu's CSV), profile.txt (its table,
-# benchmarks/profile_gpu.py) and summary.txt. The summary is printed last.
+# OUTDIR gets at most 6 flat files (the device tool brings back at most 8): summary.txt (written
+# as the run goes, printed last), tests.xml, bench.json, bench_table.txt, profile.txt (the table
+# of ncu's CSV, benchmarks/profile_gpu.py) and logs.tar.gz, rewritten after each stage, with
+# env.log, build.log, tests.log, bench.log, profile.log and profile_raw.csv (ncu's CSV).
 # Environment: PYTHON (python3), SRT_GPU_CHECK_BUDGET_S (470), TORCH_CUDA_ARCH_LIST (9.0),
 # MAX_JOBS (16), SRT_TEST_WORKERS (8, with pytest-xdist), SRT_TEST_ARGS (pytest's paths and
 # filters instead of "tests"), SRT_PROFILE_S (75), SRT_BENCH_MIN_S (150: a benchmark left less
@@ -40,11 +41,18 @@ DEADLINE=$(( T0 + ${SRT_GPU_CHECK_BUDGET_S:-470} ))
 SUMMARY="$OUTDIR/summary.txt"
 : > "$SUMMARY"
 failed=()
+# Stage logs are written here and packed into OUTDIR/logs.tar.gz after each stage and at exit.
+LOGS="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_logs.XXXXXX")"
+pack_logs() {
+  tar -czf "$OUTDIR/logs.tar.gz.part" -C "$LOGS" . 2>/dev/null && mv -f "$OUTDIR/logs.tar.gz.part" "$OUTDIR/logs.tar.gz"
+}
+trap pack_logs EXIT
+trap 'exit 143' TERM INT
 
 note() { echo "$*" | tee -a "$SUMMARY"; }
 
-# stage NAME LIMIT_S CMD...: runs CMD with stdout+stderr to OUTDIR/NAME.log (and the console),
-# killed after min(LIMIT_S, time left before the deadline).
+# stage NAME LIMIT_S CMD...: runs CMD with stdout+stderr to NAME.log (and the console), killed
+# after min(LIMIT_S, time left before the deadline); the logs are packed again after it.
 stage() {
   local name="$1" limit="$2"; shift 2
   local left=$(( DEADLINE - $(date +%s) - 15 ))  # timeout's --kill-after grace stays inside the budget
@@ -54,8 +62,9 @@ stage() {
   fi
   echo "== $name (timeout ${limit}s): $*"
   local t=$(date +%s)
-  timeout --kill-after=15 "$limit" "$@" 2>&1 | tee "$OUTDIR/$name.log"
+  timeout --kill-after=15 "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
   local rc=${PIPESTATUS[0]}
+  pack_logs
   local dt=$(( $(date +%s) - t ))
   if (( rc == 0 )); then
     note "== $name: ok in ${dt}s"
@@ -141,8 +150,9 @@ find_ncu() {
 }
 
 echo "== env"
-env_report 2>&1 | tee "$OUTDIR/env.log"
-note "$(grep -E '^(device|torch|python|nvcc)' "$OUTDIR/env.log")"
+env_report 2>&1 | tee "$LOGS/env.log"
+note "$(grep -E '^(device|torch|python|nvcc)' "$LOGS/env.log")"
+pack_logs
 
 stage build 180 env FORCE_CUDA=1 "$PY" setup.py build_ext --inplace
 build_ok=$?
@@ -166,7 +176,7 @@ if (( build_ok == 0 )); then
       stage tests 220 "$PY" -m pytest ${SRT_TEST_ARGS:-tests} -q -p no:cacheprovider ${xdist[@]+"${xdist[@]}"} \
         --junitxml="$OUTDIR/tests.xml"
     tests_summary | tee -a "$SUMMARY"
-    grep -E "^(FAILED|ERROR) " "$OUTDIR/tests.log" | head -n 30 | tee -a "$SUMMARY"
+    grep -E "^(FAILED|ERROR) " "$LOGS/tests.log" | head -n 30 | tee -a "$SUMMARY"
   fi
 
   # The benchmark takes all the time left but the profile's reserve; it stops itself 25 s before
@@ -207,22 +217,23 @@ if (( build_ok == 0 )); then
     # --clock-control none: the card's clocks are left alone (ncu's default locks them to base)
     stage profile "$profile_reserve" "$ncu_bin" --target-processes all --profile-from-start off --clock-control none \
          --kernel-name "regex:attn_|flash_" --launch-count 20 ${sections[@]+"${sections[@]}"} \
-         --page raw --csv --print-units base --log-file "$OUTDIR/profile_raw.csv" \
+         --page raw --csv --print-units base --log-file "$LOGS/profile_raw.csv" \
          "$PY" benchmarks/profile_gpu.py run
-    if grep -q "ERR_NVGPUCTRPERM" "$OUTDIR/profile_raw.csv" "$OUTDIR/profile.log" 2>/dev/null; then
+    if grep -q "ERR_NVGPUCTRPERM" "$LOGS/profile_raw.csv" "$LOGS/profile.log" 2>/dev/null; then
       note "profile: no access to the GPU performance counters (ERR_NVGPUCTRPERM)"
-    elif [[ -s "$OUTDIR/profile_raw.csv" ]]; then
-      "$PY" benchmarks/profile_gpu.py summarize "$OUTDIR/profile_raw.csv" --out "$OUTDIR/profile.txt" \
-        >/dev/null 2>>"$OUTDIR/profile.log" || note "profile: could not tabulate profile_raw.csv (profile.log)"
+    elif [[ -s "$LOGS/profile_raw.csv" ]]; then
+      "$PY" benchmarks/profile_gpu.py summarize "$LOGS/profile_raw.csv" --out "$OUTDIR/profile.txt" \
+        >/dev/null 2>>"$LOGS/profile.log" || note "profile: could not tabulate profile_raw.csv (profile.log in logs.tar.gz)"
     else
-      note "profile: ncu wrote no CSV (profile.log)"
+      note "profile: ncu wrote no CSV (profile.log in logs.tar.gz)"
     fi
+    pack_logs
   else
     note "== profile: skipped (no ncu on PATH, in \$CUDA_HOME/bin or /opt/nvidia/nsight-compute)"
   fi
 else
-  note "== tests, bench: not run (the build failed; see build.log)"
-  tail -n 40 "$OUTDIR/build.log"
+  note "== tests, bench: not run (the build failed; see build.log in logs.tar.gz)"
+  tail -n 40 "$LOGS/build.log"
 fi
 
 [[ -f "$OUTDIR/bench_table.txt" ]] && cat "$OUTDIR/bench_table.txt" >> "$SUMMARY"

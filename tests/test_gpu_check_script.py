@@ -6,6 +6,7 @@ runs the profiled workload on the CPU and writes tests/test_profile_gpu.py's syn
 import os
 import stat
 import subprocess
+import tarfile
 import sys
 
 import pytest
@@ -36,6 +37,13 @@ done
 "$@" --device cpu --seq 64 --head-dim 32 --hidden 64 --dtype float32 --warmup 1 || exit $?
 PYTHONPATH={TESTS}:{BENCH} {sys.executable} -c "import test_profile_gpu as t; print(t.raw_csv(), end='')" > "$log"
 """
+
+
+def _logs(out):
+    """{name: text} of the stage logs packed into OUTDIR/logs.tar.gz."""
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        return {os.path.basename(m.name): tar.extractfile(m).read().decode()
+                for m in tar.getmembers() if m.isfile()}
 
 
 def _script(path, text):
@@ -72,13 +80,16 @@ def test_gpu_check_runs_every_stage_and_writes_its_files(tmp_path):
     for line in ("== build: ok", "== tests: ok", "== bench: ok", "== profile: ok", "gpu_check: all stages passed",
                  "all tests: 3 passed, 0 failed", "== Nsight Compute profile (profile.txt)"):
         assert line in summary, summary
+    # the device tool brings back at most 8 files from $OUT: the logs travel as one archive
     assert {p.name for p in out.iterdir()} == {
-        "env.log", "build.log", "tests.log", "tests.xml", "bench.log", "bench.json", "bench_table.txt",
-        "profile.log", "profile_raw.csv", "profile.txt", "summary.txt"}
+        "summary.txt", "tests.xml", "bench.json", "bench_table.txt", "profile.txt", "logs.tar.gz"}
+    logs = _logs(out)
+    assert set(logs) == {"env.log", "build.log", "tests.log", "bench.log", "profile.log", "profile_raw.csv"}
+    assert "3 passed" in logs["tests.log"] and "(CUDA build stood in for)" in logs["build.log"]
     # the profile table attributes the stand-in CSV's kernels to the contenders, in launch order
     assert "attn_fwd_tc_kernel" in (out / "profile.txt").read_text()
     # ncu leaves the card's clocks alone (its default would lock them to base)
-    assert "ncu option --clock-control none" in (out / "profile.log").read_text()
+    assert "ncu option --clock-control none" in logs["profile.log"]
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
@@ -99,7 +110,7 @@ def test_gpu_check_gives_the_profile_time_to_a_short_benchmark(tmp_path):
     summary = (out / "summary.txt").read_text()
     for line in ("== bench: ok", "== profile: not run (its 75 s went to the benchmark", "gpu_check: all stages passed"):
         assert line in summary, summary
-    assert not (out / "profile_raw.csv").exists()
+    assert "profile_raw.csv" not in _logs(out) and not (out / "profile.txt").exists()
     # the benchmark's stage limit includes the reserve: 15 s of timeout grace are kept back
     bench_limit = int(r.stdout.split("== bench (timeout ")[1].split("s)")[0])
     assert 470 - 15 - 60 < bench_limit <= 470 - 15, r.stdout[-3000:]
