@@ -20,7 +20,8 @@
 # of ncu's CSV, benchmarks/profile_gpu.py) and logs.tar.gz, rewritten after each stage, with
 # env.log, build.log, tests.log, bench.log, profile.log and profile_raw.csv (ncu's CSV).
 # Environment: PYTHON (python3), SRT_GPU_CHECK_BUDGET_S (470), TORCH_CUDA_ARCH_LIST (9.0),
-# MAX_JOBS (16), SRT_TEST_WORKERS (8, with pytest-xdist), SRT_TEST_ARGS (pytest's paths and
+# MAX_JOBS (16), SRT_TEST_WORKERS (8, with pytest-xdist; each gets nproc/workers CPU threads
+# through OMP_NUM_THREADS unless that is set), SRT_TEST_ARGS (pytest's paths and
 # filters instead of "tests"), SRT_PROFILE_S (75), SRT_BENCH_MIN_S (150: a benchmark left less
 # with the profile's reserve takes the reserve and the profile is not run), BENCH_ARGS (extra arguments for
 # benchmarks/bench_gpu.py), SRT_GPU_CHECK_SKIP (stages to leave out: tests,bench,profile).
@@ -170,9 +171,14 @@ if (( build_ok == 0 )); then
   if wanted tests; then
     tests_limit=$(( DEADLINE - $(date +%s) )); (( tests_limit > 220 )) && tests_limit=220
     xdist=()
-    "$PY" -c "import xdist" 2>/dev/null && xdist=(-n "${SRT_TEST_WORKERS:-8}")
+    workers=1
+    "$PY" -c "import xdist" 2>/dev/null && { workers=${SRT_TEST_WORKERS:-8}; xdist=(-n "$workers"); }
+    # each worker's torch would otherwise start one CPU thread per core (8 x 16 on the lent
+    # machine): the cores are shared out instead, unless OMP_NUM_THREADS is set already
+    threads=${OMP_NUM_THREADS:-$(( $(nproc) / workers > 0 ? $(nproc) / workers : 1 ))}
+    note "tests: $workers pytest worker(s), $threads CPU thread(s) each (OMP_NUM_THREADS)"
     # shellcheck disable=SC2086
-    SRT_TEST_DEADLINE=$(( $(date +%s) + tests_limit - 20 )) \
+    OMP_NUM_THREADS=$threads SRT_TEST_DEADLINE=$(( $(date +%s) + tests_limit - 20 )) \
       stage tests 220 "$PY" -m pytest ${SRT_TEST_ARGS:-tests} -q -p no:cacheprovider ${xdist[@]+"${xdist[@]}"} \
         --junitxml="$OUTDIR/tests.xml"
     tests_summary | tee -a "$SUMMARY"

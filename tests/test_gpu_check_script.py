@@ -80,6 +80,9 @@ def test_gpu_check_runs_every_stage_and_writes_its_files(tmp_path):
     for line in ("== build: ok", "== tests: ok", "== bench: ok", "== profile: ok", "gpu_check: all stages passed",
                  "all tests: 3 passed, 0 failed", "== Nsight Compute profile (profile.txt)"):
         assert line in summary, summary
+    # one worker (SRT_TEST_WORKERS=1) gets all the cores, or OMP_NUM_THREADS where that is set
+    threads = os.environ.get("OMP_NUM_THREADS") or str(len(os.sched_getaffinity(0)))
+    assert f"tests: 1 pytest worker(s), {threads} CPU thread(s) each" in summary, summary
     # the device tool brings back at most 8 files from $OUT: the logs travel as one archive
     assert {p.name for p in out.iterdir()} == {
         "summary.txt", "tests.xml", "bench.json", "bench_table.txt", "profile.txt", "logs.tar.gz"}
