@@ -247,6 +247,10 @@ fi
 echo
 echo "================ summary ($(( $(date +%s) - T0 )) s) ================"
 cat "$SUMMARY"
+# The lines that matter most, again at the very end (a reply that keeps only the output's tail
+# still has them): device, stages, test counts, issue 6's targets.
+echo "================ headline ================"
+grep -E '^(device|torch|== |all tests|GPU tests|(FAILED|ERROR) |  (PASS|FAIL|n/a) )' "$SUMMARY"
 if (( ${#failed[@]} )); then
   echo "gpu_check: FAILED stages: ${failed[*]}" | tee -a "$SUMMARY"
   exit 1

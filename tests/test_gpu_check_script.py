@@ -74,9 +74,13 @@ def _run_gpu_check(tmp_path, timeout, **settings):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
 def test_gpu_check_runs_every_stage_and_writes_its_files(tmp_path):
-    _, out = _run_gpu_check(tmp_path, 600, SRT_TEST_ARGS="tests/test_sass_loop.py", SRT_TEST_WORKERS="1",
+    r, out = _run_gpu_check(tmp_path, 600, SRT_TEST_ARGS="tests/test_sass_loop.py", SRT_TEST_WORKERS="1",
                             BENCH_ARGS="--dry-run --device cpu --skip-longest")
     summary = (out / "summary.txt").read_text()
+    # the headline, printed last, repeats the device, the stages, the counts and the targets
+    headline = r.stdout.split("================ headline ================")[1]
+    for line in ("device: ", "== tests: ok", "all tests: 3 passed", "GPU tests (", "(b) within 10% of (a)"):
+        assert line in headline, headline
     for line in ("== build: ok", "== tests: ok", "== bench: ok", "== profile: ok", "gpu_check: all stages passed",
                  "all tests: 3 passed, 0 failed", "== Nsight Compute profile (profile.txt)"):
         assert line in summary, summary
