@@ -287,6 +287,33 @@ def test_large_reasoning(cfg, helpers):
     helpers.check(cfg, q, k, v, causal=True, reasoning=ReasoningPattern(1, 3, stop_grad=False))
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+@pytest.mark.parametrize("n,m", [(520, 1100), (1100, 520)])
+def test_cpu_backward_split_over_key_groups(helpers, threads, n, m):
+    """With fewer (batch, head) pairs than threads the CPU backward splits each head's key tiles
+    (256 keys) into threads / (B*H) interleaved groups, capped by the number of key tiles, each
+    with its own dQ buffer summed afterwards: 1, 2, 3 and 5 threads on one head give 1, 2, 3 and
+    5 (or, with 3 key tiles, 3) groups. Every split must match the float64 reference and the
+    unsplit run to rounding, with masks, padding and the reasoning pattern all in play."""
+    cfg = helpers.config_for("cpu")
+    q, k, v = cfg.qkv(1, 1, n, m)
+    kwargs = dict(causal=True, mask=torch.rand(1, m) < 0.9,
+                  k_stop_grad_mask=make_mask("bool", "nm", 1, 1, n, m, "cpu"),
+                  q_stop_grad_mask=make_mask("float", "hnm", 1, 1, n, m, "cpu"),
+                  reasoning=ReasoningPattern(2, 3, stop_grad=True))
+    grad_out = torch.randn(q.shape, dtype=torch.float64)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        unsplit = helpers.run_with_grads(stop_graddable_attn, q, k, v, grad_out, **kwargs)
+        torch.set_num_threads(threads)
+        got = helpers.check(cfg, q, k, v, grad_out=grad_out, **kwargs)
+    finally:
+        torch.set_num_threads(before)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), got, unsplit):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12, msg=name)
+
+
 # --------------------------------------------------------------------------------------------
 # gradcheck where the gradients are true derivatives (float64, CPU: CUDA has no float64 kernels)
 # --------------------------------------------------------------------------------------------

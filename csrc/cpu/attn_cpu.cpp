@@ -222,16 +222,33 @@ void forward_kernel(const AttnParams& p, const T* Q, const T* K, const T* V, T* 
   });
 }
 
+// Into how many groups of key tiles the backward splits each (batch, head): one when there are
+// at least as many heads as threads (a thread then owns whole heads), else threads / (B * H), at
+// most one per key tile, so that a batch of few long heads still keeps every thread busy.
+int64_t backward_key_groups(const AttnParams& p) {
+  if (at::in_parallel_region()) return 1;  // nested: the caller's threads are already busy
+  const int64_t heads = std::max<int64_t>(p.B * p.H, 1);
+  const int64_t key_tiles = std::max<int64_t>((p.M + kBlockK - 1) / kBlockK, 1);
+  return std::clamp<int64_t>(at::get_num_threads() / heads, 1, key_tiles);
+}
+
 template <typename T>
 void backward_kernel(const AttnParams& p, const T* Q, const T* K, const T* V, const T* O,
                      const T* dO, const T* LSE, T* dQ, T* dK, T* dV) {
   const int64_t B = p.B, H = p.H, N = p.N, M = p.M, D = p.D;
   const T scale = static_cast<T>(p.scale);
   const int64_t tile = kBlockQ * kBlockK;
-  // One task per (batch, head): a thread owns that head's dQ, dK and dV rows, so no atomics.
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  // One task per (batch, head, key group); group g owns key tiles g, g + G, g + 2G, ... (so that
+  // under causality the groups get about equal work) and their dK and dV rows, so no atomics.
+  // With one group the task also owns the head's dQ rows; with several, each task adds its dQ
+  // terms into its own N x D buffer (at most one per thread: O(N) memory), and the buffers are
+  // summed in group order afterwards, so the result does not depend on the schedule.
+  const int64_t G = backward_key_groups(p);
+  std::vector<T> dq_parts(G > 1 ? B * H * G * N * D : 0);
+  at::parallel_for(0, B * H * G, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> P(tile), dS(tile), tmp(tile), Drow(N);
-    for (int64_t bh = begin; bh < end; ++bh) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / G, g = task % G;
       const int64_t b = bh / H, h = bh % H;
       const T* q = Q + bh * N * D;
       const T* k = K + bh * M * D;
@@ -239,12 +256,15 @@ void backward_kernel(const AttnParams& p, const T* Q, const T* K, const T* V, co
       const T* o = O + bh * N * D;
       const T* dout = dO + bh * N * D;
       const T* lse = LSE + bh * N;
-      T* dq = dQ + bh * N * D;
+      T* dq = G > 1 ? dq_parts.data() + task * N * D : dQ + bh * N * D;
       T* dk = dK + bh * M * D;
       T* dv = dV + bh * M * D;
       std::fill(dq, dq + N * D, T(0));
-      std::fill(dk, dk + M * D, T(0));
-      std::fill(dv, dv + M * D, T(0));
+      for (int64_t j0 = g * kBlockK; j0 < M; j0 += G * kBlockK) {  // this group's dK, dV rows
+        const int64_t rows = std::min(kBlockK, M - j0);
+        std::fill(dk + j0 * D, dk + (j0 + rows) * D, T(0));
+        std::fill(dv + j0 * D, dv + (j0 + rows) * D, T(0));
+      }
       for (int64_t i = 0; i < N; ++i) Drow[i] = dot_row(dout + i * D, o + i * D, D);
 
       for (int64_t i0 = 0; i0 < N; i0 += kBlockQ) {
@@ -253,7 +273,7 @@ void backward_kernel(const AttnParams& p, const T* Q, const T* K, const T* V, co
         at::Tensor do_t = wrap(dout + i0 * D, rows, D, D);
         at::Tensor dq_t = wrap(dq + i0 * D, rows, D, D);
         const int64_t jend = key_end(p, i0, rows);
-        for (int64_t j0 = 0; j0 < jend; j0 += kBlockK) {
+        for (int64_t j0 = g * kBlockK; j0 < jend; j0 += G * kBlockK) {
           const int64_t cols = std::min(kBlockK, jend - j0);
           if (tile_hidden_by_region(p, h, i0, rows, j0, cols)) continue;
           at::Tensor k_t = wrap(k + j0 * D, cols, D, D);
@@ -304,10 +324,25 @@ void backward_kernel(const AttnParams& p, const T* Q, const T* K, const T* V, co
           }
         }
       }
-      scale_row(dq, N * D, scale);
-      scale_row(dk, M * D, scale);
+      if (G == 1) scale_row(dq, N * D, scale);
+      for (int64_t j0 = g * kBlockK; j0 < M; j0 += G * kBlockK)
+        scale_row(dk + j0 * D, std::min(kBlockK, M - j0) * D, scale);
     }
   });
+  if (G > 1) {  // dQ = scale * (sum of the groups' terms, in group order)
+    at::parallel_for(0, B * H * N, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t bh = row / N, i = row % N;
+        T* out = dQ + row * D;
+        std::fill(out, out + D, T(0));
+        for (int64_t g = 0; g < G; ++g) {
+          const T* part = dq_parts.data() + ((bh * G + g) * N + i) * D;
+          for (int64_t d = 0; d < D; ++d) out[d] += part[d];
+        }
+        scale_row(out, D, scale);
+      }
+    });
+  }
 }
 
 // Float32 working copy for reduced-precision inputs; the tensor itself otherwise.
