@@ -923,6 +923,8 @@ def format_tables(data, shapes_order):
     elif cc.get("skipped"):
         lines += ["", f"cross-check: skipped ({cc['skipped']})"]
 
+    lines += tile_ab_lines(data["results"])
+
     if data["longest_seq"]:
         a = meta["args"]
         lines += ["", f"longest sequence, b=1, h={a['longest_heads']}, d={a['longest_head_dim']}, {meta['dtype']}, "
@@ -954,6 +956,45 @@ def format_tables(data, shapes_order):
         lines.append(f"note: {note}")
     lines.append(f"elapsed {meta['elapsed_s']} s" + (f" of a {meta['budget_s']:g} s budget" if meta.get("budget_s") else ""))
     return "\n".join(lines)
+
+
+def _spread(times):
+    """Interquartile range over the median of one row's timings (None with fewer than 2)."""
+    if not times or len(times) < 2:
+        return None
+    q1, _, q3 = statistics.quantiles(times, n=4)
+    return (q3 - q1) / statistics.median(times)
+
+
+def tile_ab_lines(results):
+    """The tile-size A/B in a few lines per shape: each 128 variant's time over (a)'s, for the
+    pass it changes (fwd for ours-fwd128, bwd for ours-bwd128) and for fwd+bwd, with each side's
+    spread (IQR / median), and "faster" or "slower" only where the ratio is further from 1 than
+    the two spreads together; what the defaults in csrc/cuda/host_glue.h are chosen from."""
+    rows = {(r["contender"], r["batch"], r["seq"], r["head_dim"]): r for r in results
+            if "skipped" not in r and "error" not in r}
+    out = []
+    for name, phase in (("ours-fwd128", "fwd"), ("ours-bwd128", "bwd")):
+        for (who, b, n, d), r in sorted(rows.items(), key=lambda kv: (-kv[0][3], kv[0][1])):
+            base = rows.get(("ours", b, n, d))
+            if who != name or base is None:
+                continue
+            parts = []
+            for what in (phase, "fwd_bwd"):
+                va, vb = r.get(f"{what}_ms"), base.get(f"{what}_ms")
+                if not va or not vb:
+                    continue
+                ratio = va / vb
+                sa, sb = _spread(r.get(f"{what}_times_ms")), _spread(base.get(f"{what}_times_ms"))
+                noise = (sa or 0) + (sb or 0)
+                call = "faster" if ratio < 1 - noise else "slower" if ratio > 1 + noise else "within noise"
+                spread = "" if sa is None or sb is None else f", spread {sa:.1%}/{sb:.1%}"
+                parts.append(f"{what.replace('_', '+')} {ratio:.3f}x ({va:.3f} vs {vb:.3f} ms{spread}: {call})")
+            if parts:
+                out.append(f"  A/B {name} vs ours, d={d} b={b} n={n}: " + "; ".join(parts))
+    if out:
+        out = ["", "tile A/B (time of the 128 variant over (a)'s; < 1: the variant is faster):"] + out
+    return out
 
 
 def a_or(meta, k):

@@ -248,9 +248,9 @@ echo
 echo "================ summary ($(( $(date +%s) - T0 )) s) ================"
 cat "$SUMMARY"
 # The lines that matter most, again at the very end (a reply that keeps only the output's tail
-# still has them): device, stages, test counts, issue 6's targets.
+# still has them): device, stages, test counts, issue 6's targets, the tile A/B.
 echo "================ headline ================"
-grep -E '^(device|torch|== |all tests|GPU tests|(FAILED|ERROR) |  (PASS|FAIL|n/a) )' "$SUMMARY"
+grep -E '^(device|torch|== |all tests|GPU tests|(FAILED|ERROR) |  (PASS|FAIL|n/a) |  A/B )' "$SUMMARY"
 if (( ${#failed[@]} )); then
   echo "gpu_check: FAILED stages: ${failed[*]}" | tee -a "$SUMMARY"
   exit 1

@@ -79,7 +79,8 @@ def test_gpu_check_runs_every_stage_and_writes_its_files(tmp_path):
     summary = (out / "summary.txt").read_text()
     # the headline, printed last, repeats the device, the stages, the counts and the targets
     headline = r.stdout.split("================ headline ================")[1]
-    for line in ("device: ", "== tests: ok", "all tests: 3 passed", "GPU tests (", "(b) within 10% of (a)"):
+    for line in ("device: ", "== tests: ok", "all tests: 3 passed", "GPU tests (", "(b) within 10% of (a)",
+                 "  A/B ours-fwd128 vs ours, d=", "  A/B ours-bwd128 vs ours, d="):
         assert line in headline, headline
     for line in ("== build: ok", "== tests: ok", "== bench: ok", "== profile: ok", "gpu_check: all stages passed",
                  "all tests: 3 passed, 0 failed", "== Nsight Compute profile (profile.txt)"):
