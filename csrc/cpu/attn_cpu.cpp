@@ -113,7 +113,10 @@ template <typename T>
 bool apply_factor_tile(const MaskView& mv, bool with_region, const AttnParams& p, int64_t b,
                        int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
                        const T* src, T* dst) {
-  const bool region = with_region && p.reasoning.stop_grad && p.reasoning.on_head(h);
+  // the pattern's region is a band just below the diagonal: most tiles do not meet it
+  const bool region = with_region && p.reasoning.stop_grad && p.reasoning.on_head(h) &&
+                      tile_may_touch_region(p.reasoning, i0 + p.shift, i0 + rows - 1 + p.shift, j0,
+                                            j0 + cols - 1);
   if (!mv.present() && !region) return false;
   for (int64_t r = 0; r < rows; ++r) {
     const T* in = src + r * cols;
