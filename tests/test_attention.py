@@ -289,17 +289,19 @@ def test_large_reasoning(cfg, helpers):
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 5])
 @pytest.mark.parametrize("n,m", [(520, 1100), (1100, 520)])
-def test_cpu_backward_split_over_key_groups(helpers, threads, n, m):
-    """With fewer (batch, head) pairs than threads the CPU backward splits each head's key tiles
-    (256 keys) into threads / (B*H) interleaved groups, capped by the number of key tiles, each
-    with its own dQ buffer summed afterwards: 1, 2, 3 and 5 threads on one head give 1, 2, 3 and
-    5 (or, with 3 key tiles, 3) groups. Every split must match the float64 reference and the
-    unsplit run to rounding, with masks, padding and the reasoning pattern all in play."""
+@pytest.mark.parametrize("h", [1, 3])
+def test_cpu_backward_split_over_key_groups(helpers, h, threads, n, m):
+    """When the (batch, head) pairs do not share out evenly over the threads, the CPU backward
+    splits each head's key tiles (256 keys) into G interleaved groups (csrc/cpu/attn_cpu.cpp,
+    backward_key_groups), each with its own dQ buffer summed afterwards. One head on 1, 2, 3, 5
+    threads: G = 1, 2, 3, 5 (3 where there are only 3 key tiles); 3 heads: G = 1, 2, 1, 5 (3).
+    Every split must match the float64 reference and the unsplit run to rounding, with masks,
+    padding and the reasoning pattern all in play."""
     cfg = helpers.config_for("cpu")
-    q, k, v = cfg.qkv(1, 1, n, m)
+    q, k, v = cfg.qkv(1, h, n, m)
     kwargs = dict(causal=True, mask=torch.rand(1, m) < 0.9,
-                  k_stop_grad_mask=make_mask("bool", "nm", 1, 1, n, m, "cpu"),
-                  q_stop_grad_mask=make_mask("float", "hnm", 1, 1, n, m, "cpu"),
+                  k_stop_grad_mask=make_mask("bool", "nm", 1, h, n, m, "cpu"),
+                  q_stop_grad_mask=make_mask("float", "hnm", 1, h, n, m, "cpu"),
                   reasoning=ReasoningPattern(2, 3, stop_grad=True))
     grad_out = torch.randn(q.shape, dtype=torch.float64)
     before = torch.get_num_threads()

@@ -225,14 +225,23 @@ void forward_kernel(const AttnParams& p, const T* Q, const T* K, const T* V, T* 
   });
 }
 
-// Into how many groups of key tiles the backward splits each (batch, head): one when there are
-// at least as many heads as threads (a thread then owns whole heads), else threads / (B * H), at
-// most one per key tile, so that a batch of few long heads still keeps every thread busy.
+// Into how many groups of key tiles the backward splits each (batch, head), so that the B * H * G
+// tasks share out evenly over the threads: the G (at most one per key tile, and B * H * G at most
+// 4 threads' worth, which bounds the dQ buffers) with the least rounds of tasks per head's work,
+// ceil(B * H * G / threads) / G, the smallest such G on ties. One head on 2 threads: 2 groups;
+// 3 heads on 2 threads: 2 (3 rounds of half a head instead of 2 of a whole one); as many heads
+// as threads, or a multiple: 1.
 int64_t backward_key_groups(const AttnParams& p) {
   if (at::in_parallel_region()) return 1;  // nested: the caller's threads are already busy
-  const int64_t heads = std::max<int64_t>(p.B * p.H, 1);
+  const int64_t heads = std::max<int64_t>(p.B * p.H, 1), threads = at::get_num_threads();
   const int64_t key_tiles = std::max<int64_t>((p.M + kBlockK - 1) / kBlockK, 1);
-  return std::clamp<int64_t>(at::get_num_threads() / heads, 1, key_tiles);
+  int64_t best = 1;
+  double best_rounds = static_cast<double>((heads + threads - 1) / threads);
+  for (int64_t g = 2; g <= key_tiles && heads * g <= 4 * threads; ++g) {
+    const double rounds = static_cast<double>((heads * g + threads - 1) / threads) / g;
+    if (rounds < best_rounds - 1e-9) { best = g; best_rounds = rounds; }
+  }
+  return best;
 }
 
 template <typename T>
