@@ -23,8 +23,8 @@
 # MAX_JOBS (16), SRT_TEST_WORKERS (8, with pytest-xdist; each gets nproc/workers CPU threads
 # through OMP_NUM_THREADS unless that is set), SRT_TEST_ARGS (pytest's paths and
 # filters instead of "tests"), SRT_PROFILE_S (75), SRT_BENCH_MIN_S (150: a benchmark left less
-# with the profile's reserve takes the reserve and the profile is not run), BENCH_ARGS (extra arguments for
-# benchmarks/bench_gpu.py), SRT_GPU_CHECK_SKIP (stages to leave out: tests,bench,profile).
+# with the profile's reserve takes the reserve and the profile is not run), BENCH_ARGS (extra
+# arguments for benchmarks/bench_gpu.py), SRT_GPU_CHECK_SKIP (stages to leave out: tests,bench,profile).
 # A quick rerun after a fix, e.g.: SRT_TEST_ARGS=tests/test_cuda_build.py SRT_GPU_CHECK_SKIP=profile
 # BENCH_ARGS="--skip-longest --shapes 2x8192 --head-dims 128" benchmarks/gpu_check.sh OUTDIR
 set -uo pipefail  # no -e: a failing stage is recorded and the next stages still run
@@ -185,7 +185,7 @@ if (( build_ok == 0 )); then
     grep -E "^(FAILED|ERROR) " "$LOGS/tests.log" | head -n 30 | tee -a "$SUMMARY"
   fi
 
-  # The benchmark takes all the time left but the profile's reserve; it stops itself 25 s before
+  # The benchmark takes all the time left but the profile's reserve; it stops itself 40 s before
   # the stage timeout (SIGTERM, then SIGKILL 15 s later, would still leave the JSON it rewrites
   # as it goes).
   ncu_bin="$(find_ncu)"

@@ -14,8 +14,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import bench_gpu  # noqa: E402
 from self_reasoning_tokens.reasoning import reasoning_region  # noqa: E402
 
-LETTERS = {"ours": "a", "ours-fwd128": "a2", "ours-bwd128": "a3", "ours+reasoning": "b", "ours+kv-mask": "c", "sdpa-flash": "d",
-           "flex-stopgrad": "e", "reference": "f"}
+LETTERS = {"ours": "a", "ours-fwd128": "a2", "ours-bwd128": "a3", "ours+reasoning": "b", "ours+kv-mask": "c",
+           "sdpa-flash": "d", "flex-stopgrad": "e", "reference": "f"}
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ runs the profiled workload on the CPU and writes tests/test_profile_gpu.py's syn
 import os
 import stat
 import subprocess
-import tarfile
 import sys
+import tarfile
 
 import pytest
 

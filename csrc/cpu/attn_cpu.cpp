@@ -235,12 +235,10 @@ int64_t backward_key_groups(const AttnParams& p) {
   if (at::in_parallel_region()) return 1;  // nested: the caller's threads are already busy
   const int64_t heads = std::max<int64_t>(p.B * p.H, 1), threads = at::get_num_threads();
   const int64_t key_tiles = std::max<int64_t>((p.M + kBlockK - 1) / kBlockK, 1);
+  auto rounds_of = [&](int64_t g) { return (heads * g + threads - 1) / threads; };  // rounds of g tasks
   int64_t best = 1;
-  double best_rounds = static_cast<double>((heads + threads - 1) / threads);
-  for (int64_t g = 2; g <= key_tiles && heads * g <= 4 * threads; ++g) {
-    const double rounds = static_cast<double>((heads * g + threads - 1) / threads) / g;
-    if (rounds < best_rounds - 1e-9) { best = g; best_rounds = rounds; }
-  }
+  for (int64_t g = 2; g <= key_tiles && heads * g <= 4 * threads; ++g)
+    if (rounds_of(g) * best < rounds_of(best) * g) best = g;  // rounds(g)/g < rounds(best)/best
   return best;
 }
 
