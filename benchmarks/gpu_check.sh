@@ -24,7 +24,14 @@
 # through OMP_NUM_THREADS unless that is set), SRT_TEST_ARGS (pytest's paths and
 # filters instead of "tests"), SRT_PROFILE_S (75), SRT_BENCH_MIN_S (150: a benchmark left less
 # with the profile's reserve takes the reserve and the profile is not run), BENCH_ARGS (extra
-# arguments for benchmarks/bench_gpu.py), SRT_GPU_CHECK_SKIP (stages to leave out: tests,bench,profile).
+# arguments for benchmarks/bench_gpu.py), SRT_GPU_CHECK_SKIP (stages to leave out:
+# tests,sanitize,bench,profile), SRT_GPU_CHECK_SANITIZE (1: run the compute-sanitizer stages even
+# when the tests passed).
+# compute-sanitizer (memcheck on every kernel variant, racecheck and synccheck on a quick subset,
+# benchmarks/sanitize_gpu.py; logs sanitize-*.log) runs after the tests when the test stage failed,
+# before the benchmark, so that a wrong kernel's run also says where it goes wrong (an
+# out-of-bounds access, a shared-memory race, a barrier not every thread reaches); a clean run of
+# it alone: SRT_GPU_CHECK_SKIP=tests,bench,profile SRT_GPU_CHECK_SANITIZE=1 benchmarks/gpu_check.sh OUTDIR
 # A quick rerun after a fix, e.g.: SRT_TEST_ARGS=tests/test_cuda_build.py SRT_GPU_CHECK_SKIP=profile
 # BENCH_ARGS="--skip-longest --shapes 2x8192 --head-dims 128" benchmarks/gpu_check.sh OUTDIR
 set -uo pipefail  # no -e: a failing stage is recorded and the next stages still run
@@ -82,6 +89,8 @@ env_report() {
   echo "nvcc: $(command -v nvcc) $(nvcc --version 2>/dev/null | tail -n 1)"
   local ncu_bin; ncu_bin="$(find_ncu)"
   echo "ncu: ${ncu_bin:-not found} $([[ -n "$ncu_bin" ]] && "$ncu_bin" --version 2>/dev/null | tail -n 1)"
+  local san_bin; san_bin="$(find_sanitizer)"
+  echo "compute-sanitizer: ${san_bin:-not found} $([[ -n "$san_bin" ]] && "$san_bin" --version 2>/dev/null | tail -n 1)"
   "$PY" - <<'EOF'
 import importlib.util, platform, sys
 import torch
@@ -134,7 +143,7 @@ for group, c in counts.items():
 EOF
 }
 
-# skipped STAGE: SRT_GPU_CHECK_SKIP (comma-separated: tests, bench, profile) names it.
+# skipped STAGE: SRT_GPU_CHECK_SKIP (comma-separated: tests, sanitize, bench, profile) names it.
 skipped() { [[ ",${SRT_GPU_CHECK_SKIP:-}," == *",$1,"* ]]; }
 # wanted STAGE: not skipped; a skipped stage is noted in the summary.
 wanted() {
@@ -146,6 +155,15 @@ wanted() {
 find_ncu() {
   local c
   for c in "$(command -v ncu)" "${CUDA_HOME:-/usr/local/cuda}/bin/ncu" $(ls -d /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | sort -V -r); do
+    [[ -n "$c" && -x "$c" ]] && { echo "$c"; return; }
+  done
+}
+
+# NVIDIA's compute-sanitizer: on PATH, else beside nvcc, else the newest toolkit's.
+find_sanitizer() {
+  local c
+  for c in "$(command -v compute-sanitizer)" "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" \
+           $(ls -d /usr/local/cuda*/compute-sanitizer/compute-sanitizer 2>/dev/null | sort -V -r); do
     [[ -n "$c" && -x "$c" ]] && { echo "$c"; return; }
   done
 }
@@ -183,6 +201,31 @@ if (( build_ok == 0 )); then
         --junitxml="$OUTDIR/tests.xml"
     tests_summary | tee -a "$SUMMARY"
     grep -E "^(FAILED|ERROR) " "$LOGS/tests.log" | head -n 30 | tee -a "$SUMMARY"
+  fi
+
+  # compute-sanitizer on small launches of every kernel variant (benchmarks/sanitize_gpu.py), when
+  # the test stage failed (or SRT_GPU_CHECK_SANITIZE=1): before the benchmark, whose numbers mean
+  # little for a kernel that is wrong. No caching allocator under memcheck, so that a read past a
+  # tensor's end is not hidden inside a larger cached block.
+  if [[ " ${failed[*]} " == *" tests "* || "${SRT_GPU_CHECK_SANITIZE:-0}" == 1 ]] && wanted sanitize; then
+    san_bin="$(find_sanitizer)"
+    if [[ -z "$san_bin" ]]; then
+      note "== sanitize: skipped (no compute-sanitizer on PATH, in \$CUDA_HOME/bin or /usr/local/cuda*)"
+    else
+      for tool_args in "memcheck 70" "racecheck 45 --quick" "synccheck 30 --quick"; do
+        set -- $tool_args
+        tool=$1 limit=$2; shift 2
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 stage "sanitize-$tool" "$limit" "$san_bin" --tool "$tool" \
+          --error-exitcode 9 --print-limit 20 "$PY" benchmarks/sanitize_gpu.py "$@"
+        { grep -E "(ERROR|RACECHECK) SUMMARY|^sanitize_gpu: [0-9]" "$LOGS/sanitize-$tool.log" || true
+          grep -E "^========= +(Invalid|Error|Race|Barrier|Program hit|Warning|Malformed)" "$LOGS/sanitize-$tool.log" \
+            | head -n 5 || true; } | sed "s/^/sanitize $tool: /" | tee -a "$SUMMARY"
+      done
+    fi
+  elif ! skipped sanitize; then
+    note "== sanitize: not run (the tests passed; SRT_GPU_CHECK_SANITIZE=1 runs it)"
+  else
+    wanted sanitize  # notes the skip
   fi
 
   # The benchmark takes all the time left but the profile's reserve; it stops itself 40 s before
@@ -250,7 +293,7 @@ cat "$SUMMARY"
 # The lines that matter most, again at the very end (a reply that keeps only the output's tail
 # still has them): device, stages, test counts, issue 6's targets, the tile A/B.
 echo "================ headline ================"
-grep -E '^(device|torch|== |all tests|GPU tests|(FAILED|ERROR) |  (PASS|FAIL|n/a) |  A/B )' "$SUMMARY"
+grep -E '^(device|torch|== |all tests|GPU tests|(FAILED|ERROR) |sanitize |  (PASS|FAIL|n/a) |  A/B )' "$SUMMARY"
 if (( ${#failed[@]} )); then
   echo "gpu_check: FAILED stages: ${failed[*]}" | tee -a "$SUMMARY"
   exit 1

@@ -39,6 +39,25 @@ PYTHONPATH={TESTS}:{BENCH} {sys.executable} -c "import test_profile_gpu as t; pr
 """
 
 
+# compute-sanitizer: records its options and environment, runs the workload on the CPU and ends
+# with the summary line the real tool prints; with STANDIN_RACE=1 its racecheck reports a hazard
+# (in the real tool's words) and exits with the --error-exitcode
+SANITIZER = """#!/usr/bin/env bash
+[[ "$1" == --version ]] && { echo "stand-in compute-sanitizer"; exit 0; }
+echo "sanitizer env PYTORCH_NO_CUDA_MEMORY_CACHING=${PYTORCH_NO_CUDA_MEMORY_CACHING:-unset}"
+tool=memcheck
+while [[ "$1" == --* ]]; do echo "sanitizer option $1 $2"; [[ "$1" == --tool ]] && tool=$2; shift 2; done
+"$@" --device cpu; rc=$?
+if [[ "$tool" == racecheck && "${STANDIN_RACE:-0}" == 1 ]]; then
+  echo "========= Error: Race reported between Write access at void srt::cuda::attn_bwd_tc_kernel+0x1a0"
+  echo "========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)"
+  exit 9
+fi
+echo "========= ERROR SUMMARY: 0 errors"
+exit $rc
+"""
+
+
 def _logs(out):
     """{name: text} of the stage logs packed into OUTDIR/logs.tar.gz."""
     with tarfile.open(out / "logs.tar.gz") as tar:
@@ -60,15 +79,16 @@ def _env(bin_dir, **settings):
     return env
 
 
-def _run_gpu_check(tmp_path, timeout, **settings):
+def _run_gpu_check(tmp_path, timeout, returncode=0, **settings):
     """Runs gpu_check.sh with the stand-ins and `settings`; (the finished process, OUTDIR)."""
     bin_dir, out = tmp_path / "bin", tmp_path / "out"
     bin_dir.mkdir()
     _script(bin_dir / "pywrap", PYWRAP)
     _script(bin_dir / "ncu", NCU)
+    _script(bin_dir / "compute-sanitizer", SANITIZER)
     r = subprocess.run(["bash", os.path.join(BENCH, "gpu_check.sh"), str(out)], cwd=ROOT,
                        env=_env(bin_dir, **settings), capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert r.returncode == returncode, r.stdout[-4000:] + r.stderr[-2000:]
     return r, out
 
 
@@ -83,6 +103,7 @@ def test_gpu_check_runs_every_stage_and_writes_its_files(tmp_path):
                  "  A/B ours-fwd128 vs ours, d=", "  A/B ours-bwd128 vs ours, d="):
         assert line in headline, headline
     for line in ("== build: ok", "== tests: ok", "== bench: ok", "== profile: ok", "gpu_check: all stages passed",
+                 "== sanitize: not run (the tests passed",
                  "all tests: 3 passed, 0 failed", "== Nsight Compute profile (profile.txt)"):
         assert line in summary, summary
     # one worker (SRT_TEST_WORKERS=1) gets all the cores, or OMP_NUM_THREADS where that is set
@@ -102,9 +123,9 @@ def test_gpu_check_runs_every_stage_and_writes_its_files(tmp_path):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
 def test_gpu_check_skips_stages_on_request(tmp_path):
-    _, out = _run_gpu_check(tmp_path, 300, SRT_GPU_CHECK_SKIP="tests,bench,profile")
+    _, out = _run_gpu_check(tmp_path, 300, SRT_GPU_CHECK_SKIP="tests,sanitize,bench,profile")
     summary = (out / "summary.txt").read_text()
-    for stage in ("tests", "bench", "profile"):
+    for stage in ("tests", "sanitize", "bench", "profile"):
         assert f"== {stage}: skipped (SRT_GPU_CHECK_SKIP)" in summary
     assert not (out / "bench.json").exists() and not (out / "tests.xml").exists()
 
@@ -122,3 +143,42 @@ def test_gpu_check_gives_the_profile_time_to_a_short_benchmark(tmp_path):
     # the benchmark's stage limit includes the reserve: 15 s of timeout grace are kept back
     bench_limit = int(r.stdout.split("== bench (timeout ")[1].split("s)")[0])
     assert 470 - 15 - 60 < bench_limit <= 470 - 15, r.stdout[-3000:]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
+def test_gpu_check_runs_the_sanitizer_when_the_tests_fail(tmp_path):
+    # a failing test stage brings in compute-sanitizer's three tools on sanitize_gpu.py (memcheck on
+    # every case, racecheck and synccheck on --quick), before the benchmark, and the run fails
+    failing = tmp_path / "test_planted_failure.py"
+    failing.write_text("def test_planted_failure():\n    assert 1 == 2\n")
+    r, out = _run_gpu_check(tmp_path, 600, returncode=1, SRT_TEST_ARGS=str(failing), SRT_TEST_WORKERS="1",
+                            SRT_GPU_CHECK_SKIP="bench,profile")
+    summary = (out / "summary.txt").read_text()
+    for line in ("== tests: FAILED", "all tests: 0 passed, 1 failed", "== sanitize-memcheck: ok",
+                 "== sanitize-racecheck: ok", "== sanitize-synccheck: ok",
+                 "sanitize memcheck: ========= ERROR SUMMARY: 0 errors",
+                 "sanitize memcheck: sanitize_gpu: 80 of 80 cases ok",
+                 "sanitize racecheck: sanitize_gpu: 10 of 10 cases ok", "gpu_check: FAILED stages: tests"):
+        assert line in summary, summary
+    headline = r.stdout.split("================ headline ================")[1]
+    assert "sanitize synccheck: ========= ERROR SUMMARY: 0 errors" in headline, headline
+    logs = _logs(out)
+    assert "sanitizer option --tool memcheck" in logs["sanitize-memcheck.log"]
+    assert "sanitizer option --error-exitcode 9" in logs["sanitize-racecheck.log"]
+    # memcheck sees a read past a tensor's end only without the caching allocator's larger blocks
+    assert "PYTORCH_NO_CUDA_MEMORY_CACHING=1" in logs["sanitize-memcheck.log"]
+    assert r.stdout.index("== sanitize-synccheck") < r.stdout.index("== bench: skipped")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
+def test_gpu_check_sanitizer_on_request_reports_a_race(tmp_path):
+    # SRT_GPU_CHECK_SANITIZE=1 runs it without a test failure; a hazard the tool reports fails the
+    # stage and its first lines reach the summary
+    r, out = _run_gpu_check(tmp_path, 600, returncode=1, SRT_GPU_CHECK_SKIP="tests,bench,profile",
+                            SRT_GPU_CHECK_SANITIZE="1", STANDIN_RACE="1")
+    summary = (out / "summary.txt").read_text()
+    for line in ("== sanitize-memcheck: ok", "== sanitize-racecheck: FAILED (exit 9)", "== sanitize-synccheck: ok",
+                 "sanitize racecheck: ========= RACECHECK SUMMARY: 1 hazard displayed",
+                 "sanitize racecheck: ========= Error: Race reported between Write access",
+                 "gpu_check: FAILED stages: sanitize-racecheck"):
+        assert line in summary, summary
