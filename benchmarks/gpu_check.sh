@@ -28,8 +28,8 @@
 # tests,sanitize,bench,profile), SRT_GPU_CHECK_SANITIZE (1: run the compute-sanitizer stages even
 # when the tests passed).
 # compute-sanitizer (memcheck on every kernel variant, racecheck and synccheck on a quick subset,
-# benchmarks/sanitize_gpu.py; logs sanitize-*.log) runs after the tests when the test stage failed,
-# before the benchmark, so that a wrong kernel's run also says where it goes wrong (an
+# benchmarks/sanitize_gpu.py; logs sanitize-*.log) runs after the tests when a GPU test failed
+# (or the test stage crashed), before the benchmark, so that a wrong kernel's run also says where it goes wrong (an
 # out-of-bounds access, a shared-memory race, a barrier not every thread reaches); a clean run of
 # it alone: SRT_GPU_CHECK_SKIP=tests,bench,profile SRT_GPU_CHECK_SANITIZE=1 benchmarks/gpu_check.sh OUTDIR
 # A quick rerun after a fix, e.g.: SRT_TEST_ARGS=tests/test_cuda_build.py SRT_GPU_CHECK_SKIP=profile
@@ -204,10 +204,16 @@ if (( build_ok == 0 )); then
   fi
 
   # compute-sanitizer on small launches of every kernel variant (benchmarks/sanitize_gpu.py), when
-  # the test stage failed (or SRT_GPU_CHECK_SANITIZE=1): before the benchmark, whose numbers mean
-  # little for a kernel that is wrong. No caching allocator under memcheck, so that a read past a
-  # tensor's end is not hidden inside a larger cached block.
-  if [[ " ${failed[*]} " == *" tests "* || "${SRT_GPU_CHECK_SANITIZE:-0}" == 1 ]] && wanted sanitize; then
+  # a GPU test failed or the test stage ended without its XML (a crash, a kill), or on
+  # SRT_GPU_CHECK_SANITIZE=1: before the benchmark, whose numbers mean little for a kernel that is
+  # wrong. A CPU-only failure does not take the benchmark's time. No caching allocator under
+  # memcheck, so that a read past a tensor's end is not hidden inside a larger cached block.
+  gpu_tests_failed=0
+  if [[ " ${failed[*]} " == *" tests "* ]] && \
+     ! grep -qE "^GPU tests .*: [0-9]+ passed, 0 failed" "$SUMMARY"; then
+    gpu_tests_failed=1
+  fi
+  if [[ $gpu_tests_failed == 1 || "${SRT_GPU_CHECK_SANITIZE:-0}" == 1 ]] && wanted sanitize; then
     san_bin="$(find_sanitizer)"
     if [[ -z "$san_bin" ]]; then
       note "== sanitize: skipped (no compute-sanitizer on PATH, in \$CUDA_HOME/bin or /usr/local/cuda*)"
@@ -223,7 +229,7 @@ if (( build_ok == 0 )); then
       done
     fi
   elif ! skipped sanitize; then
-    note "== sanitize: not run (the tests passed; SRT_GPU_CHECK_SANITIZE=1 runs it)"
+    note "== sanitize: not run (no GPU test failed; SRT_GPU_CHECK_SANITIZE=1 runs it)"
   else
     wanted sanitize  # notes the skip
   fi

@@ -103,7 +103,7 @@ def test_gpu_check_runs_every_stage_and_writes_its_files(tmp_path):
                  "  A/B ours-fwd128 vs ours, d=", "  A/B ours-bwd128 vs ours, d="):
         assert line in headline, headline
     for line in ("== build: ok", "== tests: ok", "== bench: ok", "== profile: ok", "gpu_check: all stages passed",
-                 "== sanitize: not run (the tests passed",
+                 "== sanitize: not run (no GPU test failed",
                  "all tests: 3 passed, 0 failed", "== Nsight Compute profile (profile.txt)"):
         assert line in summary, summary
     # one worker (SRT_TEST_WORKERS=1) gets all the cores, or OMP_NUM_THREADS where that is set
@@ -146,15 +146,16 @@ def test_gpu_check_gives_the_profile_time_to_a_short_benchmark(tmp_path):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
-def test_gpu_check_runs_the_sanitizer_when_the_tests_fail(tmp_path):
-    # a failing test stage brings in compute-sanitizer's three tools on sanitize_gpu.py (memcheck on
+def test_gpu_check_runs_the_sanitizer_when_a_gpu_test_fails(tmp_path):
+    # a failing GPU test brings in compute-sanitizer's three tools on sanitize_gpu.py (memcheck on
     # every case, racecheck and synccheck on --quick), before the benchmark, and the run fails
     failing = tmp_path / "test_planted_failure.py"
-    failing.write_text("def test_planted_failure():\n    assert 1 == 2\n")
+    failing.write_text("import pytest\n\n@pytest.mark.parametrize('device', ['cuda', 'cpu'])\n"
+                       "def test_planted_failure(device):\n    assert device == 'cpu'\n")
     r, out = _run_gpu_check(tmp_path, 600, returncode=1, SRT_TEST_ARGS=str(failing), SRT_TEST_WORKERS="1",
                             SRT_GPU_CHECK_SKIP="bench,profile")
     summary = (out / "summary.txt").read_text()
-    for line in ("== tests: FAILED", "all tests: 0 passed, 1 failed", "== sanitize-memcheck: ok",
+    for line in ("== tests: FAILED", "all tests: 1 passed, 1 failed", "== sanitize-memcheck: ok",
                  "== sanitize-racecheck: ok", "== sanitize-synccheck: ok",
                  "sanitize memcheck: ========= ERROR SUMMARY: 0 errors",
                  "sanitize memcheck: sanitize_gpu: 80 of 80 cases ok",
@@ -168,6 +169,17 @@ def test_gpu_check_runs_the_sanitizer_when_the_tests_fail(tmp_path):
     # memcheck sees a read past a tensor's end only without the caching allocator's larger blocks
     assert "PYTORCH_NO_CUDA_MEMORY_CACHING=1" in logs["sanitize-memcheck.log"]
     assert r.stdout.index("== sanitize-synccheck") < r.stdout.index("== bench: skipped")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
+def test_gpu_check_leaves_the_sanitizer_out_when_only_a_cpu_test_fails(tmp_path):
+    failing = tmp_path / "test_planted_failure.py"
+    failing.write_text("def test_planted_failure():\n    assert 1 == 2\n")
+    _, out = _run_gpu_check(tmp_path, 300, returncode=1, SRT_TEST_ARGS=str(failing), SRT_TEST_WORKERS="1",
+                            SRT_GPU_CHECK_SKIP="bench,profile")
+    summary = (out / "summary.txt").read_text()
+    assert "== sanitize: not run (no GPU test failed" in summary, summary
+    assert not any(name.startswith("sanitize") for name in _logs(out))
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
