@@ -47,8 +47,8 @@ def kernel_headers():
     return sorted(f for f in os.listdir(CUDA_DIR) if f.endswith((".h", ".cuh")) and f != "ptx.cuh")
 
 
-EMU_SOURCES = ("emu_ops.cpp", "emu_runtime.cpp", "emu_kernels_fp16.cpp", "emu_kernels_bf16.cpp",
-               "emu_kernels_fp32.cpp")
+EMU_SOURCES = ("emu_ops.cpp", "emu_runtime.cpp", "emu_racecheck.cpp", "emu_kernels_fp16.cpp",
+               "emu_kernels_bf16.cpp", "emu_kernels_fp32.cpp")
 
 
 def emulation_files():
@@ -79,10 +79,10 @@ def emulation_files():
     return files
 
 
-def build_emulation(work, files):
+def build_emulation(work, files, name="srt_cuda_emulation", extra_cflags=()):
     """Writes `files` (emulation_files()) into `work` (a pathlib.Path; only those whose text
     changed, so that an existing build is reused), compiles them and returns the ops namespace
-    torch.ops.srt_cuda_emulation (fwd, bwd, set_cp_async_mode, ...)."""
+    torch.ops.<name> (fwd, bwd, set_cp_async_mode, ...)."""
     from torch.utils.cpp_extension import load
 
     for rel, text in files.items():
@@ -91,36 +91,43 @@ def build_emulation(work, files):
         if not path.exists() or path.read_text() != text:
             path.write_text(text)
     os.makedirs(work / "build", exist_ok=True)
-    load("srt_cuda_emulation", [str(work / f) for f in EMU_SOURCES] + [str(work / "csrc" / "attn_params.cpp")],
-         extra_include_paths=[str(work), str(work / "stubs")], extra_cflags=["-O2"],
+    load(name, [str(work / f) for f in EMU_SOURCES] + [str(work / "csrc" / "attn_params.cpp")],
+         extra_include_paths=[str(work), str(work / "stubs")],
+         extra_cflags=["-O2", f"-DEMU_OPS_NAMESPACE={name}", *extra_cflags],
          build_directory=str(work / "build"), is_python_module=False, verbose=False)
-    return torch.ops.srt_cuda_emulation
+    return getattr(torch.ops, name)
 
 
-def shared_workdir(files):
-    """One build per source text and torch version, shared by every pytest process (pytest-xdist
-    workers would otherwise each compile their own copy, minutes of CPU on a busy machine):
-    a folder under the temp dir named by a hash of what it compiles (`files`)."""
-    h = hashlib.sha256(f"{torch.__version__} {sys.version}".encode())
+def shared_workdir(files, name="srt_cuda_emulation", extra_cflags=()):
+    """One build per source text, flags and torch version, shared by every pytest process
+    (pytest-xdist workers would otherwise each compile their own copy, minutes of CPU on a busy
+    machine): a folder under the temp dir named by a hash of what it compiles (`files`) and how."""
+    h = hashlib.sha256(f"{torch.__version__} {sys.version} {extra_cflags}".encode())
     for rel, text in sorted(files.items()):
         h.update(rel.encode() + b"\0" + text.encode() + b"\0")
-    return pathlib.Path(tempfile.gettempdir()) / f"srt_cuda_emulation_{h.hexdigest()[:16]}"
+    return pathlib.Path(tempfile.gettempdir()) / f"{name}_{h.hexdigest()[:16]}"
 
 
-@pytest.fixture(scope="module")
-def emu():
+def shared_emulation(name="srt_cuda_emulation", extra_cflags=(), files=None):
+    """The emulated kernels' ops, built once for all pytest processes (under a file lock), from
+    `files` (default: emulation_files())."""
     t0 = time.time()
-    files = emulation_files()
-    work = shared_workdir(files)
+    files = files or emulation_files()
+    work = shared_workdir(files, name, extra_cflags)
     work.mkdir(parents=True, exist_ok=True)
     with open(work / ".lock", "w") as lock:  # one process writes and builds, the others wait
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            ops = build_emulation(work, files)
+            ops = build_emulation(work, files, name, extra_cflags)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-    print(f"emulated CUDA kernels ready in {time.time() - t0:.0f} s ({work})")
+    print(f"emulated CUDA kernels ({name}) ready in {time.time() - t0:.0f} s ({work})")
     return ops
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return shared_emulation()
 
 
 @pytest.fixture(params=sorted(CP_ASYNC_MODES))

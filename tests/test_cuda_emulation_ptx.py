@@ -41,19 +41,24 @@ class Lib:
             raise RuntimeError(self.err.value.decode())
 
 
-@pytest.fixture(scope="module")
-def lib(tmp_path_factory):
+def build_ptx_lib(work, name="srt_ptx_emulation", extra_cflags=()):
+    """Compiles ptx_unit.cpp with the emulator in `work` (a new folder) and returns its Lib."""
     from torch.utils.cpp_extension import load
 
-    work = tmp_path_factory.mktemp("ptx_emulation")
     shutil.copytree(os.path.join(EMU, "stubs"), work / "stubs")
-    for f in ("ptx.cuh", "ptx_unit.cpp", "emu_runtime.cpp"):
+    sources = ("ptx_unit.cpp", "emu_runtime.cpp", "emu_racecheck.cpp")
+    for f in ("ptx.cuh", *sources):
         shutil.copy(os.path.join(EMU, f), work / f)
     os.makedirs(work / "build")
-    load("srt_ptx_emulation", [str(work / "ptx_unit.cpp"), str(work / "emu_runtime.cpp")],
-         extra_include_paths=[str(work), str(work / "stubs")], extra_cflags=["-O2"],
-         build_directory=str(work / "build"), is_python_module=False, verbose=False)
-    return Lib(str(work / "build" / "srt_ptx_emulation.so"))
+    load(name, [str(work / f) for f in sources], extra_include_paths=[str(work), str(work / "stubs")],
+         extra_cflags=["-O2", *extra_cflags], build_directory=str(work / "build"), is_python_module=False,
+         verbose=False)
+    return Lib(str(work / "build" / f"{name}.so"))
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    return build_ptx_lib(tmp_path_factory.mktemp("ptx_emulation"))
 
 
 def _ptr(t):

@@ -53,7 +53,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& grad_out, c
                        });
 }
 
-TORCH_LIBRARY(srt_cuda_emulation, m) {
+// The ops' namespace: srt_cuda_emulation, or another for a second build loaded in the same process
+// (the racecheck build, tests/test_cuda_racecheck.py).
+#ifndef EMU_OPS_NAMESPACE
+#define EMU_OPS_NAMESPACE srt_cuda_emulation
+#endif
+#define EMU_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)  // expands EMU_OPS_NAMESPACE first
+
+EMU_TORCH_LIBRARY(EMU_OPS_NAMESPACE, m) {
   m.def("fwd", &fwd);
   m.def("bwd", &bwd);
   // cp.async timing: 0 = early (copy at issue), 1 = late (copy at the wait that covers it)
@@ -66,4 +73,6 @@ TORCH_LIBRARY(srt_cuda_emulation, m) {
     return r;
   });
   m.def("reset_op_counts", [] { emu::reset_op_counts(); });
+  // whether this build reports shared-memory hazards (emu_racecheck.cpp)
+  m.def("racecheck_instrumented", []() -> bool { return emu::race::instrumented(); });
 }

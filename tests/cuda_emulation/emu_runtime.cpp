@@ -267,9 +267,12 @@ void check_smem(const void* p, size_t bytes, size_t align, const char* op) {
     fail("%s: shared address at offset %td is not %zu-byte aligned", op, c - b, align);
 }
 
+int current_thread() { return cur; }
+
 void syncthreads() {
   if (++arrived_block == nthreads) {
     arrived_block = 0;
+    race::block_sync();
     for (int i = 0; i < nthreads; ++i)
       if (fibers[i].state == kWaitBlock) fibers[i].state = kRunnable;
     // the releasing thread yields too, so that the next phase starts with the first warp in
@@ -304,6 +307,7 @@ const WarpSlots& warp_collective(const char* op, const void* in, size_t bytes, W
            "different paths)", op, l, w, f.seq, o, slot_seq[w][buf][o]);
   }
   count_op(op);
+  race::warp_sync(w);  // before `complete`: an ldmatrix reads after its warp's barrier
   if (complete) complete(s, w);
   for (int i = w * 32; i < w * 32 + 32; ++i)
     if (fibers[i].state == kWaitWarp) fibers[i].state = kRunnable;
@@ -387,7 +391,7 @@ void cp_async_wait(int newest_groups_left) {
 
 // ---- launch ----
 
-void run_grid(unsigned grid, int block, size_t smem, void (*body)(void*), void* arg) {
+void run_grid(unsigned grid, int block, size_t smem, void (*body)(void*), void* arg, const void* kernel) {
   if (cur >= 0) fail("kernel launch from inside a kernel");
   if (smem > sizeof(smem_storage)) fail("dynamic shared memory of %zu bytes is more than the emulator's %zu", smem, sizeof(smem_storage));
   if (block <= 0 || block % 32 != 0 || block / 32 > kMaxWarps) fail("block of %d threads: must be a positive multiple of 32, at most %d", block, 32 * kMaxWarps);
@@ -411,9 +415,15 @@ void run_grid(unsigned grid, int block, size_t smem, void (*body)(void*), void* 
   ensure_stacks(block);
   if (static_cast<int>(fibers.size()) < block) fibers.resize(block);
   auto* words = reinterpret_cast<uint32_t*>(smem_storage);
+  race::launch_begin(smem_begin(), smem, kernel);
+  struct RaceOff {  // an error ends the launch: stop checking
+    ~RaceOff() { if (!done) race::launch_end(); }
+    bool done = false;
+  } race_off;
   for (unsigned b = 0; b < grid; ++b) {
     block_idx.x = b;
     for (size_t i = 0; i < sizeof(smem_storage) / 4; ++i) words[i] = kPoison;
+    race::block_begin(b);
     arrived_block = 0;
     std::memset(arrived_warp, 0, sizeof(arrived_warp));
     for (int i = 0; i < block; ++i) init_fiber(i);
@@ -457,6 +467,12 @@ void run_grid(unsigned grid, int block, size_t smem, void (*body)(void*), void* 
         throw std::runtime_error(g_error);
       }
     }
+  }
+  race_off.done = true;
+  const std::string hazards = race::launch_end();
+  if (!hazards.empty()) {
+    std::fprintf(stderr, "%s\n", hazards.c_str());
+    throw std::runtime_error(hazards);
   }
 }
 }  // namespace emu

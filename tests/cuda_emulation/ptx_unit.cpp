@@ -223,6 +223,79 @@ __global__ void cp_async_kernel(const CpArgs p) {
   }
 }
 
+// ---- shared-memory hazards (for the racecheck build, emu_racecheck.cpp) ----
+struct RaceArgs {
+  int scenario;
+  const float* src;  // 64 floats
+  float* out;        // 64 x 4 floats
+};
+
+// Two warps. Scenarios with a hazard: 1 RAW across warps, 2 WAR across warps, 3 WAW across warps,
+// 4 RAW between lanes of one warp, 6 a cp.async destination read by another warp after the wait
+// without a barrier, 8 ldmatrix of rows another warp wrote without a barrier. Without: 0, 5
+// (__syncwarp between the lanes), 7 (cp.async, wait, barrier), 9 (ldmatrix after a barrier), 10
+// (each thread only ever touches its own word).
+__global__ void race_kernel(const RaceArgs p) {
+  extern __shared__ float4 smem_f4[];
+  float* buf = reinterpret_cast<float*>(smem_f4);  // 64 floats, then 64 16-byte chunks
+  float4* chunks = smem_f4 + 16;
+  const int tid = static_cast<int>(threadIdx.x), lane = tid % 32, across = (tid + 32) % 64;
+  float* out = p.out + 4 * tid;
+  switch (p.scenario) {
+    case 0:
+      buf[tid] = p.src[tid];
+      __syncthreads();
+      out[0] = buf[across];
+      break;
+    case 1:
+      buf[tid] = p.src[tid];
+      out[0] = buf[across];
+      break;
+    case 2:
+      buf[tid] = p.src[tid];
+      __syncthreads();
+      out[0] = buf[across];
+      buf[tid] = 2 * p.src[tid];
+      break;
+    case 3:
+      buf[lane] = p.src[tid];
+      break;
+    case 4:
+    case 5:
+      buf[tid] = p.src[tid];
+      if (p.scenario == 5) __syncwarp();
+      out[0] = buf[tid ^ 1];
+      break;
+    case 6:
+    case 7: {
+      const float4* src = reinterpret_cast<const float4*>(p.src);
+      cp_async_16(chunks + tid, src + tid % 16, true);
+      cp_async_commit();
+      cp_async_wait<0>();
+      if (p.scenario == 7) __syncthreads();
+      const float4 x = chunks[across];
+      out[0] = x.x;
+      break;
+    }
+    case 8:
+    case 9: {
+      if (tid < 32) chunks[tid] = float4{p.src[tid], 0.f, 0.f, 0.f};
+      if (p.scenario == 9) __syncthreads();
+      if (tid >= 32) {
+        uint32_t r[4];
+        ldmatrix_x4(r, chunks + lane);
+        for (int j = 0; j < 4; ++j) std::memcpy(out + j, &r[j], 4);
+      }
+      break;
+    }
+    default:
+      for (int i = 0; i < 3; ++i) {
+        buf[tid] = p.src[tid] + i;
+        out[i] = buf[tid];
+      }
+  }
+}
+
 int run(char* err, int errlen, void (*f)(void*), void* arg) {
   try {
     f(arg);
@@ -278,6 +351,16 @@ int ptx_cp_async(int mode, int scenario, int blocks, const void* src, void* out,
     emu::launch(cp_async_kernel, q.blocks, 64, 128 * 16, nullptr, q);
   }, &p);
 }
+
+int ptx_race(int mode, int scenario, const float* src, float* out, char* err, int errlen) {
+  RaceArgs p{scenario, src, out};
+  emu::set_cp_async_mode(mode);
+  return run(err, errlen, [](void* v) {
+    emu::launch(race_kernel, 1, 64, 16 * 16 + 64 * 16, nullptr, *static_cast<const RaceArgs*>(v));
+  }, &p);
+}
+
+int ptx_racecheck_instrumented() { return emu::race::instrumented() ? 1 : 0; }
 
 void ptx_pack2(int bf16, const float* lo, const float* hi, int n, uint32_t* out) {
   for (int i = 0; i < n; ++i) out[i] = bf16 ? pack2<__nv_bfloat16>(lo[i], hi[i]) : pack2<__half>(lo[i], hi[i]);

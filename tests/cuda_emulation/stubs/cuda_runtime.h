@@ -89,13 +89,31 @@ void reset_op_counts();
 void count_op(const char* op);
 
 // Runs `body(arg)` for every thread of `grid` blocks of `block` threads (one block after the
-// other); throws std::runtime_error if the kernel misused a primitive or deadlocked.
-void run_grid(unsigned grid, int block, size_t smem, void (*body)(void*), void* arg);
+// other); throws std::runtime_error if the kernel misused a primitive or deadlocked, or (in the
+// racecheck build) had a shared-memory hazard. `kernel` names the kernel in reports.
+void run_grid(unsigned grid, int block, size_t smem, void (*body)(void*), void* arg, const void* kernel = nullptr);
 template <typename K, typename P>
 void launch(K kernel, unsigned grid, int block, size_t smem, cudaStream_t, const P& p) {
   struct Arg { K k; const P* p; } a{kernel, &p};
-  run_grid(grid, block, smem, [](void* v) { auto* a = static_cast<Arg*>(v); a->k(*a->p); }, &a);
+  run_grid(grid, block, smem, [](void* v) { auto* a = static_cast<Arg*>(v); a->k(*a->p); }, &a,
+           reinterpret_cast<const void*>(kernel));
 }
+
+// The thread (fiber) running now, as an index in its block, or -1 in the scheduler.
+int current_thread();
+
+// Shared-memory race detection (emu_racecheck.cpp); active only in the racecheck build, whose
+// instrumented loads and stores report to it. The runtime tells it where the launch's shared
+// memory is, when a block starts, and which barriers complete.
+namespace race {
+bool instrumented();
+void launch_begin(const void* smem, size_t bytes, const void* kernel);
+void block_begin(unsigned block);
+void block_sync();
+void warp_sync(int warp);
+std::string launch_end();  // "" or the hazard report; checking stops until the next launch_begin
+uint64_t hazards();
+}  // namespace race
 }  // namespace emu
 
 #define threadIdx (*emu::cur_tid)

@@ -1,0 +1,160 @@
+"""Shared-memory races in the CUDA kernels, found on the CPU (the emulator's racecheck).
+
+tests/test_cuda_emulation.py shows a missing barrier only where the warp-by-warp schedule changes
+the results. Here the emulator is built a second time with GCC's -fsanitize=thread
+instrumentation, every load and store reporting to tests/cuda_emulation/emu_racecheck.cpp, which
+flags two accesses of different threads to the same shared-memory bytes, at least one a write,
+with no barrier between them (no __syncthreads; for lanes of one warp, no warp collective either):
+compute-sanitizer's racecheck, without a GPU. The checker itself is tested first on small planted
+races and their fixed versions (tests/cuda_emulation/ptx_unit.cpp, race_kernel); then every kernel
+variant runs on the GPU test's cases and must have no hazard, in both cp.async timing modes.
+"""
+import ctypes
+import os
+import platform
+import sys
+
+import pytest
+import torch
+
+import self_reasoning_tokens as srt
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import test_cuda_build as gpu_cases  # noqa: E402
+import test_cuda_emulation as emulation  # noqa: E402
+import test_cuda_emulation_ptx as ptx  # noqa: E402
+
+RACECHECK_CFLAGS = ("-fsanitize=thread", "-DEMU_RACECHECK")
+
+pytestmark = [
+    pytest.mark.skipif(platform.system() != "Linux", reason="the fiber emulator uses Linux ucontext"),
+    pytest.mark.skipif(not os.path.isdir(os.path.join(emulation.ROOT, "csrc", "cuda")),
+                       reason="csrc/ is not next to the tests (installed package)"),
+]
+
+
+# ---- the checker on planted races (ptx_unit.cpp's race_kernel) ----
+
+@pytest.fixture(scope="module")
+def race_lib(tmp_path_factory):
+    return ptx.build_ptx_lib(tmp_path_factory.mktemp("ptx_racecheck"), "srt_ptx_racecheck", RACECHECK_CFLAGS)
+
+
+def _race(lib, mode, scenario):
+    src = torch.arange(64, dtype=torch.float32)
+    out = torch.zeros(64 * 4)
+    lib.call("ptx_race", mode, scenario, ctypes.c_void_p(src.data_ptr()), ctypes.c_void_p(out.data_ptr()))
+    return out
+
+
+RACY = {  # scenario: (hazard kinds the report must name, what the threads do)
+    1: (("RAW", "WAR"), "write, then read another warp's word, no barrier"),
+    2: (("RAW", "WAR"), "after a barrier, read another warp's word, then overwrite one it reads"),
+    3: (("WAW",), "two warps write the same words"),
+    4: (("RAW", "WAR"), "lanes of one warp exchange words without __syncwarp"),
+    6: (("RAW", "WAR"), "cp.async, wait, then read another warp's destination without a barrier"),
+    8: (("RAW",), "ldmatrix of rows another warp wrote, no barrier"),
+}
+CLEAN = {0: "barrier between write and read", 5: "__syncwarp between the lanes",
+         7: "cp.async, wait, barrier", 9: "ldmatrix after a barrier", 10: "each thread its own word"}
+
+
+@pytest.mark.parametrize("mode", (ptx.EARLY, ptx.LATE), ids=("early", "late"))
+@pytest.mark.parametrize("scenario", sorted(RACY))
+def test_planted_races_are_reported(race_lib, scenario, mode):
+    kinds, _ = RACY[scenario]
+    with pytest.raises(RuntimeError) as e:
+        _race(race_lib, mode, scenario)
+    msg = str(e.value)
+    assert msg.startswith("emu: racecheck: ") and "race_kernel" in msg, msg
+    for kind in kinds:
+        assert f"{kind} hazard at shared-memory offset" in msg, msg
+    assert "with no barrier between" in msg and "(warp " in msg
+
+
+@pytest.mark.parametrize("mode", (ptx.EARLY, ptx.LATE), ids=("early", "late"))
+@pytest.mark.parametrize("scenario", sorted(CLEAN))
+def test_the_fixed_versions_are_clean(race_lib, scenario, mode):
+    out = _race(race_lib, mode, scenario)
+    if scenario == 0:  # and compute what they should
+        assert torch.equal(out[::4], torch.arange(64.0).roll(-32))
+    if scenario == 10:
+        assert torch.equal(out.view(64, 4)[:, 2], torch.arange(64.0) + 2)
+
+
+def test_report_names_the_code_of_both_accesses(race_lib):
+    with pytest.raises(RuntimeError) as e:
+        _race(race_lib, ptx.LATE, 6)
+    msg = str(e.value)
+    # the read in the kernel, the write in the cp.async wait that completed the copy (late mode)
+    assert "reads what thread" in msg and "emu::cp_async_wait" in msg and "module offset 0x" in msg, msg
+
+
+def test_the_uninstrumented_build_does_not_check(tmp_path):
+    # the plain emulation (test_cuda_emulation*.py) pays nothing for the checker: without the
+    # instrumentation the planted race runs through (its result then depends on the schedule)
+    lib = ptx.build_ptx_lib(tmp_path / "plain", "srt_ptx_uninstrumented")
+    assert lib.dll.ptx_racecheck_instrumented() == 0
+    _race(lib, ptx.EARLY, 1)
+
+
+# ---- the real kernels ----
+
+@pytest.fixture(scope="module")
+def emu_race():
+    if not srt.HAS_EXTENSION:
+        pytest.skip("the compiled extension is missing")
+    ops = emulation.shared_emulation("srt_cuda_emulation_race", RACECHECK_CFLAGS)
+    assert ops.racecheck_instrumented()
+    return ops
+
+
+# (dtype, tile setting, cp.async modes): the float32 kernels use no cp.async, one mode is enough
+VARIANTS = [(torch.float32, "default", "early")] + [
+    (dtype, tiles, mode) for dtype, tiles in ((torch.bfloat16, "default"), (torch.float16, "default"),
+                                              (torch.bfloat16, "fwd128"), (torch.float16, "bwd128"))
+    if emulation.TENSOR_CORE_KERNELS for mode in sorted(emulation.CP_ASYNC_MODES)]
+
+
+@pytest.mark.parametrize("dtype,tiles,cp_mode", VARIANTS, ids=lambda v: str(v).replace("torch.", ""))
+def test_kernels_have_no_shared_memory_hazards(emu_race, dtype, tiles, cp_mode, monkeypatch):
+    # every case of the GPU test, at two head dims (the smallest and the largest tile shapes);
+    # a hazard fails the launch with the report, and the results must still be right
+    gpu_cases.use_tiles(monkeypatch, tiles)
+    emu_race.set_cp_async_mode(emulation.CP_ASYNC_MODES[cp_mode])
+    try:
+        for head_dim in (32, 128):
+            emulation._check_cases_against_cpu(emu_race, dtype, head_dim, f"racecheck, {tiles}, cp.async {cp_mode}")
+    finally:
+        emu_race.set_cp_async_mode(emulation.CP_ASYNC_MODES["early"])
+
+
+# One barrier taken out of each tensor-core kernel (the text must be there: a changed kernel fails
+# this test instead of passing it vacuously): the checker must name the kernel.
+PLANTED = {
+    "fwd_tc_kernel.cuh": ("    __syncthreads();     // ...for every thread, and every warp is done reading sK\n",
+                          "attn_fwd_tc_kernel"),
+    "bwd_tc_kernel.cuh": ("    __syncthreads();  // the next steps read every row and key of the three tiles\n",
+                          "attn_bwd_tc_kernel"),
+}
+
+
+@pytest.mark.skipif(not emulation.TENSOR_CORE_KERNELS, reason="no tensor-core kernels in csrc/cuda")
+def test_a_barrier_taken_out_of_a_real_kernel_is_reported(monkeypatch):
+    if not srt.HAS_EXTENSION:
+        pytest.skip("the compiled extension is missing")
+    files = emulation.emulation_files()
+    for name, (line, _) in PLANTED.items():
+        text = files[f"csrc/cuda/{name}"]
+        assert text.count(line) == 1, f"{name}: the planted barrier's line is gone or not unique"
+        files[f"csrc/cuda/{name}"] = text.replace(line, "    // (barrier taken out by the test)\n")
+    ops = emulation.shared_emulation("srt_cuda_emulation_planted", RACECHECK_CFLAGS, files)
+    gpu_cases.use_tiles(monkeypatch, "default")
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(1, 2, 200, 64, generator=gen).to(torch.bfloat16) for _ in range(4))
+    a = (True, 0.125, 0, 0, True, None)
+    with pytest.raises(RuntimeError, match=r"racecheck: \d+ shared-memory hazard.* in .*attn_fwd_tc_kernel"):
+        ops.fwd(q, k, v, None, None, None, None, None, *a)
+    out, lse = torch.ops.self_reasoning_tokens.attn_fwd(q, k, v, None, None, None, None, None, *a)
+    with pytest.raises(RuntimeError, match=r"racecheck: \d+ shared-memory hazard.* in .*attn_bwd_tc_kernel"):
+        ops.bwd(do, q, k, v, out, lse, None, None, None, None, None, *a)
