@@ -1,13 +1,17 @@
-"""Shared-memory races in the CUDA kernels, found on the CPU (the emulator's racecheck).
+"""Races in the CUDA kernels, found on the CPU (the emulator's racecheck).
 
 tests/test_cuda_emulation.py shows a missing barrier only where the warp-by-warp schedule changes
-the results. Here the emulator is built a second time with GCC's -fsanitize=thread
-instrumentation, every load and store reporting to tests/cuda_emulation/emu_racecheck.cpp, which
-flags two accesses of different threads to the same shared-memory bytes, at least one a write,
-with no barrier between them (no __syncthreads; for lanes of one warp, no warp collective either):
-compute-sanitizer's racecheck, without a GPU. The checker itself is tested first on small planted
-races and their fixed versions (tests/cuda_emulation/ptx_unit.cpp, race_kernel); then every kernel
-variant runs on the GPU test's cases and must have no hazard, in both cp.async timing modes.
+the results, and cannot see a plain += where an atomicAdd is needed (its blocks run one after the
+other). Here the emulator is built a second time with GCC's -fsanitize=thread instrumentation,
+every load and store reporting to tests/cuda_emulation/emu_racecheck.cpp, which flags two accesses
+of different threads to the same shared-memory bytes, at least one a write, with no barrier between
+them (no __syncthreads; for lanes of one warp, no warp collective either): compute-sanitizer's
+racecheck, without a GPU. In the buffers the kernels write (global memory) it also flags two
+accesses from different blocks, at least one a plain write (atomicAdd against atomicAdd is fine).
+The checker itself is tested first on small planted races and their fixed versions
+(tests/cuda_emulation/ptx_unit.cpp: race_kernel, global_race_kernel); then every kernel variant
+runs on the GPU test's cases and must have no hazard, in both cp.async timing modes; and a build
+with one barrier taken out of each tensor-core kernel and dQ added without atomics must be reported.
 """
 import ctypes
 import os
@@ -82,12 +86,34 @@ def test_the_fixed_versions_are_clean(race_lib, scenario, mode):
         assert torch.equal(out.view(64, 4)[:, 2], torch.arange(64.0) + 2)
 
 
+GLOBAL_RACY = {1: "WAW", 3: "atomic WAW", 4: "RAW", 5: "WAW"}
+GLOBAL_CLEAN = (0, 2, 6)
+
+
+@pytest.mark.parametrize("scenario", sorted(GLOBAL_RACY) + list(GLOBAL_CLEAN))
+def test_global_memory_between_blocks_and_threads(race_lib, scenario):
+    buf = torch.zeros(128)
+    call = lambda: race_lib.call("ptx_global_race", scenario, ctypes.c_void_p(buf.data_ptr()))  # noqa: E731
+    if scenario in GLOBAL_CLEAN:
+        call()
+        if scenario == 2:  # both blocks' atomic additions landed
+            assert torch.equal(buf[:64], torch.full((64,), 2.0))
+        return
+    with pytest.raises(RuntimeError) as e:
+        call()
+    msg = str(e.value)
+    assert "global-memory hazard(s)" in msg and f"{GLOBAL_RACY[scenario]} hazard at byte " in msg, msg
+    assert "shared-memory hazard" not in msg
+    between = "in another block (blocks are unordered)" if scenario != 5 else "with no barrier between"
+    assert between in msg, msg
+
+
 def test_report_names_the_code_of_both_accesses(race_lib):
     with pytest.raises(RuntimeError) as e:
         _race(race_lib, ptx.LATE, 6)
     msg = str(e.value)
     # the read in the kernel, the write in the cp.async wait that completed the copy (late mode)
-    assert "reads what thread" in msg and "emu::cp_async_wait" in msg and "module offset 0x" in msg, msg
+    assert "reads what block 0 thread 0" in msg and "emu::cp_async_wait" in msg and "module offset 0x" in msg, msg
 
 
 def test_the_uninstrumented_build_does_not_check(tmp_path):
@@ -117,7 +143,7 @@ VARIANTS = [(torch.float32, "default", "early")] + [
 
 
 @pytest.mark.parametrize("dtype,tiles,cp_mode", VARIANTS, ids=lambda v: str(v).replace("torch.", ""))
-def test_kernels_have_no_shared_memory_hazards(emu_race, dtype, tiles, cp_mode, monkeypatch):
+def test_kernels_have_no_hazards(emu_race, dtype, tiles, cp_mode, monkeypatch):
     # every case of the GPU test, at two head dims (the smallest and the largest tile shapes);
     # a hazard fails the launch with the report, and the results must still be right
     gpu_cases.use_tiles(monkeypatch, tiles)
@@ -137,6 +163,8 @@ PLANTED = {
     "bwd_tc_kernel.cuh": ("    __syncthreads();  // the next steps read every row and key of the three tiles\n",
                           "attn_bwd_tc_kernel"),
 }
+# and dQ added without atomics (the emulator's atomic_add2, which the tensor-core backward uses)
+PLANTED_NON_ATOMIC = ("  atomicAdd(dst, a);\n  atomicAdd(dst + 1, b);\n", "  dst[0] += a;\n  dst[1] += b;\n")
 
 
 @pytest.mark.skipif(not emulation.TENSOR_CORE_KERNELS, reason="no tensor-core kernels in csrc/cuda")
@@ -148,13 +176,19 @@ def test_a_barrier_taken_out_of_a_real_kernel_is_reported(monkeypatch):
         text = files[f"csrc/cuda/{name}"]
         assert text.count(line) == 1, f"{name}: the planted barrier's line is gone or not unique"
         files[f"csrc/cuda/{name}"] = text.replace(line, "    // (barrier taken out by the test)\n")
+    atomic, plain = PLANTED_NON_ATOMIC
+    assert files["csrc/cuda/ptx.cuh"].count(atomic) == 1, "the emulator's atomic_add2 changed"
+    files["csrc/cuda/ptx.cuh"] = files["csrc/cuda/ptx.cuh"].replace(atomic, plain)
     ops = emulation.shared_emulation("srt_cuda_emulation_planted", RACECHECK_CFLAGS, files)
     gpu_cases.use_tiles(monkeypatch, "default")
     gen = torch.Generator().manual_seed(0)
     q, k, v, do = (torch.randn(1, 2, 200, 64, generator=gen).to(torch.bfloat16) for _ in range(4))
     a = (True, 0.125, 0, 0, True, None)
-    with pytest.raises(RuntimeError, match=r"racecheck: \d+ shared-memory hazard.* in .*attn_fwd_tc_kernel"):
+    with pytest.raises(RuntimeError, match=r"racecheck: \d+ hazard.* in .*attn_fwd_tc_kernel[^\n]*:\n\d+ shared-memory"):
         ops.fwd(q, k, v, None, None, None, None, None, *a)
     out, lse = torch.ops.self_reasoning_tokens.attn_fwd(q, k, v, None, None, None, None, None, *a)
-    with pytest.raises(RuntimeError, match=r"racecheck: \d+ shared-memory hazard.* in .*attn_bwd_tc_kernel"):
+    with pytest.raises(RuntimeError, match=r"racecheck: \d+ hazard.* in .*attn_bwd_tc_kernel") as e:
         ops.bwd(do, q, k, v, out, lse, None, None, None, None, None, *a)
+    msg = str(e.value)
+    assert "shared-memory hazard(s)" in msg and "global-memory hazard(s)" in msg, msg
+    assert "in another block (blocks are unordered)" in msg, msg  # the dQ additions of two key tiles

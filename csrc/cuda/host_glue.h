@@ -138,8 +138,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_host(const AttnParams& a
     dv.zero_();
     return {at::zeros(qc.sizes(), qc.options()), dk, dv};
   }
-  // dQ receives a contribution from every key tile: blocks add them atomically in fp32.
-  at::Tensor dq_accum = at::zeros(qc.sizes(), qc.options().dtype(at::kFloat));
+  // dQ receives a contribution from every key tile: blocks add them atomically in fp32. (Through
+  // `alloc` like every buffer the kernels write, so that the emulation's checks see it too.)
+  at::Tensor dq_accum = alloc(qc.sizes(), qc.options().dtype(at::kFloat)).zero_();
   at::Tensor dsum = alloc({a.B, a.H, a.N}, qc.options().dtype(at::kFloat));
 
   KernelParams p = kernel_params(a);

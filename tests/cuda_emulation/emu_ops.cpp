@@ -19,16 +19,26 @@
 using namespace srt;
 using namespace srt::cuda;
 
-// Outputs poisoned with NaN: every element must be written by the kernel.
+// Outputs poisoned with NaN: every element must be written by the kernel. In the racecheck build
+// the checker also watches each of them between blocks (emu_racecheck.cpp).
 at::Tensor alloc_poisoned(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  return at::full(sizes, std::numeric_limits<double>::quiet_NaN(), options);
+  at::Tensor t = at::full(sizes, std::numeric_limits<double>::quiet_NaN(), options);
+  emu::race::track_global(t.data_ptr(), t.nbytes());
+  return t;
 }
+
+// The buffers of one op call are watched during its launches only.
+struct TrackedBuffers {
+  TrackedBuffers() { emu::race::untrack_globals(); }
+  ~TrackedBuffers() { emu::race::untrack_globals(); }
+};
 
 std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& q_stop, const std::optional<at::Tensor>& k_stop,
     const std::optional<at::Tensor>& v_stop, bool causal, double scale, int64_t R, int64_t W,
     bool stop, const std::optional<at::Tensor>& heads) {
+  const TrackedBuffers tracked;
   AttnParams a = make_params(q, k, v, key_padding, attn_mask, q_stop, k_stop, v_stop, causal, scale,
                              R, W, stop, heads);
   return attn_fwd_host(a, q, k, v, &alloc_poisoned, [](auto tag, auto head_dim, const KernelParams& p) {
@@ -43,6 +53,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& grad_out, c
     const std::optional<at::Tensor>& q_stop, const std::optional<at::Tensor>& k_stop,
     const std::optional<at::Tensor>& v_stop, bool causal, double scale, int64_t R, int64_t W,
     bool stop, const std::optional<at::Tensor>& heads) {
+  const TrackedBuffers tracked;
   AttnParams a = make_backward_params(grad_out, q, k, v, out, lse, key_padding, attn_mask, q_stop,
                                       k_stop, v_stop, causal, scale, R, W, stop, heads);
   return attn_bwd_host(a, grad_out, q, k, v, out, lse, &alloc_poisoned,

@@ -21,6 +21,13 @@
 // wait that completes them in the late mode); ldmatrix reads are the reads of the lane that
 // completes the collective, after its warp's barrier.
 //
+// Global memory: the buffers the kernels write (registered with track_global; the emulated ops
+// register every output and buffer they allocate) are checked too, per launch, with blocks
+// unordered among themselves (they run concurrently on a GPU): two accesses from different
+// blocks, at least one a plain write, are a hazard (a kernel that adds into dQ without atomics, a
+// block reading what another writes); atomicAdd against atomicAdd is not, atomicAdd against a
+// plain access is. Within a block the shared-memory rule applies.
+//
 // A launch with hazards fails (run_grid throws) with a report of the first few distinct ones:
 // kind, shared-memory offset, both threads and the code locations (function + offset in the
 // module; `addr2line -f -C -e <module> <address>` gives the line when built with -g).
@@ -32,6 +39,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <stdexcept>
 #include <string>
 
 #include "stubs/cuda_runtime.h"
@@ -46,6 +54,7 @@ constexpr int kMaxWarps = 64;
 
 struct Access {
   int32_t tid;
+  uint32_t block;        // blockIdx.x
   uint32_t block_epoch;  // __syncthreads the block had passed
   uint32_t warp_epoch;   // warp collectives the thread's warp had passed
   const void* pc;        // the instrumented code's address of the access
@@ -59,10 +68,31 @@ struct Granule {
   Access r[kReaders];
 };
 
+// A granule of a tracked global buffer: its last writer (and whether by atomicAdd) and one reader
+// since, plus whether readers of other blocks were seen (their identities are not needed: any
+// later write from a block is unordered with at least one of them).
+struct GlobalGranule {
+  uint32_t gen;  // == g_launch_gen: valid in this launch
+  bool written, atomic_write, has_reader, many_reader_blocks;
+  Access w, r;
+};
+
+struct Tracked {
+  uintptr_t lo, hi;
+  size_t first;  // index of its first granule in g_global
+};
+
 struct Report {
-  char kind[4];
+  char kind[8];
   const void* pc_now;
   const void* pc_before;
+};
+
+struct Reports {  // hazards of one memory space in this launch
+  uint64_t count = 0;
+  Report seen[kMaxReports];
+  int nseen = 0;
+  std::string text;
 };
 
 bool g_on = false;
@@ -73,10 +103,13 @@ uint32_t g_warp_epoch[kMaxWarps];
 unsigned g_block = 0;
 Granule* g_shadow = nullptr;
 size_t g_capacity = 0;  // granules allocated
-uint64_t g_hazards = 0;
-Report g_seen[kMaxReports];
-int g_nseen = 0;
-std::string g_text;
+constexpr int kMaxTracked = 16;
+Tracked g_tracked[kMaxTracked];
+int g_ntracked = 0;
+GlobalGranule* g_global = nullptr;
+size_t g_global_capacity = 0, g_global_used = 0;
+uint32_t g_launch_gen = 0;
+Reports g_shared_reports, g_global_reports;
 const void* g_kernel = nullptr;
 
 EMU_NO_TSAN std::string symbolize(const void* pc) {
@@ -102,30 +135,38 @@ EMU_NO_TSAN std::string symbolize(const void* pc) {
   return buf;
 }
 
-EMU_NO_TSAN void report(const char* kind, uintptr_t offset, int t, const void* pc, const Access& before) {
-  ++g_hazards;
-  for (int i = 0; i < g_nseen; ++i)
-    if (std::strcmp(g_seen[i].kind, kind) == 0 && g_seen[i].pc_now == pc && g_seen[i].pc_before == before.pc) return;
-  if (g_nseen == kMaxReports) return;
-  Report& r = g_seen[g_nseen++];
+// kind: RAW, WAR, WAW (an "atomic" before it when one side is an atomicAdd); `offset` in shared
+// memory, or in a global buffer of `buffer_bytes` bytes (> 0).
+EMU_NO_TSAN void report(Reports& rs, const char* kind, size_t offset, size_t buffer_bytes, int t, const void* pc,
+                        const Access& before, bool before_atomic) {
+  ++rs.count;
+  for (int i = 0; i < rs.nseen; ++i)
+    if (std::strcmp(rs.seen[i].kind, kind) == 0 && rs.seen[i].pc_now == pc && rs.seen[i].pc_before == before.pc) return;
+  if (rs.nseen == kMaxReports) return;
+  Report& r = rs.seen[rs.nseen++];
   std::snprintf(r.kind, sizeof r.kind, "%s", kind);
   r.pc_now = pc;
   r.pc_before = before.pc;
-  const bool raw = std::strcmp(kind, "RAW") == 0, war = std::strcmp(kind, "WAR") == 0;
+  const bool raw = std::strstr(kind, "RAW") != nullptr, war = std::strstr(kind, "WAR") != nullptr;
   const char* what = raw ? "reads what" : war ? "overwrites what" : "writes what";
-  const char* did = war ? "read" : "wrote";
+  const char* did = war ? "read" : before_atomic ? "added (atomicAdd)" : "wrote";
+  const char* between = before.block != g_block ? "in another block (blocks are unordered)" : "with no barrier between";
+  const std::string where = buffer_bytes == 0 ? "shared-memory offset " + std::to_string(offset) :
+      "byte " + std::to_string(offset) + " of a " + std::to_string(buffer_bytes) + "-byte global buffer";
   char buf[2048];
   std::snprintf(buf, sizeof buf,
-                "\n  %s hazard at shared-memory offset %zu (block %u, after %u __syncthreads): thread %d "
-                "(warp %d, lane %d) at %s\n    %s thread %d (warp %d, lane %d) %s at %s, with no barrier between",
-                kind, static_cast<size_t>(offset), g_block, g_block_epoch, t, t / 32, t % 32,
-                symbolize(pc).c_str(), what, before.tid, before.tid / 32, before.tid % 32, did,
-                symbolize(before.pc).c_str());
-  g_text += buf;
+                "\n  %s hazard at %s (block %u, after %u __syncthreads): thread %d (warp %d, lane %d) at %s\n"
+                "    %s block %u thread %d (warp %d, lane %d) %s at %s, %s",
+                kind, where.c_str(), g_block, g_block_epoch, t, t / 32, t % 32, symbolize(pc).c_str(), what,
+                before.block, before.tid, before.tid / 32, before.tid % 32, did, symbolize(before.pc).c_str(),
+                between);
+  rs.text += buf;
 }
 
-// Does `a` (by another thread) lack a barrier between it and an access of thread t now?
+// Does `a` (by another thread) lack a barrier between it and an access of thread t now? Blocks
+// have no barrier between them.
 EMU_NO_TSAN inline bool unordered(const Access& a, int t) {
+  if (a.block != g_block) return true;
   if (a.tid == t || a.block_epoch != g_block_epoch) return false;
   return a.tid / 32 != t / 32 || a.warp_epoch == g_warp_epoch[t / 32];
 }
@@ -137,10 +178,10 @@ EMU_NO_TSAN void on_granule(size_t g, int t, bool write, const void* pc) {
     s.readers = 0;
     s.written = false;
   }
-  const uintptr_t offset = g * 2;
-  const Access now{t, g_block_epoch, g_warp_epoch[t / 32], pc};
+  const size_t where = g * 2;
+  const Access now{t, g_block, g_block_epoch, g_warp_epoch[t / 32], pc};
   if (!write) {
-    if (s.written && unordered(s.w, t)) report("RAW", offset, t, pc, s.w);
+    if (s.written && unordered(s.w, t)) report(g_shared_reports, "RAW", where, 0, t, pc, s.w, false);
     // keep this interval's readers (a stale one, before the last __syncthreads, is dropped)
     int keep = 0;
     bool known = false;
@@ -153,21 +194,78 @@ EMU_NO_TSAN void on_granule(size_t g, int t, bool write, const void* pc) {
     if (!known && keep < kReaders) s.r[s.readers++] = now;
     return;
   }
-  if (s.written && unordered(s.w, t)) report("WAW", offset, t, pc, s.w);
+  if (s.written && unordered(s.w, t)) report(g_shared_reports, "WAW", where, 0, t, pc, s.w, false);
   for (int i = 0; i < s.readers && i < kReaders; ++i)
-    if (unordered(s.r[i], t)) { report("WAR", offset, t, pc, s.r[i]); break; }
+    if (unordered(s.r[i], t)) { report(g_shared_reports, "WAR", where, 0, t, pc, s.r[i], false); break; }
   s.written = true;
   s.w = now;
   s.readers = 0;
 }
 
-EMU_NO_TSAN inline void on_access(const void* addr, size_t size, bool write, const void* pc) {
+EMU_NO_TSAN void on_global_granule(const Tracked& tr, size_t g, int t, bool write, bool atomic, const void* pc) {
+  GlobalGranule& s = g_global[tr.first + g];
+  if (s.gen != g_launch_gen) {
+    s.gen = g_launch_gen;
+    s.written = s.atomic_write = s.has_reader = s.many_reader_blocks = false;
+  }
+  const Access now{t, g_block, g_block_epoch, g_warp_epoch[t / 32], pc};
+  const size_t where = g * 2, bytes = tr.hi - tr.lo;
+  if (atomic) {  // conflicts only with plain accesses
+    if (s.written && !s.atomic_write && unordered(s.w, t))
+      report(g_global_reports, "atomic WAW", where, bytes, t, pc, s.w, false);
+    if (s.has_reader && (s.many_reader_blocks || unordered(s.r, t)))
+      report(g_global_reports, "atomic WAR", where, bytes, t, pc, s.r, false);
+    if (!s.written || s.atomic_write) {
+      s.written = s.atomic_write = true;
+      s.w = now;
+    }
+    return;
+  }
+  if (!write) {
+    if (s.written && unordered(s.w, t)) report(g_global_reports, "RAW", where, bytes, t, pc, s.w, s.atomic_write);
+    if (!s.has_reader) {
+      s.has_reader = true;
+      s.r = now;
+    } else if (s.r.block != g_block) {
+      s.many_reader_blocks = true;
+    } else if (!unordered(s.r, t)) {
+      s.r = now;  // the newer of two ordered reads of this block
+    }
+    return;
+  }
+  if (s.written && unordered(s.w, t)) report(g_global_reports, "WAW", where, bytes, t, pc, s.w, s.atomic_write);
+  if (s.has_reader && (s.many_reader_blocks || unordered(s.r, t)))
+    report(g_global_reports, "WAR", where, bytes, t, pc, s.r, false);
+  s.written = true;
+  s.atomic_write = false;
+  s.w = now;
+  s.has_reader = s.many_reader_blocks = false;
+}
+
+EMU_NO_TSAN void on_access(const void* addr, size_t size, bool write, const void* pc, bool atomic = false) {
+  if (!g_on) return;
   const auto a = reinterpret_cast<uintptr_t>(addr);
-  if (!g_on || a >= g_hi || a + size <= g_lo) return;
-  const int t = current_thread();
-  if (t < 0) return;  // the scheduler itself (poisoning shared memory between blocks)
-  const uintptr_t lo = a < g_lo ? g_lo : a, hi = a + size > g_hi ? g_hi : a + size;
-  for (size_t g = (lo - g_lo) / 2; g < (hi - g_lo + 1) / 2; ++g) on_granule(g, t, write, pc);
+  if (a < g_hi && a + size > g_lo) {
+    const int t = current_thread();
+    if (t < 0) return;  // the scheduler itself (poisoning shared memory between blocks)
+    const uintptr_t lo = a < g_lo ? g_lo : a, hi = a + size > g_hi ? g_hi : a + size;
+    for (size_t g = (lo - g_lo) / 2; g < (hi - g_lo + 1) / 2; ++g) on_granule(g, t, write, pc);
+    return;
+  }
+  for (int i = 0; i < g_ntracked; ++i) {
+    const Tracked& tr = g_tracked[i];
+    if (a >= tr.hi || a + size <= tr.lo) continue;
+    const int t = current_thread();
+    if (t < 0) return;
+    const uintptr_t lo = a < tr.lo ? tr.lo : a, hi = a + size > tr.hi ? tr.hi : a + size;
+    for (size_t g = (lo - tr.lo) / 2; g < (hi - tr.lo + 1) / 2; ++g) on_global_granule(tr, g, t, write, atomic, pc);
+    return;
+  }
+}
+
+EMU_NO_TSAN std::string section(const char* space, const Reports& rs) {
+  if (rs.count == 0) return "";
+  return "\n" + std::to_string(rs.count) + " " + space + " hazard(s); the first distinct ones:" + rs.text;
 }
 }  // namespace
 
@@ -179,13 +277,36 @@ EMU_NO_TSAN bool instrumented() {
 #endif
 }
 
+EMU_NO_TSAN void track_global(const void* ptr, size_t bytes) {
+  if (!instrumented() || bytes == 0) return;
+  if (g_ntracked == kMaxTracked) throw std::runtime_error("emu: racecheck: too many tracked global buffers");
+  const size_t granules = (bytes + 1) / 2;
+  if (g_global_used + granules > g_global_capacity) {  // grow, keeping the entries of the others
+    const size_t cap = 2 * (g_global_used + granules);
+    auto* grown = static_cast<GlobalGranule*>(std::calloc(cap, sizeof(GlobalGranule)));
+    if (grown == nullptr) throw std::bad_alloc();
+    if (g_global != nullptr) std::memcpy(grown, g_global, g_global_used * sizeof(GlobalGranule));
+    std::free(g_global);
+    g_global = grown;
+    g_global_capacity = cap;
+  }
+  const auto lo = reinterpret_cast<uintptr_t>(ptr);
+  g_tracked[g_ntracked++] = Tracked{lo, lo + bytes, g_global_used};
+  std::memset(g_global + g_global_used, 0, granules * sizeof(GlobalGranule));
+  g_global_used += granules;
+}
+
+EMU_NO_TSAN void untrack_globals() {
+  g_ntracked = 0;
+  g_global_used = 0;
+}
+
 EMU_NO_TSAN void launch_begin(const void* smem, size_t bytes, const void* kernel) {
   g_on = false;
-  g_hazards = 0;
-  g_nseen = 0;
-  g_text.clear();
+  g_shared_reports = Reports{};
+  g_global_reports = Reports{};
   g_kernel = kernel;
-  if (!instrumented() || bytes == 0) return;
+  if (!instrumented()) return;
   const size_t granules = (bytes + 1) / 2;
   if (granules > g_capacity) {
     std::free(g_shadow);
@@ -193,6 +314,10 @@ EMU_NO_TSAN void launch_begin(const void* smem, size_t bytes, const void* kernel
     if (g_shadow == nullptr) throw std::bad_alloc();
     g_capacity = granules;
     g_gen = 0;
+  }
+  if (++g_launch_gen == 0) {  // wrapped: clear for real
+    if (g_global != nullptr) std::memset(g_global, 0, g_global_capacity * sizeof(GlobalGranule));
+    g_launch_gen = 1;
   }
   g_lo = reinterpret_cast<uintptr_t>(smem);
   g_hi = g_lo + bytes;
@@ -217,12 +342,19 @@ EMU_NO_TSAN void warp_sync(int warp) { ++g_warp_epoch[warp]; }
 EMU_NO_TSAN std::string launch_end() {
   const bool was_on = g_on;
   g_on = false;
-  if (!was_on || g_hazards == 0) return "";
-  return "emu: racecheck: " + std::to_string(g_hazards) + " shared-memory hazard(s) in " +
-         symbolize(g_kernel) + "; the first distinct ones:" + g_text;
+  if (!was_on || hazards() == 0) return "";
+  return "emu: racecheck: " + std::to_string(hazards()) + " hazard(s) in " + symbolize(g_kernel) + ":" +
+         section("shared-memory", g_shared_reports) + section("global-memory", g_global_reports);
 }
 
-EMU_NO_TSAN uint64_t hazards() { return g_hazards; }
+EMU_NO_TSAN uint64_t hazards() { return g_shared_reports.count + g_global_reports.count; }
+
+EMU_NO_TSAN float atomic_add(float* a, float v) {
+  on_access(a, sizeof(float), true, __builtin_return_address(0), true);
+  const float old = *a;
+  *a = old + v;  // fibers are never preempted: a plain read-modify-write is atomic
+  return old;
+}
 }  // namespace emu::race
 
 // ---- the entry points of GCC's -fsanitize=thread instrumentation ----

@@ -296,6 +296,38 @@ __global__ void race_kernel(const RaceArgs p) {
   }
 }
 
+// Global memory, 2 blocks of 64 threads over a watched buffer of 128 floats. Hazards: 1 both blocks
+// write the same words, 3 one block writes and the other atomicAdds the same words, 4 a block
+// reads what the other writes, 5 two warps of a block write the same words with no barrier.
+// None: 0 (each block its own words), 2 (both atomicAdd), 6 (the two warps with a barrier between).
+struct GlobalRaceArgs {
+  int scenario;
+  float* buf;
+};
+
+__global__ void global_race_kernel(const GlobalRaceArgs p) {
+  const int tid = static_cast<int>(threadIdx.x), b = static_cast<int>(blockIdx.x), lane = tid % 32;
+  switch (p.scenario) {
+    case 0: p.buf[b * 64 + tid] = static_cast<float>(tid); break;
+    case 1: p.buf[tid] = static_cast<float>(b); break;
+    case 2: atomicAdd(p.buf + tid, 1.f); break;
+    case 3:
+      if (b == 0) p.buf[tid] = 1.f;
+      else atomicAdd(p.buf + tid, 1.f);
+      break;
+    case 4:
+      if (b == 0) p.buf[tid] = 1.f;
+      else p.buf[64 + tid] = p.buf[tid];
+      break;
+    case 5:
+    case 6:
+      if (tid < 32) p.buf[b * 64 + lane] = 1.f;
+      if (p.scenario == 6) __syncthreads();
+      if (tid >= 32) p.buf[b * 64 + lane] = 2.f;
+      break;
+  }
+}
+
 int run(char* err, int errlen, void (*f)(void*), void* arg) {
   try {
     f(arg);
@@ -358,6 +390,17 @@ int ptx_race(int mode, int scenario, const float* src, float* out, char* err, in
   return run(err, errlen, [](void* v) {
     emu::launch(race_kernel, 1, 64, 16 * 16 + 64 * 16, nullptr, *static_cast<const RaceArgs*>(v));
   }, &p);
+}
+
+int ptx_global_race(int scenario, float* buf, char* err, int errlen) {
+  GlobalRaceArgs p{scenario, buf};
+  emu::race::untrack_globals();
+  emu::race::track_global(buf, 128 * sizeof(float));
+  const int rc = run(err, errlen, [](void* v) {
+    emu::launch(global_race_kernel, 2, 64, 0, nullptr, *static_cast<const GlobalRaceArgs*>(v));
+  }, &p);
+  emu::race::untrack_globals();
+  return rc;
 }
 
 int ptx_racecheck_instrumented() { return emu::race::instrumented() ? 1 : 0; }

@@ -113,6 +113,11 @@ void block_sync();
 void warp_sync(int warp);
 std::string launch_end();  // "" or the hazard report; checking stops until the next launch_begin
 uint64_t hazards();
+// Global buffers the kernels write, checked between blocks too (until untrack_globals).
+void track_global(const void* ptr, size_t bytes);
+void untrack_globals();
+// atomicAdd: the addition, and (racecheck build) an atomic access for the checker.
+float atomic_add(float* a, float v);
 }  // namespace race
 }  // namespace emu
 
@@ -125,5 +130,5 @@ inline void __syncwarp(unsigned = 0xffffffffu) { emu::syncwarp(); }
 inline float __shfl_xor_sync(unsigned, float x, int offset) { return emu::shfl_xor(x, offset); }
 // The kernels call it with the full mask only; all 32 lanes must take part (a barrier here).
 inline int __any_sync(unsigned, int pred) { return emu::any_lane(pred != 0) ? 1 : 0; }
-// fibers are never preempted: a plain read-modify-write is atomic
-inline float atomicAdd(float* a, float v) { float old = *a; *a = old + v; return old; }
+// fibers are never preempted: a plain read-modify-write is atomic (emu_racecheck.cpp)
+inline float atomicAdd(float* a, float v) { return emu::race::atomic_add(a, v); }
