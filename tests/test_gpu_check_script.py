@@ -44,6 +44,7 @@ PYTHONPATH={TESTS}:{BENCH} {sys.executable} -c "import test_profile_gpu as t; pr
 # (in the real tool's words) and exits with the --error-exitcode
 SANITIZER = """#!/usr/bin/env bash
 [[ "$1" == --version ]] && { echo "stand-in compute-sanitizer"; exit 0; }
+[[ "$1" == --help ]] && { echo "  --report-api-errors arg (=explicit)  stand-in help"; exit 0; }
 echo "sanitizer env PYTORCH_NO_CUDA_MEMORY_CACHING=${PYTORCH_NO_CUDA_MEMORY_CACHING:-unset}"
 tool=memcheck
 while [[ "$1" == --* ]]; do echo "sanitizer option $1 $2"; [[ "$1" == --tool ]] && tool=$2; shift 2; done
@@ -166,6 +167,8 @@ def test_gpu_check_runs_the_sanitizer_when_a_gpu_test_fails(tmp_path):
     logs = _logs(out)
     assert "sanitizer option --tool memcheck" in logs["sanitize-memcheck.log"]
     assert "sanitizer option --error-exitcode 9" in logs["sanitize-racecheck.log"]
+    # API errors PyTorch provokes on purpose are not kernel bugs (the stand-in's --help has the option)
+    assert "sanitizer option --report-api-errors no" in logs["sanitize-memcheck.log"]
     # memcheck sees a read past a tensor's end only without the caching allocator's larger blocks
     assert "PYTORCH_NO_CUDA_MEMORY_CACHING=1" in logs["sanitize-memcheck.log"]
     assert r.stdout.index("== sanitize-synccheck") < r.stdout.index("== bench: skipped")
