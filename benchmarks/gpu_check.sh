@@ -195,6 +195,7 @@ if (( build_ok == 0 )); then
     # machine): the cores are shared out instead, unless OMP_NUM_THREADS is set already
     threads=${OMP_NUM_THREADS:-$(( $(nproc) / workers > 0 ? $(nproc) / workers : 1 ))}
     note "tests: $workers pytest worker(s), $threads CPU thread(s) each (OMP_NUM_THREADS)"
+    rm -f "$OUTDIR/tests.xml"  # a reused OUTDIR: an old XML would hide a test stage that wrote none
     # shellcheck disable=SC2086
     OMP_NUM_THREADS=$threads SRT_TEST_DEADLINE=$(( $(date +%s) + tests_limit - 20 )) \
       stage tests 220 "$PY" -m pytest ${SRT_TEST_ARGS:-tests} -q -p no:cacheprovider ${xdist[@]+"${xdist[@]}"} \
@@ -221,7 +222,10 @@ if (( build_ok == 0 )); then
       # errors a CUDA API call returns (PyTorch probes some on purpose) are not kernel bugs: left
       # out where this compute-sanitizer has the option
       san_opts=(--error-exitcode 9 --print-limit 20)
-      "$san_bin" --help 2>/dev/null | grep -q -- "--report-api-errors" && san_opts+=(--report-api-errors no)
+      # (the help read whole first: grep -q would stop reading early, and under pipefail the
+      # sanitizer's SIGPIPE would then fail the test)
+      san_help="$("$san_bin" --help 2>/dev/null || true)"
+      grep -q -- "--report-api-errors" <<<"$san_help" && san_opts+=(--report-api-errors no)
       for tool_args in "memcheck 70" "racecheck 45 --quick" "synccheck 30 --quick"; do
         set -- $tool_args
         tool=$1 limit=$2; shift 2

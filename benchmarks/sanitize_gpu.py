@@ -171,7 +171,7 @@ def main(argv=None):
             worst, where = run_case(*case, device=device, seed=i)
         except Exception as e:  # noqa: BLE001 - reported per case, the other cases still run
             bad.append(label)
-            print(f"{label}: RAISED {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+            print(f"{label}: RAISED {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}", flush=True)
             if device.type == "cuda" and "CUDA error" in str(e):
                 print("sanitize_gpu: stopping (a CUDA error leaves the context unusable)", flush=True)
                 break

@@ -83,7 +83,7 @@ struct Tracked {
 };
 
 struct Report {
-  char kind[8];
+  char kind[16];  // "atomic WAW" and the like fit
   const void* pc_now;
   const void* pc_before;
 };
