@@ -18,15 +18,20 @@
 // the ones after it); it does not depend on the order the emulator happens to run the warps in,
 // so a missing barrier shows even where the schedule would hide it. Writes by cp.async are the
 // issuing thread's (at issue, when the emulator poisons or fills the destination, and at the
-// wait that completes them in the late mode); ldmatrix reads are the reads of the lane that
-// completes the collective, after its warp's barrier.
+// wait that completes them in the late mode), and from issue to that wait the destination is in
+// flight: an access to it by any thread, barriers or not, is a hazard ("cp.async RAW", "cp.async
+// WAW"), since only the issuer's wait completes the copy. An ldmatrix reads each 16-byte row as
+// the lane that supplied the row's address (a lane may overwrite its own row afterwards), after
+// its warp's barrier. An atomicAdd on shared memory counts as a plain write (stricter than the
+// GPU; no kernel here adds atomically in shared memory).
 //
 // Global memory: the buffers the kernels write (registered with track_global; the emulated ops
 // register every output and buffer they allocate) are checked too, per launch, with blocks
 // unordered among themselves (they run concurrently on a GPU): two accesses from different
 // blocks, at least one a plain write, are a hazard (a kernel that adds into dQ without atomics, a
 // block reading what another writes); atomicAdd against atomicAdd is not, atomicAdd against a
-// plain access is. Within a block the shared-memory rule applies.
+// plain access is (also when several blocks added and the plain access is ordered after the last
+// of them). Within a block the shared-memory rule applies.
 //
 // A launch with hazards fails (run_grid throws) with a report of the first few distinct ones:
 // kind, shared-memory offset, both threads and the code locations (function + offset in the
@@ -49,7 +54,7 @@
 namespace emu::race {
 namespace {
 constexpr int kReaders = 8;     // readers kept per granule; more only lose WAR reports, never add any
-constexpr int kMaxReports = 6;  // distinct (kind, code location pair) hazards described
+constexpr int kMaxReports = 10;  // distinct (kind, code location pair) hazards described
 constexpr int kMaxWarps = 64;
 
 struct Access {
@@ -64,17 +69,21 @@ struct Granule {
   uint32_t gen;  // == g_gen: valid in this block; anything else: untouched so far
   int32_t readers;
   bool written;
+  bool in_flight;  // a cp.async into it is issued and its issuer has not waited for it yet
   Access w;
+  Access copy;     // that cp.async's issue
   Access r[kReaders];
 };
 
 // A granule of a tracked global buffer: its last writer (and whether by atomicAdd) and one reader
 // since, plus whether readers of other blocks were seen (their identities are not needed: any
 // later write from a block is unordered with at least one of them).
+// With atomic writers from several blocks, w is the last of them and w_other one of another block
+// than w's: a plain access ordered after w (w's own thread) is still unordered with w_other.
 struct GlobalGranule {
   uint32_t gen;  // == g_launch_gen: valid in this launch
-  bool written, atomic_write, has_reader, many_reader_blocks;
-  Access w, r;
+  bool written, atomic_write, has_reader, many_reader_blocks, many_atomic_blocks;
+  Access w, r, w_other;
 };
 
 struct Tracked {
@@ -109,6 +118,7 @@ int g_ntracked = 0;
 GlobalGranule* g_global = nullptr;
 size_t g_global_capacity = 0, g_global_used = 0;
 uint32_t g_launch_gen = 0;
+int g_actor = -1;  // >= 0: the thread the accesses are attributed to (an ldmatrix row's lane)
 Reports g_shared_reports, g_global_reports;
 const void* g_kernel = nullptr;
 
@@ -148,9 +158,11 @@ EMU_NO_TSAN void report(Reports& rs, const char* kind, size_t offset, size_t buf
   r.pc_now = pc;
   r.pc_before = before.pc;
   const bool raw = std::strstr(kind, "RAW") != nullptr, war = std::strstr(kind, "WAR") != nullptr;
-  const char* what = raw ? "reads what" : war ? "overwrites what" : "writes what";
-  const char* did = war ? "read" : before_atomic ? "added (atomicAdd)" : "wrote";
-  const char* between = before.block != g_block ? "in another block (blocks are unordered)" : "with no barrier between";
+  const bool copy = std::strncmp(kind, "cp.async", 8) == 0;
+  const char* what = copy ? "accesses what" : raw ? "reads what" : war ? "overwrites what" : "writes what";
+  const char* did = copy ? "copies into with cp.async" : war ? "read" : before_atomic ? "added (atomicAdd)" : "wrote";
+  const char* between = copy ? "still in flight (its issuer has not waited for it)" :
+      before.block != g_block ? "in another block (blocks are unordered)" : "with no barrier between";
   const std::string where = buffer_bytes == 0 ? "shared-memory offset " + std::to_string(offset) :
       "byte " + std::to_string(offset) + " of a " + std::to_string(buffer_bytes) + "-byte global buffer";
   char buf[2048];
@@ -171,15 +183,21 @@ EMU_NO_TSAN inline bool unordered(const Access& a, int t) {
   return a.tid / 32 != t / 32 || a.warp_epoch == g_warp_epoch[t / 32];
 }
 
-EMU_NO_TSAN void on_granule(size_t g, int t, bool write, const void* pc) {
+EMU_NO_TSAN Granule& granule(size_t g) {
   Granule& s = g_shadow[g];
   if (s.gen != g_gen) {
     s.gen = g_gen;
     s.readers = 0;
-    s.written = false;
+    s.written = s.in_flight = false;
   }
+  return s;
+}
+
+EMU_NO_TSAN void on_granule(size_t g, int t, bool write, const void* pc) {
+  Granule& s = granule(g);
   const size_t where = g * 2;
   const Access now{t, g_block, g_block_epoch, g_warp_epoch[t / 32], pc};
+  if (s.in_flight) report(g_shared_reports, write ? "cp.async WAW" : "cp.async RAW", where, 0, t, pc, s.copy, false);
   if (!write) {
     if (s.written && unordered(s.w, t)) report(g_shared_reports, "RAW", where, 0, t, pc, s.w, false);
     // keep this interval's readers (a stale one, before the last __syncthreads, is dropped)
@@ -206,7 +224,7 @@ EMU_NO_TSAN void on_global_granule(const Tracked& tr, size_t g, int t, bool writ
   GlobalGranule& s = g_global[tr.first + g];
   if (s.gen != g_launch_gen) {
     s.gen = g_launch_gen;
-    s.written = s.atomic_write = s.has_reader = s.many_reader_blocks = false;
+    s.written = s.atomic_write = s.has_reader = s.many_reader_blocks = s.many_atomic_blocks = false;
   }
   const Access now{t, g_block, g_block_epoch, g_warp_epoch[t / 32], pc};
   const size_t where = g * 2, bytes = tr.hi - tr.lo;
@@ -216,13 +234,20 @@ EMU_NO_TSAN void on_global_granule(const Tracked& tr, size_t g, int t, bool writ
     if (s.has_reader && (s.many_reader_blocks || unordered(s.r, t)))
       report(g_global_reports, "atomic WAR", where, bytes, t, pc, s.r, false);
     if (!s.written || s.atomic_write) {
+      if (s.written && s.w.block != g_block) {
+        s.many_atomic_blocks = true;
+        s.w_other = s.w;
+      }
       s.written = s.atomic_write = true;
       s.w = now;
     }
     return;
   }
+  // the writer unordered with an access of thread t now, if any
+  const Access* wrote = !s.written ? nullptr : unordered(s.w, t) ? &s.w :
+      s.many_atomic_blocks && unordered(s.w_other, t) ? &s.w_other : nullptr;
   if (!write) {
-    if (s.written && unordered(s.w, t)) report(g_global_reports, "RAW", where, bytes, t, pc, s.w, s.atomic_write);
+    if (wrote != nullptr) report(g_global_reports, "RAW", where, bytes, t, pc, *wrote, s.atomic_write);
     if (!s.has_reader) {
       s.has_reader = true;
       s.r = now;
@@ -233,34 +258,41 @@ EMU_NO_TSAN void on_global_granule(const Tracked& tr, size_t g, int t, bool writ
     }
     return;
   }
-  if (s.written && unordered(s.w, t)) report(g_global_reports, "WAW", where, bytes, t, pc, s.w, s.atomic_write);
+  if (wrote != nullptr) report(g_global_reports, "WAW", where, bytes, t, pc, *wrote, s.atomic_write);
   if (s.has_reader && (s.many_reader_blocks || unordered(s.r, t)))
     report(g_global_reports, "WAR", where, bytes, t, pc, s.r, false);
   s.written = true;
-  s.atomic_write = false;
+  s.atomic_write = s.many_atomic_blocks = false;
   s.w = now;
   s.has_reader = s.many_reader_blocks = false;
+}
+
+// The 2-byte granules [first, end) that [a, a + size) overlaps in [lo, hi), indexed from lo; none
+// (first == end) when the ranges are disjoint. (No lambdas here: their bodies would be instrumented.)
+struct Granules {
+  size_t first = 0, end = 0;
+};
+EMU_NO_TSAN inline Granules overlap(uintptr_t a, size_t size, uintptr_t lo, uintptr_t hi) {
+  if (a >= hi || a + size <= lo) return {};
+  const uintptr_t from = a < lo ? lo : a, to = a + size > hi ? hi : a + size;
+  return {(from - lo) / 2, (to - lo + 1) / 2};
 }
 
 EMU_NO_TSAN void on_access(const void* addr, size_t size, bool write, const void* pc, bool atomic = false) {
   if (!g_on) return;
   const auto a = reinterpret_cast<uintptr_t>(addr);
-  if (a < g_hi && a + size > g_lo) {
-    const int t = current_thread();
-    if (t < 0) return;  // the scheduler itself (poisoning shared memory between blocks)
-    const uintptr_t lo = a < g_lo ? g_lo : a, hi = a + size > g_hi ? g_hi : a + size;
-    for (size_t g = (lo - g_lo) / 2; g < (hi - g_lo + 1) / 2; ++g) on_granule(g, t, write, pc);
-    return;
+  Granules gs = overlap(a, size, g_lo, g_hi);
+  const Tracked* tr = nullptr;
+  for (int i = 0; i < g_ntracked && gs.first == gs.end; ++i) {
+    gs = overlap(a, size, g_tracked[i].lo, g_tracked[i].hi);
+    tr = &g_tracked[i];
   }
-  for (int i = 0; i < g_ntracked; ++i) {
-    const Tracked& tr = g_tracked[i];
-    if (a >= tr.hi || a + size <= tr.lo) continue;
-    const int t = current_thread();
-    if (t < 0) return;
-    const uintptr_t lo = a < tr.lo ? tr.lo : a, hi = a + size > tr.hi ? tr.hi : a + size;
-    for (size_t g = (lo - tr.lo) / 2; g < (hi - tr.lo + 1) / 2; ++g) on_global_granule(tr, g, t, write, atomic, pc);
-    return;
-  }
+  if (gs.first == gs.end) return;
+  const int t = g_actor >= 0 ? g_actor : current_thread();
+  if (t < 0) return;  // the scheduler itself (poisoning shared memory between blocks)
+  for (size_t g = gs.first; g < gs.end; ++g)
+    if (tr == nullptr) on_granule(g, t, write, pc);
+    else on_global_granule(*tr, g, t, write, atomic, pc);
 }
 
 EMU_NO_TSAN std::string section(const char* space, const Reports& rs) {
@@ -345,6 +377,26 @@ EMU_NO_TSAN std::string launch_end() {
   if (!was_on || hazards() == 0) return "";
   return "emu: racecheck: " + std::to_string(hazards()) + " hazard(s) in " + symbolize(g_kernel) + ":" +
          section("shared-memory", g_shared_reports) + section("global-memory", g_global_reports);
+}
+
+EMU_NO_TSAN void act_as(int thread) { g_actor = thread; }
+
+EMU_NO_TSAN void copy_issued(const void* dst, size_t bytes, const void* pc) {
+  const int t = current_thread();
+  if (!g_on || t < 0) return;
+  const Access issue{t, g_block, g_block_epoch, g_warp_epoch[t / 32], pc};
+  const Granules gs = overlap(reinterpret_cast<uintptr_t>(dst), bytes, g_lo, g_hi);
+  for (size_t g = gs.first; g < gs.end; ++g) {
+    Granule& s = granule(g);
+    s.in_flight = true;
+    s.copy = issue;
+  }
+}
+
+EMU_NO_TSAN void copy_waited(const void* dst, size_t bytes) {
+  if (!g_on) return;
+  const Granules gs = overlap(reinterpret_cast<uintptr_t>(dst), bytes, g_lo, g_hi);
+  for (size_t g = gs.first; g < gs.end; ++g) granule(g).in_flight = false;
 }
 
 EMU_NO_TSAN uint64_t hazards() { return g_shared_reports.count + g_global_reports.count; }

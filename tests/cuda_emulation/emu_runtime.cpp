@@ -363,6 +363,7 @@ void cp_async_16(void* smem, const void* gmem, bool valid) {
   } else {  // contents undefined until the wait: make an early reader see NaN
     for (int i = 0; i < 4; ++i) std::memcpy(c.dst + 4 * i, &kPoison, 4);
   }
+  race::copy_issued(c.dst, 16, __builtin_return_address(0));
   fibers[cur].cp.push_back(c);
 }
 
@@ -381,6 +382,7 @@ void cp_async_wait(int newest_groups_left) {
   for (size_t i = 0; i < f.cp.size(); ++i) {
     CpCopy& c = f.cp[i];
     if (c.group >= 0 && c.group < limit) {
+      race::copy_waited(c.dst, 16);
       if (!c.done) perform(c);
     } else {
       f.cp[keep++] = c;

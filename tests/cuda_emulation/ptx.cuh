@@ -141,17 +141,24 @@ void ldmatrix_complete(emu::WarpSlots& s, int warp) {
       emu::fail("%s: lane %d of warp %d passed a row address at shared offset %td, not 16-byte aligned", op,
                 lane, warp, p - base);
   }
+  // each row read whole, as the lane that addressed it (the racecheck build attributes the read)
+  uint16_t data[32][8];
+  for (int lane = 0; lane < 32; ++lane) {
+    emu::race::act_as(warp * 32 + lane);
+    std::memcpy(data[lane], rows[lane], 16);
+  }
+  emu::race::act_as(-1);
   uint32_t regs[32][4];
   for (int lane = 0; lane < 32; ++lane) {
     const int g = lane >> 2, t = lane & 3;
     for (int m = 0; m < 4; ++m) {
       uint16_t lo, hi;
       if (!kTrans) {  // row g of matrix m, elements 2t, 2t + 1
-        std::memcpy(&lo, rows[8 * m + g] + 2 * (2 * t), 2);
-        std::memcpy(&hi, rows[8 * m + g] + 2 * (2 * t + 1), 2);
+        lo = data[8 * m + g][2 * t];
+        hi = data[8 * m + g][2 * t + 1];
       } else {  // column g of matrix m, i.e. element g of stored rows 2t and 2t + 1
-        std::memcpy(&lo, rows[8 * m + 2 * t] + 2 * g, 2);
-        std::memcpy(&hi, rows[8 * m + 2 * t + 1] + 2 * g, 2);
+        lo = data[8 * m + 2 * t][g];
+        hi = data[8 * m + 2 * t + 1][g];
       }
       regs[lane][m] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
     }

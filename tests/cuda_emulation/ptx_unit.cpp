@@ -232,9 +232,11 @@ struct RaceArgs {
 
 // Two warps. Scenarios with a hazard: 1 RAW across warps, 2 WAR across warps, 3 WAW across warps,
 // 4 RAW between lanes of one warp, 6 a cp.async destination read by another warp after the wait
-// without a barrier, 8 ldmatrix of rows another warp wrote without a barrier. Without: 0, 5
-// (__syncwarp between the lanes), 7 (cp.async, wait, barrier), 9 (ldmatrix after a barrier), 10
-// (each thread only ever touches its own word).
+// without a barrier, 8 ldmatrix of rows another warp wrote without a barrier, 11 another warp
+// reads a cp.async destination before the issuer's wait (barriers between do not complete a copy).
+// Without: 0, 5 (__syncwarp between the lanes), 7 (cp.async, wait, barrier), 9 (ldmatrix after a
+// barrier), 10 (each thread only ever touches its own word), 12 (each lane overwrites the row it
+// gave an ldmatrix, after the ldmatrix).
 __global__ void race_kernel(const RaceArgs p) {
   extern __shared__ float4 smem_f4[];
   float* buf = reinterpret_cast<float*>(smem_f4);  // 64 floats, then 64 16-byte chunks
@@ -288,6 +290,27 @@ __global__ void race_kernel(const RaceArgs p) {
       }
       break;
     }
+    case 11: {
+      if (tid < 32) {
+        cp_async_16(chunks + tid, reinterpret_cast<const float4*>(p.src) + tid % 16, true);
+        cp_async_commit();
+      }
+      __syncthreads();
+      if (tid >= 32) out[0] = chunks[lane].x;
+      __syncthreads();
+      if (tid < 32) cp_async_wait<0>();
+      break;
+    }
+    case 12:
+      if (tid < 32) {
+        chunks[tid] = float4{p.src[tid], 0.f, 0.f, 0.f};
+        __syncwarp();
+        uint32_t r[4];
+        ldmatrix_x4(r, chunks + lane);
+        chunks[tid] = float4{0.f, 0.f, 0.f, 0.f};
+        for (int j = 0; j < 4; ++j) std::memcpy(out + j, &r[j], 4);
+      }
+      break;
     default:
       for (int i = 0; i < 3; ++i) {
         buf[tid] = p.src[tid] + i;
@@ -298,7 +321,9 @@ __global__ void race_kernel(const RaceArgs p) {
 
 // Global memory, 2 blocks of 64 threads over a watched buffer of 128 floats. Hazards: 1 both blocks
 // write the same words, 3 one block writes and the other atomicAdds the same words, 4 a block
-// reads what the other writes, 5 two warps of a block write the same words with no barrier.
+// reads what the other writes, 5 two warps of a block write the same words with no barrier, 7 both
+// blocks atomicAdd, then the second (after a barrier) reads the sums: its own additions are
+// ordered before the read, the first block's are not.
 // None: 0 (each block its own words), 2 (both atomicAdd), 6 (the two warps with a barrier between).
 struct GlobalRaceArgs {
   int scenario;
@@ -324,6 +349,11 @@ __global__ void global_race_kernel(const GlobalRaceArgs p) {
       if (tid < 32) p.buf[b * 64 + lane] = 1.f;
       if (p.scenario == 6) __syncthreads();
       if (tid >= 32) p.buf[b * 64 + lane] = 2.f;
+      break;
+    case 7:
+      atomicAdd(p.buf + tid, 1.f);
+      __syncthreads();
+      if (b == 1) p.buf[64 + tid] = p.buf[tid];
       break;
   }
 }

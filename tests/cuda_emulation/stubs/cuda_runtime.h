@@ -118,6 +118,12 @@ void track_global(const void* ptr, size_t bytes);
 void untrack_globals();
 // atomicAdd: the addition, and (racecheck build) an atomic access for the checker.
 float atomic_add(float* a, float v);
+// A cp.async into shared memory: in flight from its issue (by the current thread, at the kernel's
+// code address `pc`) until its issuer's wait covers it.
+void copy_issued(const void* dst, size_t bytes, const void* pc);
+void copy_waited(const void* dst, size_t bytes);
+// Until act_as(-1), accesses count as thread `thread`'s (a collective reading a lane's data).
+void act_as(int thread);
 }  // namespace race
 }  // namespace emu
 
