@@ -20,7 +20,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def resolve_cuda_home():
-    """The CUDA toolkit home: $CUDA_HOME, else the TOP= that `nvcc --dryrun` prints.
+    """The CUDA toolkit home: $CUDA_HOME, else the TOP= that `nvcc --dryrun` prints, else (no nvcc
+    on PATH) /usr/local/cuda where it has bin/nvcc, as torch looks too.
 
     The nvcc on PATH may be a wrapper script outside the toolkit, so torch's guess (the parent
     of the nvcc found) can point to the wrong place and linking then fails on -lcudart.
@@ -31,7 +32,8 @@ def resolve_cuda_home():
             return os.path.realpath(home)
     nvcc = shutil.which("nvcc")
     if nvcc is None:
-        return None
+        default = "/usr/local/cuda"
+        return os.path.realpath(default) if os.path.exists(os.path.join(default, "bin", "nvcc")) else None
     try:
         out = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
                              capture_output=True, text=True, timeout=60)

@@ -113,9 +113,14 @@ def attn_flops(b, h, n, d, causal=True):
     return f / 2 if causal else f
 
 
+# what CUDA libraries say when an allocation fails at the edge of memory (cuBLAS's handle or
+# workspace, the runtime) besides the caching allocator's "out of memory"
+OOM_TEXTS = ("out of memory", "cublas_status_alloc_failed", "cudaerrormemoryallocation")
+
+
 def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or (
-        isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+        isinstance(e, RuntimeError) and any(t in str(e).lower() for t in OOM_TEXTS))
 
 
 def short(e: BaseException) -> str:

@@ -1,13 +1,24 @@
 """Shared test setup: import path, seeds, and the per-device configuration.
 
 The same suite runs on a CPU-only machine and on a GPU machine. Tests that take the ``device``
-fixture (or ``cfg``) run once per available device: "cpu" always, "cuda" when
-``torch.cuda.is_available()``. ``cfg`` carries what differs per device:
+fixture run once per available device: "cpu" always, "cuda" when ``torch.cuda.is_available()``.
+Tests that take ``cfg`` run once per configuration (a device and the dtype the kernel runs in),
+which carries what differs between them:
 
-- CPU: float64 for exact comparison with the float64 reference, any head_dim;
-- CUDA: float32 (the kernels support float16 / bfloat16 / float32) and head_dim 32 or 64 (the
-  CUDA kernels support 32, 64, 96, 128), with looser tolerances; the reference still runs in
-  float64 on the same inputs.
+- "cpu": float64 for exact comparison with the float64 reference, any head_dim;
+- "cuda": float32 (the CUDA-core kernels), head_dim 64, tolerances of fp32 arithmetic;
+- "cuda-bf16": bfloat16 (the tensor-core kernels), head_dim 64, tolerances of bfloat16 rounding
+  (P and dS are rounded to bfloat16 before their products, as in FlashAttention);
+- "cpu-bf16" (not run by default; ``SRT_TEST_CONFIGS=cpu,cpu-bf16``): the CPU kernel's bfloat16 path
+  with the "cuda-bf16" tolerances.
+
+The reference always runs in float64 on the same (rounded) inputs. ``SRT_TEST_CONFIGS`` (a comma
+list) replaces the default set: "cpu", plus "cuda" and "cuda-bf16" when a GPU is there.
+
+Tests that use the GPU carry the ``gpu`` marker (added here for the "cuda" parametrisations and
+tests/test_cuda_build.py; module-level CUDA tests set it themselves); with a GPU they run first, and
+``SRT_GPU_TESTS_ONLY=1`` deselects every other test (benchmarks/gpu_check.sh: the CPU-only tests
+are what CI runs). The junit XML marks each with the property ``gpu``.
 """
 from __future__ import annotations
 
@@ -32,6 +43,9 @@ except ImportError:  # pragma: no cover - depends on how the package was made av
 from self_reasoning_tokens.reference import reference_attention  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+CONFIGS = [c.strip() for c in os.environ.get("SRT_TEST_CONFIGS", "").split(",") if c.strip()] or (
+    ["cpu"] + (["cuda", "cuda-bf16"] if torch.cuda.is_available() else []))
+GPU_TESTS_ONLY = os.environ.get("SRT_GPU_TESTS_ONLY", "") not in ("", "0")
 
 # A time-limited run (benchmarks/gpu_check.sh on a lent GPU) sets SRT_TEST_DEADLINE to a Unix
 # time: tests that would start after it are skipped with a reason saying so, so that pytest still
@@ -41,17 +55,35 @@ TEST_DEADLINE = float(os.environ.get("SRT_TEST_DEADLINE", "inf"))
 DEADLINE_SKIP = "SRT_TEST_DEADLINE passed: not started in this time-limited run"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: the test runs on the GPU (sorted first, counted as a GPU test)")
+
+
 def _runs_on_gpu(item) -> bool:
-    """Tests that use the GPU: the device-parametrised ones on "cuda" and tests/test_cuda_build.py
-    (not the CPU emulation of the CUDA kernels, which only shares the name)."""
+    """Tests that use the GPU: the ones marked ``gpu``, the device-parametrised ones on "cuda"
+    (``device``, ``device_name``, ``cfg``) and tests/test_cuda_build.py (not the CPU emulation of
+    the CUDA kernels, which only shares the name)."""
+    if item.get_closest_marker("gpu") is not None:
+        return True
     params = getattr(getattr(item, "callspec", None), "params", {})
-    return params.get("device") == "cuda" or item.nodeid.startswith("tests/test_cuda_build.py") \
-        or os.path.basename(str(item.fspath)) == "test_cuda_build.py"
+    if any(str(params.get(key, "")).startswith("cuda") for key in ("device", "device_name", "cfg")):
+        return True
+    return os.path.basename(str(item.fspath)) == "test_cuda_build.py"
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _runs_on_gpu(item):
+            if item.get_closest_marker("gpu") is None:
+                item.add_marker(pytest.mark.gpu)
+            item.user_properties.append(("gpu", "1"))  # in the junit XML: the one list of GPU tests
+    if GPU_TESTS_ONLY:
+        dropped = [item for item in items if item.get_closest_marker("gpu") is None]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = [item for item in items if item.get_closest_marker("gpu") is not None]
     if torch.cuda.is_available():
-        items.sort(key=lambda item: 0 if _runs_on_gpu(item) else 1)  # stable sort
+        items.sort(key=lambda item: 0 if item.get_closest_marker("gpu") is not None else 1)  # stable sort
 
 
 def pytest_runtest_setup(item):
@@ -94,11 +126,20 @@ class DeviceConfig:
         assert err <= atol + rtol * scale, f"{what}: max abs err {err:.3e} (max |expected| {scale:.3e})"
 
 
-def config_for(device: str) -> DeviceConfig:
-    if device == "cuda":
-        # float32 kernels may use TF32 tensor cores: errors up to ~1e-3 relative.
+def config_for(name: str) -> DeviceConfig:
+    """The configuration named "cpu", "cuda", "cuda-bf16" or "cpu-bf16" (see the module docstring)."""
+    if name == "cuda":
+        # the float32 CUDA-core kernels (expf, fp32 sums in another order than the reference's)
         return DeviceConfig("cuda", torch.float32, 64, atol=2e-3, rtol=5e-3, grad_atol=5e-3, grad_rtol=1e-2)
-    return DeviceConfig("cpu", torch.float64, 16, atol=1e-10, rtol=1e-9, grad_atol=1e-10, grad_rtol=1e-9)
+    if name in ("cuda-bf16", "cpu-bf16"):
+        # bfloat16 keeps 8 significant bits (relative rounding 2^-9 = 2e-3): the output, P and dS
+        # are rounded once each; sums stay in fp32. The bounds are about 10x those roundings,
+        # relative to the largest expected value, as tests/test_cuda_build.py's are.
+        return DeviceConfig(name.split("-")[0], torch.bfloat16, 64, atol=1e-3, rtol=2e-2, grad_atol=2e-3,
+                            grad_rtol=3e-2)
+    if name == "cpu":
+        return DeviceConfig("cpu", torch.float64, 16, atol=1e-10, rtol=1e-9, grad_atol=1e-10, grad_rtol=1e-9)
+    raise ValueError(f"unknown test configuration {name!r} (SRT_TEST_CONFIGS): cpu, cuda, cuda-bf16, cpu-bf16")
 
 
 def run_with_grads(fn, q, k, v, grad_out, **kwargs):
@@ -135,9 +176,9 @@ def device(request) -> str:
     return request.param
 
 
-@pytest.fixture(scope="session")
-def cfg(device) -> DeviceConfig:
-    return config_for(device)
+@pytest.fixture(scope="session", params=CONFIGS)
+def cfg(request) -> DeviceConfig:
+    return config_for(request.param)
 
 
 @pytest.fixture(scope="session")

@@ -509,10 +509,14 @@ def test_scale_respected(cfg, helpers, scale):
     q, k, v = cfg.qkv(2, 2, 7, 8)
     got = helpers.check(cfg, q, k, v, scale=scale, causal=True,
                         q_stop_grad_mask=make_mask("bool", "nm", 2, 2, 7, 8, cfg.device))
-    # the scale is exactly a multiplier on q in the forward
+    # the scale is exactly a multiplier on q in the forward; in bfloat16 only where q times the
+    # factor is exact (a power of two), since rounding the rescaled q changes the logits by up to
+    # 2^-9 of their size (e.g. 0.1 at scale 2.5), more than the comparison allows
     d = q.shape[-1]
-    rescaled = stop_graddable_attn(q * (scale / d ** -0.5), k, v, causal=True)
-    cfg.assert_close(got[0], rescaled, what="out vs rescaled q")
+    factor = scale / d ** -0.5
+    if torch.finfo(q.dtype).bits >= 32 or math.log2(abs(factor)).is_integer():
+        rescaled = stop_graddable_attn(q * factor, k, v, causal=True)
+        cfg.assert_close(got[0], rescaled, what="out vs rescaled q")
 
 
 def test_default_scale_is_inverse_sqrt_head_dim(cfg):

@@ -177,6 +177,7 @@ def test_unsupported_device():
 
 if torch.cuda.is_available():  # GPU-only checks exist only where a GPU does (no skips on CPU)
 
+    @pytest.mark.gpu
     def test_cpu_cuda_mixture():
         q, k, v = good(device="cuda", dtype=torch.float16)
         with pytest.raises(ERRORS, match=r"device"):
@@ -184,6 +185,7 @@ if torch.cuda.is_available():  # GPU-only checks exist only where a GPU does (no
         with pytest.raises(ERRORS, match=r"attn_mask.*device"):
             stop_graddable_attn(q, k, v, attn_mask=torch.ones(N, M, dtype=torch.bool))
 
+    @pytest.mark.gpu
     @pytest.mark.parametrize("d, dtype, pattern", [(48, torch.float16, r"head_dim"), (64, torch.float64, r"dtype"),
                                                    (16, torch.bfloat16, r"head_dim")])
     def test_cuda_unsupported_dtype_or_head_dim(d, dtype, pattern):

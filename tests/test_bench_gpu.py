@@ -290,3 +290,14 @@ def test_tile_ab_lines_call_faster_only_beyond_the_spread():
     # 1% slower with 1.5% spreads on each side: within the noise, not "slower"
     assert "bwd 1.010x" in bwd and "within noise" in bwd and "slower" not in bwd
     assert bench_gpu.tile_ab_lines([row("ours", 128, 1.0, 3.0, 4.0, 0.01)]) == []
+
+
+def test_allocation_failures_count_as_out_of_memory():
+    # at the edge of memory cuBLAS fails to allocate its handle or workspace with its own words; such
+    # a contender has run out of memory (a size limit), not failed
+    for text in ("CUDA out of memory. Tried to allocate 2.00 GiB",
+                 "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+                 "CUDA error: out of memory", "cudaErrorMemoryAllocation"):
+        assert bench_gpu.is_oom(RuntimeError(text)), text
+    assert not bench_gpu.is_oom(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not bench_gpu.is_oom(ValueError("out of memory"))

@@ -4,6 +4,7 @@ arithmetic, file layout and summary. Three things are stood in for, nothing else
 the GPU benchmark (BENCH_ARGS runs its --dry-run code paths) and Nsight Compute (a stand-in `ncu`
 runs the profiled workload on the CPU and writes tests/test_profile_gpu.py's synthetic CSV)."""
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -81,7 +82,9 @@ def _env(bin_dir, **settings):
 
 
 def _run_gpu_check(tmp_path, timeout, returncode=0, **settings):
-    """Runs gpu_check.sh with the stand-ins and `settings`; (the finished process, OUTDIR)."""
+    """Runs gpu_check.sh with the stand-ins and `settings`; (the finished process, OUTDIR). Unless
+    `settings` say otherwise, no GPU is not a failure here and the CPU-only tests are kept."""
+    settings = {"SRT_GPU_CHECK_ALLOW_NO_GPU": "1", "SRT_GPU_CHECK_ALL_TESTS": "1", **settings}
     bin_dir, out = tmp_path / "bin", tmp_path / "out"
     bin_dir.mkdir()
     _script(bin_dir / "pywrap", PYWRAP)
@@ -91,6 +94,14 @@ def _run_gpu_check(tmp_path, timeout, returncode=0, **settings):
                        env=_env(bin_dir, **settings), capture_output=True, text=True, timeout=timeout)
     assert r.returncode == returncode, r.stdout[-4000:] + r.stderr[-2000:]
     return r, out
+
+
+def _planted(tmp_path, text):
+    """A test file in tmp_path beside a copy of tests/conftest.py (which marks the GPU tests)."""
+    shutil.copy(os.path.join(TESTS, "conftest.py"), tmp_path / "conftest.py")
+    path = tmp_path / "test_planted_failure.py"
+    path.write_text(text)
+    return path
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
@@ -143,16 +154,15 @@ def test_gpu_check_gives_the_profile_time_to_a_short_benchmark(tmp_path):
     assert "profile_raw.csv" not in _logs(out) and not (out / "profile.txt").exists()
     # the benchmark's stage limit includes the reserve: 15 s of timeout grace are kept back
     bench_limit = int(r.stdout.split("== bench (timeout ")[1].split("s)")[0])
-    assert 470 - 15 - 60 < bench_limit <= 470 - 15, r.stdout[-3000:]
+    assert 450 - 15 - 60 < bench_limit <= 450 - 15, r.stdout[-3000:]
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
 def test_gpu_check_runs_the_sanitizer_when_a_gpu_test_fails(tmp_path):
     # a failing GPU test brings in compute-sanitizer's three tools on sanitize_gpu.py (memcheck on
     # every case, racecheck and synccheck on --quick), before the benchmark, and the run fails
-    failing = tmp_path / "test_planted_failure.py"
-    failing.write_text("import pytest\n\n@pytest.mark.parametrize('device', ['cuda', 'cpu'])\n"
-                       "def test_planted_failure(device):\n    assert device == 'cpu'\n")
+    failing = _planted(tmp_path, "import pytest\n\n@pytest.mark.parametrize('device', ['cuda', 'cpu'])\n"
+                                 "def test_planted_failure(device):\n    assert device == 'cpu'\n")
     r, out = _run_gpu_check(tmp_path, 600, returncode=1, SRT_TEST_ARGS=str(failing), SRT_TEST_WORKERS="1",
                             SRT_GPU_CHECK_SKIP="bench,profile")
     summary = (out / "summary.txt").read_text()
@@ -176,8 +186,7 @@ def test_gpu_check_runs_the_sanitizer_when_a_gpu_test_fails(tmp_path):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
 def test_gpu_check_leaves_the_sanitizer_out_when_only_a_cpu_test_fails(tmp_path):
-    failing = tmp_path / "test_planted_failure.py"
-    failing.write_text("def test_planted_failure():\n    assert 1 == 2\n")
+    failing = _planted(tmp_path, "def test_planted_failure():\n    assert 1 == 2\n")
     _, out = _run_gpu_check(tmp_path, 300, returncode=1, SRT_TEST_ARGS=str(failing), SRT_TEST_WORKERS="1",
                             SRT_GPU_CHECK_SKIP="bench,profile")
     summary = (out / "summary.txt").read_text()
@@ -197,3 +206,46 @@ def test_gpu_check_sanitizer_on_request_reports_a_race(tmp_path):
                  "sanitize racecheck: ========= Error: Race reported between Write access",
                  "gpu_check: FAILED stages: sanitize-racecheck"):
         assert line in summary, summary
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
+def test_gpu_check_runs_only_the_gpu_tests_by_default(tmp_path):
+    # the tests conftest marks gpu (a "cuda" parametrisation, an explicit marker) run, the
+    # CPU-only ones (CI's) are deselected, and the XML's gpu property is what the summary counts
+    planted = _planted(tmp_path, "import pytest\n\n@pytest.mark.parametrize('device', ['cuda', 'cpu'])\n"
+                                 "def test_on(device):\n    pass\n\n@pytest.mark.gpu\ndef test_marked():\n    pass\n\n"
+                                 "def test_cpu_only():\n    pass\n")
+    r, out = _run_gpu_check(tmp_path, 300, SRT_TEST_ARGS=str(planted), SRT_TEST_WORKERS="1",
+                            SRT_GPU_CHECK_ALL_TESTS="0", SRT_GPU_CHECK_SKIP="bench,profile")
+    summary = (out / "summary.txt").read_text()
+    for line in ("all tests: 2 passed, 0 failed", "GPU tests (marked gpu: on cuda, test_cuda_build.py): 2 passed"):
+        assert line in summary, summary
+    xml = (out / "tests.xml").read_text()
+    assert "test_on[cuda]" in xml and "test_marked" in xml and "test_on[cpu]" not in xml and "test_cpu_only" not in xml
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
+def test_gpu_check_fails_without_a_gpu_or_gpu_tests(tmp_path):
+    # no GPU visible (this machine) and no GPU test passing: a vacuous run must not pass
+    planted = _planted(tmp_path, "def test_cpu_only():\n    pass\n")
+    r, out = _run_gpu_check(tmp_path, 300, returncode=1, SRT_TEST_ARGS=str(planted), SRT_TEST_WORKERS="1",
+                            SRT_GPU_CHECK_ALLOW_NO_GPU="0", SRT_GPU_CHECK_SKIP="sanitize,bench,profile")
+    summary = (out / "summary.txt").read_text()
+    for line in ("GPU visible: False", "== gpu: FAILED (no GPU visible", "GPU tests: NONE PASSED",
+                 "gpu_check: FAILED stages: gpu tests"):
+        assert line in summary, summary
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
+def test_gpu_check_test_stage_timeout_keeps_the_xml(tmp_path):
+    # a test stage cut off by its timeout is stopped with SIGINT, on which pytest still writes the
+    # junit XML of what ran (SIGTERM would leave none, and the run would look like a crash)
+    planted = _planted(tmp_path, "import time\n\ndef test_quick():\n    pass\n\n"
+                                 "def test_slow():\n    time.sleep(600)\n")
+    r, out = _run_gpu_check(tmp_path, 300, returncode=1, SRT_TEST_ARGS=f"-p no:timeout {planted}",
+                            SRT_TEST_WORKERS="1", SRT_GPU_CHECK_SKIP="sanitize,bench,profile",
+                            SRT_GPU_CHECK_BUDGET_S="70")
+    summary = (out / "summary.txt").read_text()
+    assert "== tests: TIMED OUT" in summary, summary
+    assert (out / "tests.xml").exists(), summary
+    assert "all tests: 1 passed, 0 failed, 0 skipped, 1 INTERRUPTED" in summary, summary

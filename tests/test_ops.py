@@ -251,6 +251,7 @@ def test_memory_is_linear_in_n():
 
 if torch.cuda.is_available():  # the same claim for the CUDA kernels, where a GPU exists
 
+    @pytest.mark.gpu
     def test_cuda_memory_is_linear_in_n():
         n, d = 16384, 64
         q, k, v = (torch.randn(1, 1, n, d, device="cuda", dtype=torch.float16, requires_grad=True)
