@@ -7,8 +7,10 @@ which carries what differs between them:
 
 - "cpu": float64 for exact comparison with the float64 reference, any head_dim;
 - "cuda": float32 (the CUDA-core kernels), head_dim 64, tolerances of fp32 arithmetic;
-- "cuda-bf16": bfloat16 (the tensor-core kernels), head_dim 64, tolerances of bfloat16 rounding
-  (P and dS are rounded to bfloat16 before their products, as in FlashAttention);
+- "cuda-bf16": bfloat16 (the tensor-core kernels), head_dim 64: comparisons with the reference
+  follow FlashAttention's rule (assert_within_flash_rule: at most 2x, 3x for gradients, the error
+  of PyTorch's own math path in bfloat16), other comparisons bounds of about 10x bfloat16's
+  rounding;
 - "cpu-bf16" (not run by default; ``SRT_TEST_CONFIGS=cpu,cpu-bf16``): the CPU kernel's bfloat16 path
   with the "cuda-bf16" tolerances.
 
@@ -156,18 +158,42 @@ def reference64(q, k, v, grad_out, **kwargs):
                           **kwargs)
 
 
+def assert_within_flash_rule(actual, exact, low, grad, what=""):
+    """FlashAttention's rule for float16/bfloat16 (issue 3): the error against the float64 result
+    is at most 2x (3x for gradients) the error of PyTorch's own math path run in that dtype (the
+    reference without upcast, `low`), plus a floor of 1e-3 of the largest expected value (for
+    entries the low-precision path happens to get exactly, e.g. a gradient every mask stops)."""
+    assert actual.shape == exact.shape, (what, actual.shape, exact.shape)
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    if not actual.numel():
+        return
+    e = exact.detach().double()
+    err = (actual.detach().double() - e).abs().max().item()
+    ref_err = (low.detach().double() - e).abs().max().item()
+    factor, floor = (3 if grad else 2), 1e-3 * max(1.0, e.abs().max().item())
+    assert err <= factor * ref_err + floor, (
+        f"{what}: max abs err {err:.3e} > {factor} x {ref_err:.3e} (the reference in {actual.dtype}) + {floor:.1e}")
+
+
 def check_against_reference(cfg: DeviceConfig, q, k, v, grad_out=None, **kwargs):
-    """Runs the kernel and the float64 reference on the same inputs and compares all results.
-    Returns the kernel's (out, dq, dk, dv)."""
+    """Runs the kernel and the float64 reference on the same inputs and compares all results:
+    within the configuration's tolerances, or, for float16/bfloat16, by FlashAttention's rule
+    (assert_within_flash_rule). Returns the kernel's (out, dq, dk, dv)."""
     from self_reasoning_tokens import stop_graddable_attn
 
     if grad_out is None:
         grad_out = torch.randn(q.shape, dtype=torch.float64).to(device=q.device, dtype=q.dtype)
     got = run_with_grads(stop_graddable_attn, q, k, v, grad_out, **kwargs)
     exp = reference64(q, k, v, grad_out, **kwargs)
-    for name, a, e in zip(("out", "dq", "dk", "dv"), got, exp):
+    low = None
+    if q.dtype in (torch.float16, torch.bfloat16):
+        low = run_with_grads(reference_attention, q, k, v, grad_out, upcast=False, **kwargs)
+    for i, (name, a, e) in enumerate(zip(("out", "dq", "dk", "dv"), got, exp)):
         assert a.dtype == q.dtype, (name, a.dtype)
-        cfg.assert_close(a, e, grad=name != "out", what=name)
+        if low is None:
+            cfg.assert_close(a, e, grad=name != "out", what=name)
+        else:
+            assert_within_flash_rule(a, e, low[i], grad=name != "out", what=name)
     return got
 
 
