@@ -114,13 +114,29 @@ def attn_flops(b, h, n, d, causal=True):
 
 
 # what CUDA libraries say when an allocation fails at the edge of memory (cuBLAS's handle or
-# workspace, the runtime) besides the caching allocator's "out of memory"
-OOM_TEXTS = ("out of memory", "cublas_status_alloc_failed", "cudaerrormemoryallocation")
+# workspace, the runtime) besides the caching allocator's "out of memory"; the same words also
+# follow an earlier kernel fault, so they count as out of memory only while the context still works
+ALLOC_FAILED_TEXTS = ("cublas_status_alloc_failed", "cudaerrormemoryallocation")
+
+
+def cuda_context_ok() -> bool:
+    try:
+        torch.cuda.synchronize()
+        torch.ones(1, device="cuda").add_(1).item()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means the context is gone
+        return False
 
 
 def is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or (
-        isinstance(e, RuntimeError) and any(t in str(e).lower() for t in OOM_TEXTS))
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    if not isinstance(e, RuntimeError):
+        return False
+    text = str(e).lower()
+    if "out of memory" in text:
+        return True
+    return any(t in text for t in ALLOC_FAILED_TEXTS) and cuda_context_ok()
 
 
 def short(e: BaseException) -> str:

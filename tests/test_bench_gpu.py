@@ -292,12 +292,16 @@ def test_tile_ab_lines_call_faster_only_beyond_the_spread():
     assert bench_gpu.tile_ab_lines([row("ours", 128, 1.0, 3.0, 4.0, 0.01)]) == []
 
 
-def test_allocation_failures_count_as_out_of_memory():
+def test_allocation_failures_count_as_out_of_memory(monkeypatch):
     # at the edge of memory cuBLAS fails to allocate its handle or workspace with its own words; such
-    # a contender has run out of memory (a size limit), not failed
-    for text in ("CUDA out of memory. Tried to allocate 2.00 GiB",
-                 "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
-                 "CUDA error: out of memory", "cudaErrorMemoryAllocation"):
+    # a contender has run out of memory (a size limit), not failed, as long as the CUDA context
+    # still works (the same words follow an earlier kernel fault, which must stop the benchmark)
+    alloc = ("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", "cudaErrorMemoryAllocation")
+    monkeypatch.setattr(bench_gpu, "cuda_context_ok", lambda: True)
+    for text in ("CUDA out of memory. Tried to allocate 2.00 GiB", "CUDA error: out of memory", *alloc):
         assert bench_gpu.is_oom(RuntimeError(text)), text
     assert not bench_gpu.is_oom(RuntimeError("CUDA error: an illegal memory access was encountered"))
     assert not bench_gpu.is_oom(ValueError("out of memory"))
+    monkeypatch.setattr(bench_gpu, "cuda_context_ok", lambda: False)
+    for text in alloc:
+        assert not bench_gpu.is_oom(RuntimeError(text)), text

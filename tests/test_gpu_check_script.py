@@ -242,10 +242,24 @@ def test_gpu_check_test_stage_timeout_keeps_the_xml(tmp_path):
     # junit XML of what ran (SIGTERM would leave none, and the run would look like a crash)
     planted = _planted(tmp_path, "import time\n\ndef test_quick():\n    pass\n\n"
                                  "def test_slow():\n    time.sleep(600)\n")
-    r, out = _run_gpu_check(tmp_path, 300, returncode=1, SRT_TEST_ARGS=f"-p no:timeout {planted}",
+    r, out = _run_gpu_check(tmp_path, 300, returncode=1, SRT_TEST_ARGS=str(planted),
                             SRT_TEST_WORKERS="1", SRT_GPU_CHECK_SKIP="sanitize,bench,profile",
-                            SRT_GPU_CHECK_BUDGET_S="70")
+                            SRT_GPU_CHECK_BUDGET_S="100")
     summary = (out / "summary.txt").read_text()
     assert "== tests: TIMED OUT" in summary, summary
     assert (out / "tests.xml").exists(), summary
     assert "all tests: 1 passed, 0 failed, 0 skipped, 1 INTERRUPTED" in summary, summary
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
+def test_gpu_check_counts_a_crashed_worker_as_a_failed_gpu_test(tmp_path):
+    # a test that kills its pytest-xdist worker is reported by the controller without the gpu
+    # property; it must still count as a failed GPU test (which brings in the sanitizer)
+    pytest.importorskip("xdist")
+    planted = _planted(tmp_path, "import os\n\ndef test_ok():\n    pass\n\ndef test_crash():\n    os.abort()\n")
+    _, out = _run_gpu_check(tmp_path, 300, returncode=1, SRT_TEST_ARGS=str(planted), SRT_TEST_WORKERS="1",
+                            SRT_GPU_CHECK_SKIP="sanitize,bench,profile")
+    summary = (out / "summary.txt").read_text()
+    for line in ("all tests: 1 passed, 1 failed", "GPU tests (marked gpu: on cuda, test_cuda_build.py): 0 passed, 1 failed",
+                 "== sanitize: skipped (SRT_GPU_CHECK_SKIP)"):
+        assert line in summary, summary

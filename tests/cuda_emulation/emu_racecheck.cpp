@@ -18,7 +18,7 @@
 // the ones after it); it does not depend on the order the emulator happens to run the warps in,
 // so a missing barrier shows even where the schedule would hide it. Writes by cp.async are the
 // issuing thread's (at issue, when the emulator poisons or fills the destination, and at the
-// wait that completes them in the late mode), and from issue to that wait the destination is in
+// wait that completes them, in both modes), and from issue to that wait the destination is in
 // flight: an access to it by any thread, barriers or not, is a hazard ("cp.async RAW", "cp.async
 // WAW"), since only the issuer's wait completes the copy. An ldmatrix reads each 16-byte row as
 // the lane that supplied the row's address (a lane may overwrite its own row afterwards), after
@@ -338,6 +338,7 @@ EMU_NO_TSAN void launch_begin(const void* smem, size_t bytes, const void* kernel
   g_shared_reports = Reports{};
   g_global_reports = Reports{};
   g_kernel = kernel;
+  g_actor = -1;
   if (!instrumented()) return;
   const size_t granules = (bytes + 1) / 2;
   if (granules > g_capacity) {
@@ -357,6 +358,7 @@ EMU_NO_TSAN void launch_begin(const void* smem, size_t bytes, const void* kernel
 }
 
 EMU_NO_TSAN void block_begin(unsigned block) {
+  g_actor = -1;
   ++g_gen;  // every granule is untouched again
   if (g_gen == 0) {  // wrapped: clear for real
     std::memset(g_shadow, 0, g_capacity * sizeof(Granule));
@@ -393,10 +395,18 @@ EMU_NO_TSAN void copy_issued(const void* dst, size_t bytes, const void* pc) {
   }
 }
 
+// The wait completes the copy: a write by the issuer now (in both cp.async modes, so that a reader
+// the barrier before the wait does not order is reported whichever ran first).
 EMU_NO_TSAN void copy_waited(const void* dst, size_t bytes) {
-  if (!g_on) return;
+  const int t = current_thread();
+  if (!g_on || t < 0) return;
   const Granules gs = overlap(reinterpret_cast<uintptr_t>(dst), bytes, g_lo, g_hi);
-  for (size_t g = gs.first; g < gs.end; ++g) granule(g).in_flight = false;
+  for (size_t g = gs.first; g < gs.end; ++g) {
+    Granule& s = granule(g);
+    const void* pc = s.in_flight ? s.copy.pc : nullptr;
+    s.in_flight = false;
+    on_granule(g, t, true, pc);
+  }
 }
 
 EMU_NO_TSAN uint64_t hazards() { return g_shared_reports.count + g_global_reports.count; }

@@ -233,7 +233,9 @@ struct RaceArgs {
 // Two warps. Scenarios with a hazard: 1 RAW across warps, 2 WAR across warps, 3 WAW across warps,
 // 4 RAW between lanes of one warp, 6 a cp.async destination read by another warp after the wait
 // without a barrier, 8 ldmatrix of rows another warp wrote without a barrier, 11 another warp
-// reads a cp.async destination before the issuer's wait (barriers between do not complete a copy).
+// reads a cp.async destination before the issuer's wait (barriers between do not complete a copy),
+// 13 another warp reads it after the issuer's wait but with no barrier after that wait (the barrier
+// before it orders nothing: the copy completes at the wait, in either cp.async mode).
 // Without: 0, 5 (__syncwarp between the lanes), 7 (cp.async, wait, barrier), 9 (ldmatrix after a
 // barrier), 10 (each thread only ever touches its own word), 12 (each lane overwrites the row it
 // gave an ldmatrix, after the ldmatrix).
@@ -299,6 +301,16 @@ __global__ void race_kernel(const RaceArgs p) {
       if (tid >= 32) out[0] = chunks[lane].x;
       __syncthreads();
       if (tid < 32) cp_async_wait<0>();
+      break;
+    }
+    case 13: {
+      if (tid < 32) {
+        cp_async_16(chunks + tid, reinterpret_cast<const float4*>(p.src) + tid % 16, true);
+        cp_async_commit();
+      }
+      __syncthreads();
+      if (tid < 32) cp_async_wait<0>();
+      if (tid >= 32) out[0] = chunks[lane].x;
       break;
     }
     case 12:
