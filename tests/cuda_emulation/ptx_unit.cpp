@@ -292,25 +292,19 @@ __global__ void race_kernel(const RaceArgs p) {
       }
       break;
     }
-    case 11: {
+    case 11:
+    case 13: {  // warp 0 copies, warp 1 reads: before the wait (11) or after it, unordered (13)
       if (tid < 32) {
         cp_async_16(chunks + tid, reinterpret_cast<const float4*>(p.src) + tid % 16, true);
         cp_async_commit();
       }
       __syncthreads();
+      if (p.scenario == 13 && tid < 32) cp_async_wait<0>();
       if (tid >= 32) out[0] = chunks[lane].x;
-      __syncthreads();
-      if (tid < 32) cp_async_wait<0>();
-      break;
-    }
-    case 13: {
-      if (tid < 32) {
-        cp_async_16(chunks + tid, reinterpret_cast<const float4*>(p.src) + tid % 16, true);
-        cp_async_commit();
+      if (p.scenario == 11) {
+        __syncthreads();
+        if (tid < 32) cp_async_wait<0>();
       }
-      __syncthreads();
-      if (tid < 32) cp_async_wait<0>();
-      if (tid >= 32) out[0] = chunks[lane].x;
       break;
     }
     case 12:
