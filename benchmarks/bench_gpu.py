@@ -119,13 +119,15 @@ def attn_flops(b, h, n, d, causal=True):
 ALLOC_FAILED_TEXTS = ("cublas_status_alloc_failed", "cudaerrormemoryallocation")
 
 
-def cuda_context_ok() -> bool:
+def cuda_context_error():
+    """None while the CUDA context works, else why not (an illegal memory access is sticky: every
+    later call fails)."""
     try:
         torch.cuda.synchronize()
         torch.ones(1, device="cuda").add_(1).item()
-        return True
-    except Exception:  # noqa: BLE001 - any failure means the context is gone
-        return False
+        return None
+    except Exception as e:  # noqa: BLE001 - any failure means the context is gone
+        return short(e)
 
 
 def is_oom(e: BaseException) -> bool:
@@ -136,7 +138,7 @@ def is_oom(e: BaseException) -> bool:
     text = str(e).lower()
     if "out of memory" in text:
         return True
-    return any(t in text for t in ALLOC_FAILED_TEXTS) and cuda_context_ok()
+    return any(t in text for t in ALLOC_FAILED_TEXTS) and cuda_context_error() is None
 
 
 def short(e: BaseException) -> str:
@@ -326,11 +328,9 @@ class Bench:
         sticky) makes every later call fail, so stop instead of recording noise."""
         if not self.dev.cuda:
             return
-        try:
-            torch.cuda.synchronize()
-            torch.ones(1, device=self.device).add_(1).item()
-        except Exception as e:  # noqa: BLE001
-            raise Terminated(f"the CUDA context is broken ({short(e)})") from None
+        error = cuda_context_error()
+        if error is not None:
+            raise Terminated(f"the CUDA context is broken ({error})")
 
     def disable_flex_after(self, name, msg):
         """A FlexAttention error other than OOM (a compile failure, most likely) would recur at

@@ -217,6 +217,7 @@ def helpers():
         run_with_grads = staticmethod(run_with_grads)
         reference64 = staticmethod(reference64)
         check = staticmethod(check_against_reference)
+        flash_rule = staticmethod(assert_within_flash_rule)
         config_for = staticmethod(config_for)
 
     return H

@@ -297,11 +297,11 @@ def test_allocation_failures_count_as_out_of_memory(monkeypatch):
     # a contender has run out of memory (a size limit), not failed, as long as the CUDA context
     # still works (the same words follow an earlier kernel fault, which must stop the benchmark)
     alloc = ("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", "cudaErrorMemoryAllocation")
-    monkeypatch.setattr(bench_gpu, "cuda_context_ok", lambda: True)
+    monkeypatch.setattr(bench_gpu, "cuda_context_error", lambda: None)
     for text in ("CUDA out of memory. Tried to allocate 2.00 GiB", "CUDA error: out of memory", *alloc):
         assert bench_gpu.is_oom(RuntimeError(text)), text
     assert not bench_gpu.is_oom(RuntimeError("CUDA error: an illegal memory access was encountered"))
     assert not bench_gpu.is_oom(ValueError("out of memory"))
-    monkeypatch.setattr(bench_gpu, "cuda_context_ok", lambda: False)
+    monkeypatch.setattr(bench_gpu, "cuda_context_error", lambda: "an illegal memory access")
     for text in alloc:
         assert not bench_gpu.is_oom(RuntimeError(text)), text
