@@ -45,6 +45,12 @@ void matmul_into(at::Tensor c, const at::Tensor& a, const at::Tensor& b, bool ac
   }
 }
 
+// c = alpha * (a @ b): the scale rides in the GEMM's alpha instead of a second pass over c
+// (beta = 0, so c's previous contents are never read, NaN or not).
+void scaled_matmul_into(at::Tensor c, const at::Tensor& a, const at::Tensor& b, double alpha) {
+  at::cpu::addmm_out(c, c, a, b, /*beta=*/0, /*alpha=*/alpha);
+}
+
 template <typename T>
 constexpr T neg_inf() {
   return -std::numeric_limits<T>::infinity();
@@ -167,7 +173,6 @@ template <typename T>
 void forward_kernel(const AttnParams& p, const T* Q, const T* K, const T* V, T* O, T* LSE) {
   const int64_t B = p.B, H = p.H, N = p.N, M = p.M, D = p.D;
   const int64_t nqb = (N + kBlockQ - 1) / kBlockQ;
-  const T scale = static_cast<T>(p.scale);
   at::parallel_for(0, B * H * nqb, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> s_buf(kBlockQ * kBlockK), acc_buf(kBlockQ * D), m_buf(kBlockQ), l_buf(kBlockQ);
     at::Tensor s_t = wrap(s_buf.data(), kBlockQ, kBlockK, kBlockK);
@@ -188,9 +193,8 @@ void forward_kernel(const AttnParams& p, const T* Q, const T* K, const T* V, T* 
         const int64_t cols = std::min(kBlockK, jend - j0);
         if (tile_hidden_by_region(p, h, i0, rows, j0, cols)) continue;
         at::Tensor s = wrap(s_buf.data(), rows, cols, cols);
-        matmul_into(s, q_t, wrap(k + j0 * D, cols, D, D).t(), false);
+        scaled_matmul_into(s, q_t, wrap(k + j0 * D, cols, D, D).t(), p.scale);
         T* sp = s_buf.data();
-        scale_row(sp, rows * cols, scale);
         if (tile_needs_masking(p, h, i0, rows, j0, cols))
           mask_scores_tile(p, b, h, i0, rows, j0, cols, sp, cols);
         for (int64_t r = 0; r < rows; ++r) {
@@ -292,9 +296,8 @@ void backward_kernel(const AttnParams& p, const T* Q, const T* K, const T* V, co
           at::Tensor ds_t = wrap(dS.data(), rows, cols, cols);
 
           // P = exp(scale * q k^T - lse), zero where not allowed
-          matmul_into(p_t, q_t, k_t.t(), false);
+          scaled_matmul_into(p_t, q_t, k_t.t(), p.scale);
           T* pp = P.data();
-          scale_row(pp, rows * cols, scale);
           if (tile_needs_masking(p, h, i0, rows, j0, cols))
             mask_scores_tile(p, b, h, i0, rows, j0, cols, pp, cols);
           for (int64_t r = 0; r < rows; ++r) {
