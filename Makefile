@@ -25,7 +25,7 @@ $(VENV)/.srt-built: $(STAMP) $(SOURCES)
 	touch $@
 
 compare: build
-	$(PY) -m self_reasoning_tokens compare --out runs/compare
+	$(PY) -m self_reasoning_tokens compare --out runs/compare --overwrite
 
 test: build
 	$(PY) -m pytest tests -q

@@ -87,7 +87,9 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds per size (median reported)")
     ap.add_argument("--max-reference-gb", type=float, default=12.0,
                     help="skip the reference where its estimated memory exceeds this")
-    ap.add_argument("--out", default=DEFAULT_OUT)
+    ap.add_argument("--out", default=DEFAULT_OUT,
+                    help="JSON output (default: the committed benchmarks/results/attention_cpu.json, "
+                    "which the README's table comes from)")
     args = ap.parse_args(argv)
 
     dtype = torch.float32

@@ -6,21 +6,33 @@ the dispatcher as torch.ops.self_reasoning_tokens.attn_fwd / attn_bwd.
 """
 from __future__ import annotations
 
+import importlib.machinery
 import warnings
+from pathlib import Path
 
 import torch
+
+
+def _why_not_loaded(error: ImportError) -> str:
+    """Python's ImportError for a missing extension reads like a circular import ("cannot import
+    name '_C' from partially initialized module"); say plainly when the library is simply not built."""
+    here = Path(__file__).parent
+    if not any((here / f"_C{suffix}").exists() for suffix in importlib.machinery.EXTENSION_SUFFIXES):
+        return f"it is not built: no _C{importlib.machinery.EXTENSION_SUFFIXES[0]} in {here}"
+    return f"{type(error).__name__}: {error}"  # built, but it does not load (e.g. built against another torch)
+
 
 try:
     from . import _C  # noqa: F401  (loading registers the ops)
 
     HAS_EXTENSION = True
-    _IMPORT_ERROR: Exception | None = None
+    EXTENSION_ERROR: str | None = None
 except ImportError as e:  # the package still imports; calling an op then raises a clear error
     HAS_EXTENSION = False
-    _IMPORT_ERROR = e
+    EXTENSION_ERROR = _why_not_loaded(e)
     warnings.warn(
         "self_reasoning_tokens: the compiled extension self_reasoning_tokens._C could not be "
-        f"loaded ({e}). Build it with `pip install --no-build-isolation .` or "
+        f"loaded ({EXTENSION_ERROR}). Build it with `pip install --no-build-isolation .` or "
         "`python setup.py build_ext --inplace`. Only the pure-PyTorch reference is available.",
         RuntimeWarning,
         stacklevel=2,
@@ -31,7 +43,7 @@ def require_extension() -> None:
     if not HAS_EXTENSION:
         raise RuntimeError(
             "self_reasoning_tokens: the compiled extension is not available "
-            f"({_IMPORT_ERROR}); build it with `pip install --no-build-isolation .`"
+            f"({EXTENSION_ERROR}); build it with `pip install --no-build-isolation .`"
         )
 
 

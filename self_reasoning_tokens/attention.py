@@ -2,7 +2,8 @@
 
 Semantics (SPEC 2). Allowed(i, j) = causal(i, j) and attn_mask(i, j) and mask(b, j), where
 causal(i, j) = ``j <= i + (m - n)`` (bottom-right aligned). Forward is ordinary softmax attention
-over allowed keys; a row with no allowed key outputs 0 and gets zero gradients. In the backward,
+over allowed keys; a row with no allowed key outputs 0 and gets zero gradients (a NaN score of
+an allowed pair is not such a row: it propagates, as in the reference). In the backward,
 each of q, k and v has its own pass-through factor per element (i, j): for a bool stop mask
 F = 0 where True (stop) and 1 where False; for a floating mask F is the mask value (a gradient
 scale); without a mask F = 1::
@@ -21,7 +22,7 @@ from typing import Optional
 import torch
 
 from . import _ops
-from .reasoning import ReasoningPattern
+from .reasoning import ReasoningPattern, _check_bool, _type_name
 
 __all__ = ["stop_graddable_attn"]
 
@@ -37,7 +38,10 @@ def _names(dtypes) -> str:
 def _check_qkv(q, k, v) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(f"{name} must be a torch.Tensor, got {_type_name(t)}")
+        if t.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; "
+                            "convert it with .to_dense()")
     for name, t, letter in (("q", q, "n"), ("k", k, "m"), ("v", v, "m")):
         if t.dim() != 4:
             raise ValueError(f"{name} must have shape (batch, heads, {letter}, head_dim), "
@@ -75,7 +79,10 @@ def _check_mask4(name: str, t, q, full, allow_float: bool) -> None:
     if t is None:
         return
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {_type_name(t)}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; "
+                        "convert it with .to_dense()")
     if allow_float:
         if not (t.dtype == torch.bool or t.is_floating_point()):
             raise TypeError(f"{name} must be a bool tensor (True = stop gradient) or a floating tensor "
@@ -95,7 +102,10 @@ def _check_key_padding(mask, q, b, m) -> None:
     if mask is None:
         return
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        raise TypeError(f"mask must be a torch.Tensor or None, got {_type_name(mask)}")
+    if mask.layout != torch.strided:
+        raise TypeError(f"mask must be a dense (strided) tensor, got layout {mask.layout}; "
+                        "convert it with .to_dense()")
     if mask.dtype != torch.bool:
         raise TypeError(f"mask (key padding) must be a bool tensor (True = real key), got {mask.dtype}")
     if mask.device != q.device:
@@ -140,8 +150,7 @@ def stop_graddable_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _check_qkv(q, k, v)
     b, h, n, d = q.shape
     m = k.shape[2]
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    causal = _check_bool("causal", causal)
     if scale is None:
         scale = d ** -0.5 if d > 0 else 1.0
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):

@@ -7,7 +7,8 @@
 
 User errors (bad options, missing or empty data, corrupt checkpoint, ...) print one line on
 stderr and exit with code 2; all options are checked and the data is loaded before anything is
-written, and files are replaced atomically, so a failed run never damages earlier results.
+written, and files are replaced atomically, so a failed run never damages earlier results; a
+folder holding earlier results is refused unless --overwrite says to replace them.
 """
 from __future__ import annotations
 
@@ -77,8 +78,8 @@ def _add_run_options(p: argparse.ArgumentParser, defaults) -> None:
                    "or a path to a UTF-8 text file or a folder of text files")
     g.add_argument("--max-data-bytes", type=_positive_int,
                    help="read at most this many bytes of stdlib / PATH data (default: all)")
-    g.add_argument("--arith-digits", type=_positive_int, help=f"operand digits for --data arithmetic "
-                   f"(default {d.arith_digits})")
+    g.add_argument("--arith-digits", type=_positive_int, help=f"operand digits for --data arithmetic, "
+                   f"1 to 15 (default {d.arith_digits})")
     g = p.add_argument_group("model")
     g.add_argument("--dim", type=_positive_int, help=f"model width (default {d.dim})")
     g.add_argument("--depth", type=_positive_int, help=f"layers (default {d.depth})")
@@ -147,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-reason-tokens", type=_nonneg_int, nargs="+", default=[1, 3], metavar="R",
                    help="reasoning tokens per step of the reasoning runs (default 1 3); the baseline "
                    "(R=0) always runs")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier compare in --out (its results.json, "
+                   "loss_curves.png and checkpoints are deleted first); without it such a folder is refused")
     _add_run_options(p, d)
     p.set_defaults(func=cmd_compare)
 
@@ -235,11 +239,15 @@ def cmd_train(args) -> int:
         cfg = state["config"]
         changes = {}
         for key, value in given.items():
-            if value == getattr(cfg, key):
+            saved = getattr(cfg, key)
+            if key == "max_seq_len" and saved is None:  # the checkpoint's model took --seq-len's value
+                saved = cfg.model_max_seq_len
+            if value == saved:
                 continue
             if key not in _RESUME_MAY_CHANGE:
                 flag = "--" + key.replace("_", "-")
-                raise UserError(f"{flag} {value} differs from the checkpoint's {getattr(cfg, key)}; a "
+                shown = "all" if saved is None and key == "max_data_bytes" else saved
+                raise UserError(f"{flag} {value} differs from the checkpoint's {shown}; a "
                                 f"resumed run keeps its model, data and optimizer settings (it may change "
                                 f"{', '.join('--' + k.replace('_', '-') for k in _RESUME_MAY_CHANGE)})")
             changes[key] = value
@@ -254,7 +262,8 @@ def cmd_train(args) -> int:
                                   "trained on; resuming would not continue the same run")
         if state["step"] >= cfg.steps:
             _say(info, f"the checkpoint is already at step {state['step']} of --steps {cfg.steps}: "
-                 "nothing to do (raise --steps to train on)")
+                 "nothing to do (a larger --steps trains on; the cosine learning-rate schedule is then "
+                 "recomputed for the new --steps, so the rate rises again)")
             return 0
     # Everything is checked: from here on we write.
     name = "baseline" if cfg.num_reason_tokens == 0 else f"reasoning R={cfg.num_reason_tokens}"
@@ -303,6 +312,22 @@ def cmd_train(args) -> int:
 # compare
 
 
+def _earlier_compare_files(out: Path, slugs: list) -> list:
+    """The files of an earlier compare in `out`: its results.json and loss_curves.png, the
+    checkpoints its results.json names (inside `out`), and any checkpoint this compare would write."""
+    if not out.is_dir():
+        return []
+    names = {"results.json", "loss_curves.png", *(f"{slug}.pt" for slug in slugs)}
+    try:
+        for run in json.loads((out / "results.json").read_text()).get("runs", []):
+            names.add(Path(str(run.get("checkpoint", ""))).name)
+    except (OSError, ValueError, AttributeError):
+        pass  # no (readable) results.json: the fixed names above still count
+    order = lambda name: (not name.endswith(".json"), not name.endswith(".png"), name)  # noqa: E731
+    return [out / name for name in sorted(names, key=order)
+            if name.endswith((".json", ".png", ".pt")) and (out / name).is_file()]
+
+
 def _run_name(cfg) -> tuple[str, str]:
     if cfg.num_reason_tokens == 0:
         return "baseline", "baseline"
@@ -348,8 +373,16 @@ def cmd_compare(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
+    earlier = _earlier_compare_files(out, [_run_name(c)[1] for c in configs])
+    if earlier and not args.overwrite:
+        raise UserError(f"--out {out} already holds results of an earlier compare "
+                        f"({len(earlier)} file{'s' * (len(earlier) > 1)}: {', '.join(p.name for p in earlier[:3])}"
+                        f"{', ...' if len(earlier) > 3 else ''}); "
+                        "pass --overwrite to replace them, or choose another --out")
     # Everything is checked: from here on we write.
     if info.is_main:
+        for path in earlier:  # --overwrite: no stale file of the earlier compare stays next to the new ones
+            path.unlink()
         out.mkdir(parents=True, exist_ok=True)
     _say(info, f"data: {corpus.description}")
     _say(info, f"runs: {', '.join(_run_name(c)[0] for c in configs)}; {base.steps} steps of "
@@ -381,6 +414,8 @@ def cmd_compare(args) -> int:
             summary["runs"].append(record)
             if info.is_main:  # partial results survive a later crash
                 atomic_write_text(out / "results.json", json.dumps(summary, indent=1))
+            _say(info, f"{name}: step {result.step}, validation {result.evals[-1]['val_bpb']:.4f} bits/byte, "
+                       f"training time {result.train_time_s:.1f} s; wrote {out / f'{slug}.pt'}")
     finally:
         info.close()
     if info.is_main:
@@ -471,6 +506,11 @@ def main(argv: Optional[list] = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv
     try:
+        from . import _ops
+        if not _ops.HAS_EXTENSION:  # every command runs the compiled ops; stop before writing anything
+            raise UserError(f"the compiled extension self_reasoning_tokens._C is not available "
+                            f"({_ops.EXTENSION_ERROR}); build it with `pip install --no-build-isolation .` "
+                            "or `python setup.py build_ext --inplace`")
         return args.func(args)
     except (UserError, DataError, ConfigError, CheckpointError) as e:
         message = " ".join(str(e).split())  # one line

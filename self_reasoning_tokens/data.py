@@ -101,15 +101,26 @@ def _split_files(root: Path, files: list[Path], max_bytes: int | None) -> tuple[
     for f in sorted(files, key=lambda p: p.relative_to(root).as_posix()):
         if max_bytes is not None and total >= max_bytes:
             break
-        data = f.read_bytes()
-        if max_bytes is not None:
-            data = data[: max_bytes - total]
-        if not data:
-            continue
-        total += len(data)
-        used += 1
-        (val if _in_val(f.relative_to(root).as_posix()) else train).append(data)
+        whole = f.read_bytes()
+        data = whole if max_bytes is None else _utf8_prefix(whole, max_bytes - total)
+        if data:
+            total += len(data)
+            used += 1
+            (val if _in_val(f.relative_to(root).as_posix()) else train).append(data)
+        if len(data) < len(whole):  # the cap cut this file: nothing after it fits
+            break
     return b"".join(train), b"".join(val), used
+
+
+def _utf8_prefix(data: bytes, limit: int) -> bytes:
+    """``data[:limit]``, shortened so that it does not end inside a UTF-8 character (a cap in bytes
+    must not turn a UTF-8 file into one that is not)."""
+    if len(data) <= limit:
+        return data
+    end = max(limit, 0)
+    while end > max(limit - 3, 0) and (data[end] & 0xC0) == 0x80:  # data[end] continues a character
+        end -= 1
+    return data[:end]
 
 
 def _as_array(b: bytes) -> np.ndarray:
@@ -128,8 +139,16 @@ def load_stdlib(max_bytes: int | None = None) -> Corpus:
                   f"under {root}, tests excluded): {len(train):,} train / {len(val):,} validation bytes")
 
 
+# Operands are drawn as floor(uniform * 10^d): every integer below 10^d is equally likely while
+# 10^d is well under 2^53 (the spacing of the float draws, 10^d / 2^53, stays below 1).
+MAX_ARITH_DIGITS = 15
+
+
 def make_addition_problems(rng: np.random.Generator, count: int, max_digits: int) -> bytes:
     """``count`` lines ``a+b=c`` with a, b having 1..max_digits digits (uniform digit count)."""
+    if not 1 <= max_digits <= MAX_ARITH_DIGITS:
+        raise DataError(f"arithmetic operands take 1 to {MAX_ARITH_DIGITS} digits, "
+                        f"got {max_digits}")
     digits_a = rng.integers(1, max_digits + 1, size=count)
     digits_b = rng.integers(1, max_digits + 1, size=count)
     a = (rng.random(count) * 10.0 ** digits_a).astype(np.int64)
@@ -161,7 +180,7 @@ def load_path(path: str | os.PathLike, max_bytes: int | None = None) -> Corpus:
     if p.is_file():
         data = p.read_bytes()
         if max_bytes is not None:
-            data = data[:max_bytes]
+            data = _utf8_prefix(data, max_bytes)
         if not data.strip():
             raise DataError(f"data file {str(path)!r} is empty")
         if not _is_utf8(data):

@@ -12,6 +12,8 @@ in hard mode region entries are masked out of attention.
 """
 from __future__ import annotations
 
+import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -48,11 +50,27 @@ def reasoning_stop_grad_mask(seq_len: int, num_reason_tokens: int,
     return reasoning_region(n, n, num_reason_tokens, num_steps_future_can_use_reason, device)
 
 
-def _check_count(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+def _type_name(value) -> str:
+    t = type(value)
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__name__}"
+
+
+def _check_count(name: str, value, minimum: int) -> int:
+    """An integer >= minimum (a Python int or another Integral such as a NumPy int), as an int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {_type_name(value)}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_bool(name: str, value) -> bool:
+    """A Python bool, or a NumPy bool scalar (taken as one); anything else is a TypeError."""
+    if isinstance(value, bool):
+        return value
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool"):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {_type_name(value)}")
 
 
 @dataclass(frozen=True)
@@ -78,15 +96,16 @@ class ReasoningPattern:
     heads: Optional[Union[Sequence[int], torch.Tensor]] = None
 
     def __post_init__(self):
-        _check_count("num_reason_tokens", self.num_reason_tokens, minimum=0)
-        _check_count("num_steps_future_can_use_reason", self.num_steps_future_can_use_reason, minimum=0)
-        if not isinstance(self.stop_grad, bool):
-            raise TypeError(f"stop_grad must be a bool, got {type(self.stop_grad).__name__}")
+        set_ = lambda field, value: object.__setattr__(self, field, value)  # noqa: E731 (frozen)
+        set_("num_reason_tokens", _check_count("num_reason_tokens", self.num_reason_tokens, minimum=0))
+        set_("num_steps_future_can_use_reason", _check_count(
+            "num_steps_future_can_use_reason", self.num_steps_future_can_use_reason, minimum=0))
+        set_("stop_grad", _check_bool("stop_grad", self.stop_grad))
         if self.heads is not None and not isinstance(self.heads, torch.Tensor):
-            heads = tuple(self.heads)
-            for h in heads:
-                _check_count("heads entries", h, minimum=0)
-            object.__setattr__(self, "heads", heads)
+            if isinstance(self.heads, (str, bytes)) or not isinstance(self.heads, Iterable):
+                raise TypeError("heads must be a sequence of head indices or a bool tensor over the heads, "
+                                f"got {_type_name(self.heads)} {self.heads!r}")
+            set_("heads", tuple(_check_count("heads entries", h, minimum=0) for h in self.heads))
 
     def head_flags(self, num_heads: int, device) -> Optional[torch.Tensor]:
         """(num_heads,) bool tensor of the heads the pattern applies to, or None for all."""

@@ -125,6 +125,10 @@ def validate_config(cfg: RunConfig, world_size: int = 1) -> None:
                        ("eval_every", "--eval-every"), ("eval_windows", "--eval-windows"),
                        ("arith_digits", "--arith-digits")):
         positive(name, getattr(cfg, name), flag)
+    from .data import MAX_ARITH_DIGITS
+    if cfg.arith_digits > MAX_ARITH_DIGITS:
+        raise ConfigError(f"--arith-digits must be at most {MAX_ARITH_DIGITS} (operands are drawn "
+                          f"uniformly from float64 draws), got {cfg.arith_digits}")
     if cfg.max_seq_len is not None:
         positive("max_seq_len", cfg.max_seq_len, "--max-seq-len")
         if cfg.seq_len > cfg.max_seq_len:
@@ -523,7 +527,7 @@ class Trainer:
         show = progress and self.info.is_main
         bar = tqdm(total=cfg.steps, initial=self.step, desc=self.name, unit="step", disable=not show,
                    dynamic_ncols=True, leave=True)
-        postfix = {"loss": "-"}
+        postfix = {"train": "-"}  # bits per byte of the step's batch, as the table's "train bpb" averages
 
         def save():
             if checkpoint is not None:
@@ -542,7 +546,7 @@ class Trainer:
                 self.train_time += time.perf_counter() - t0
                 rec["time"] = self.train_time
                 self.history.append(rec)
-                postfix["loss"] = f"{rec['bpb']:.3f}bpb"
+                postfix["train"] = f"{rec['bpb']:.3f}bpb"
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                     self._record_eval(on_eval, postfix)
                 bar.set_postfix(postfix, refresh=False)

@@ -162,6 +162,59 @@ def test_fully_masked_rows(cfg, helpers, with_stop_masks):
         assert (ql.grad[dead] == 0).all(), dtype
 
 
+@pytest.mark.parametrize("where", ["q", "k"])
+def test_nan_input_propagates(cfg, where):
+    """A NaN in q or k of an allowed (query, key) pair makes the affected rows' output and
+    gradients NaN, as in the reference: such a row must not pass for one with no allowed key
+    (output 0, zero gradients), which would hide a diverging run. Other (batch, head) slices are
+    untouched; a NaN under the attention mask does not reach the output."""
+    b, h, n, m, row = 2, 2, 20, 20, 5
+    q, k, v = cfg.qkv(b, h, n, m, requires_grad=False)
+    grad_out = cfg.randn(b, h, n, q.shape[-1])
+
+    def run(nan: bool, **kw):
+        qq, kk, vv = (t.clone() for t in (q, k, v))
+        if nan:
+            (qq if where == "q" else kk)[0, 1, row] = float("nan")
+        qq, kk, vv = (t.requires_grad_() for t in (qq, kk, vv))
+        out = stop_graddable_attn(qq, kk, vv, causal=True, **kw)
+        out.backward(grad_out)
+        return out.detach(), qq.grad, kk.grad, vv.grad
+
+    out, dq, dk, dv = run(True)
+    clean = run(False)
+    # rows that see the NaN: the row itself (q), or every row from the key on (k, causal)
+    rows = torch.zeros(n, dtype=torch.bool, device=cfg.device)
+    if where == "q":
+        rows[row] = True
+    else:
+        rows[row:] = True
+    for name, t in (("out", out), ("dq", dq)):
+        assert torch.isnan(t[0, 1][rows]).all(), f"{name}: a row that attends a NaN score is not NaN"
+    assert torch.isfinite(out[0, 1][~rows]).all()
+    if where == "q":  # (a NaN key also reaches the dQ of earlier rows as 0 * NaN: see below)
+        assert torch.isfinite(dq[0, 1][~rows]).all()
+    # keys those rows attend get NaN gradients: keys <= row (q), every key (k: row n - 1 sees all)
+    keys = torch.arange(m, device=cfg.device) <= (row if where == "q" else m - 1)
+    for name, t in (("dk", dk), ("dv", dv)):
+        assert torch.isnan(t[0, 1][keys]).all(), f"{name}: a key attended by a NaN row has no NaN gradient"
+    for name, t, c in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), clean):
+        for bh in ((0, 0), (1, 0), (1, 1)):
+            cfg.assert_close(t[bh], c[bh], grad=name != "out", what=f"{name} of untouched head {bh}")
+    # the same NaN where the attention mask hides it (the row sees only key 0, or key 0 is hidden)
+    attn_mask = torch.ones(n, m, dtype=torch.bool, device=cfg.device)
+    if where == "q":
+        attn_mask[row] = False  # the NaN row sees nothing: output 0, like any empty row
+    else:
+        attn_mask[:, row] = False  # no row sees the NaN key
+    # (out and dV only: dQ = dS K and dK = dS^T Q multiply the masked entries' dS = 0 by the NaN,
+    # which is NaN in any matrix-product formulation, the reference's included)
+    out, _, _, dv = run(True, attn_mask=attn_mask)
+    ref_out, _, _, ref_dv = run(False, attn_mask=attn_mask)
+    cfg.assert_close(out, ref_out, what="out with the NaN masked out")
+    cfg.assert_close(dv, ref_dv, grad=True, what="dv with the NaN masked out")
+
+
 def test_all_rows_masked_and_empty_keys(cfg):
     for m, attn in ((5, False), (0, None)):
         q, k, v = cfg.qkv(1, 2, 4, m)

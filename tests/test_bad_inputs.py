@@ -103,6 +103,14 @@ CASES = [
     ("causal_str", lambda t: (t, {"causal": "yes"}), TypeError, r"causal"),
     ("causal_none", lambda t: (t, {"causal": None}), TypeError, r"causal"),
     ("causal_tensor", lambda t: (t, {"causal": torch.tensor(True)}), TypeError, r"causal"),
+    ("causal_numpy_int", lambda t: (t, {"causal": np.int64(1)}), TypeError, r"causal must be a bool, got numpy\.int64"),
+    # sparse tensors: named, not the dispatcher's "Could not run ... SparseCPU"
+    ("q_sparse", lambda t: (rep(t, q=t[0].to_sparse()), {}), TypeError, r"^q must be a dense \(strided\) tensor"),
+    ("attn_mask_sparse", lambda t: (t, {"attn_mask": bmask(N, M).to_sparse()}), TypeError,
+     r"^attn_mask must be a dense"),
+    ("k_stop_sparse", lambda t: (t, {"k_stop_grad_mask": torch.rand(N, M).to_sparse()}), TypeError,
+     r"^k_stop_grad_mask must be a dense"),
+    ("mask_sparse", lambda t: (t, {"mask": bmask(B, M).to_sparse()}), TypeError, r"^mask must be a dense"),
     # reasoning
     ("reasoning_int", lambda t: (t, {"reasoning": 2}), TypeError, r"reasoning"),
     ("reasoning_dict", lambda t: (t, {"reasoning": {"num_reason_tokens": 1}}), TypeError, r"reasoning"),
@@ -144,6 +152,9 @@ def test_bad_input_raises_before_autograd(case):
     (dict(num_reason_tokens=1, num_steps_future_can_use_reason=2, stop_grad="yes"), r"stop_grad"),
     (dict(num_reason_tokens=1, num_steps_future_can_use_reason=2, heads=[-1]), r"heads"),
     (dict(num_reason_tokens=1, num_steps_future_can_use_reason=2, heads=[0.5]), r"heads"),
+    (dict(num_reason_tokens=1, num_steps_future_can_use_reason=2, heads=0), r"heads must be a sequence"),
+    (dict(num_reason_tokens=1, num_steps_future_can_use_reason=2, heads="01"), r"heads must be a sequence"),
+    (dict(num_reason_tokens=np.float64(1), num_steps_future_can_use_reason=2), r"num_reason_tokens.*numpy\.float64"),
 ])
 def test_bad_reasoning_pattern(kw, pattern):
     with pytest.raises(ERRORS, match=pattern):
@@ -241,6 +252,18 @@ def test_op_bwd_direct_bad_inputs():
     with pytest.raises(RuntimeError, match=r"k_stop_grad_mask"):
         torch.ops.self_reasoning_tokens.attn_bwd(g, q, k, v, out, lse, None, None, None,
                                                  torch.ones(N, M, dtype=torch.int32), None, False, 0.3)
+
+
+def test_numpy_scalars_are_taken_as_python_ones():
+    """NumPy bools and ints (a config loaded with NumPy, say) mean what the Python values mean."""
+    q, k, v = good()
+    pattern = ReasoningPattern(np.int64(1), np.int32(1), stop_grad=np.bool_(False), heads=np.array([0, 1]))
+    assert pattern == ReasoningPattern(1, 1, stop_grad=False, heads=(0, 1))
+    assert type(pattern.num_reason_tokens) is int and type(pattern.stop_grad) is bool
+    assert all(type(h) is int for h in pattern.heads)
+    for causal in (True, False):
+        torch.testing.assert_close(stop_graddable_attn(q, k, v, causal=np.bool_(causal), reasoning=pattern),
+                                   stop_graddable_attn(q, k, v, causal=causal, reasoning=pattern), rtol=0, atol=0)
 
 
 def test_good_inputs_pass():

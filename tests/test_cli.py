@@ -108,6 +108,7 @@ def test_compare_writes_table_json_plot_and_checkpoints(compared):
     table = proc.stdout
     for name in names:
         assert name in table
+        assert f"{name}: step 6, validation " in proc.stdout  # a line as each run ends, with --no-progress too
     assert "val bpb" in table and "wall s" in table
     for run in results["runs"]:
         assert f"{run['val_bpb']:.4f}" in table
@@ -157,6 +158,11 @@ def test_resume_at_the_end_does_nothing_and_rejects_changed_model(trained, text_
     changed = srt("train", "--out", trained, "--resume", "--data", text_data, "--steps", 12, *TINY[:-1],
                   "--dim", 64)
     assert_user_error(changed, "--dim")
+    # --max-seq-len as the value the checkpoint's model already has (its --seq-len, 16): no change
+    same = srt("train", "--out", trained, "--resume", "--data", text_data, "--steps", 8, *TINY, "--max-seq-len", 16)
+    assert same.returncode == 0 and "nothing to do" in same.stdout, same.stderr
+    assert_user_error(srt("train", "--out", trained, "--resume", "--data", text_data, *TINY, "--max-seq-len", 32),
+                      "--max-seq-len 32 differs from the checkpoint's 16")
     assert snapshot(trained) == before
 
 
@@ -204,10 +210,38 @@ def test_reason_tokens_above_max(tmp_path, command, text_data):
     assert not (tmp_path / "o").exists()
 
 
+def test_arith_digits_above_limit(tmp_path):
+    proc = srt("compare", "--out", tmp_path / "o", "--data", "arithmetic", "--arith-digits", 16, *TINY)
+    assert_user_error(proc, "--arith-digits", "at most 15", "got 16")
+    assert not (tmp_path / "o").exists()
+
+
 def test_sequence_longer_than_max_seq_len(tmp_path, text_data):
     proc = srt("train", "--out", tmp_path / "o", "--data", text_data, *TINY, "--seq-len", 64,
                "--max-seq-len", 32)
     assert_user_error(proc, "--seq-len 64", "--max-seq-len 32")
+
+
+def test_unbuilt_extension_is_named_and_nothing_is_written(tmp_path, text_data):
+    """A checkout whose extension was never built: the warning and the CLI's one error line say so
+    (Python's own ImportError there reads like a circular import), and no output folder appears."""
+    pkg = tmp_path / "site" / "self_reasoning_tokens"
+    pkg.mkdir(parents=True)
+    for source in (REPO / "self_reasoning_tokens").glob("*.py"):
+        (pkg / source.name).write_text(source.read_text())
+    env = dict(os.environ, PYTHONPATH=str(pkg.parent))
+    out = tmp_path / "out"
+    for command in (["train", "--out", out, "--data", text_data, "--steps", 1, *TINY],
+                    ["compare", "--out", out, "--data", text_data, "--steps", 1, *TINY],
+                    ["generate", "--checkpoint", tmp_path / "missing.pt", "--prompt", "x"]):
+        proc = subprocess.run([sys.executable, "-m", "self_reasoning_tokens", *map(str, command)],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, (proc.stdout, proc.stderr)
+        assert "Traceback" not in proc.stderr and "circular import" not in proc.stderr, proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"srt {command[0]}: error:") and "it is not built: no _C" in last, last
+        assert "RuntimeWarning" in proc.stderr and "it is not built" in proc.stderr  # the import warning
+        assert not out.exists()
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
@@ -245,7 +279,32 @@ def test_failed_runs_never_overwrite_saved_results(tmp_path, trained, compared, 
     assert_user_error(srt("compare", "--out", cmp_dir, "--data", text_data, "--num-reason-tokens", 7, *TINY))
     assert_user_error(srt("compare", "--out", cmp_dir, "--data", tmp_path / "nope", *TINY))
     assert_user_error(srt("compare", "--out", cmp_dir, "--data", text_data, "--dtype", "float16", *TINY))
+    # a good compare into a folder holding an earlier compare's results, without --overwrite
+    assert_user_error(srt("compare", "--out", cmp_dir, "--data", text_data, "--steps", 2, *TINY),
+                      "results.json", "--overwrite")
     assert snapshot(cmp_dir) == cmp_before
+
+
+def test_compare_overwrite_replaces_the_earlier_results(tmp_path, compared, text_data):
+    cmp_dir, _ = compared
+    out = tmp_path / "cmp"
+    out.mkdir()
+    for name, digest in snapshot(cmp_dir).items():
+        (out / name).write_bytes((cmp_dir / name).read_bytes())
+    (out / "notes.txt").write_text("mine")
+    old = json.loads((out / "results.json").read_text())
+    assert (out / "reasoning-R2.pt").is_file()
+    proc = srt("compare", "--out", out, "--data", text_data, "--steps", 2, "--num-reason-tokens", 1,
+               "--overwrite", *TINY)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] is True and results != old
+    assert [r["name"] for r in results["runs"]] == ["baseline", "reasoning R=1"]
+    assert all(r["config"]["steps"] == 2 for r in results["runs"])
+    # nothing of the earlier compare is left beside the new results; other files are not touched
+    assert sorted(p.name for p in out.iterdir()) == ["baseline.pt", "loss_curves.png", "notes.txt",
+                                                     "reasoning-R1.pt", "results.json"]
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_bad_generate_options(trained):

@@ -278,3 +278,32 @@ def test_emulated_cuda_edge_shapes(emu):
         ref, ref_lse = torch.ops.self_reasoning_tokens.attn_fwd(q1, kk, vv, None, None, None, None, None, *a)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("where", ["q", "k"])
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=lambda d: str(d).replace("torch.", ""))
+def test_emulated_nan_input_propagates(emu, dtype, where):
+    """A NaN in q (a whole row of NaN scores) or in k: the CUDA-core (float32) and tensor-core
+    (bfloat16) forwards give the affected rows NaN output and lse, so the backward gives NaN
+    gradients, as the CPU op and the reference do (tests/test_attention.py). fmaxf ignores NaN, so
+    a row of NaN scores keeps a max of -inf: the kernels must not take it for an empty row."""
+    a = (True, 0.125, 0, 0, True, None)
+    gen = torch.Generator().manual_seed(3)
+    q, k, v, do = (torch.randn(1, 2, 20, 64, generator=gen).to(dtype) for _ in range(4))
+    (q if where == "q" else k)[0, 1, 5] = float("nan")
+    out, lse = emu.fwd(q, k, v, None, None, None, None, None, *a)
+    dq, dk, dv = emu.bwd(do, q, k, v, out, lse, None, None, None, None, None, *a)
+    rows = torch.zeros(20, dtype=torch.bool)
+    rows[5:] = True
+    if where == "q":
+        rows[6:] = False
+    assert torch.isnan(out[0, 1][rows]).all() and torch.isfinite(out[0, 1][~rows]).all()
+    assert torch.isnan(lse[0, 1][rows]).all() and torch.isfinite(lse[0, 1][~rows]).all()
+    assert torch.isnan(dq[0, 1][rows]).all()
+    assert torch.isnan(dv[0, 1, :6]).all() and torch.isnan(dk[0, 1, :6]).all()  # keys the NaN rows attend
+    # head 0 has no NaN: as the CPU op gives
+    ref = torch.ops.self_reasoning_tokens.attn_fwd(*(t[:, :1].float() for t in (q, k, v)), None, None, None,
+                                                   None, None, *a)
+    torch.testing.assert_close(out[:, :1].float(), ref[0], rtol=2e-2, atol=2e-2)
+    for t in (dq, dk, dv):
+        assert torch.isfinite(t[0, 0]).all()

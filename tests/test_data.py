@@ -25,8 +25,40 @@ def test_stdlib_corpus_is_deterministic_and_split_by_file(stdlib):
 
 def test_stdlib_cap_reads_a_deterministic_prefix(stdlib):
     capped = D.load_stdlib(max_bytes=200_000)
-    assert len(capped.train) + len(capped.val) == 200_000
+    assert 200_000 - 3 <= len(capped.train) + len(capped.val) <= 200_000  # cut at a character boundary
     assert capped.fingerprint() == D.load_stdlib(max_bytes=200_000).fingerprint()
+
+
+def test_byte_caps_cut_at_utf8_character_boundaries(tmp_path):
+    text = tmp_path / "accents.txt"
+    text.write_text("é" * 5000)  # two bytes a character
+    for cap in (1000, 1001, 1002):
+        corpus = D.load_path(text, max_bytes=cap)
+        data = bytes(corpus.train) + bytes(corpus.val)
+        assert len(data) == cap - cap % 2
+        assert data.decode("utf-8") == "é" * (cap // 2)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"f{i}.txt").write_text(f"{i}€" * 100)  # 1 + 3 bytes a repeat, 400 a file
+    corpus = D.load_path(folder, max_bytes=1002)  # files f0, f1 whole, then f2 cut inside a '€'
+    data = sorted(bytes(corpus.train) + bytes(corpus.val))
+    whole = sorted(b"".join((folder / f"f{i}.txt").read_bytes() for i in range(2)) + ("2€" * 50 + "2").encode())
+    assert data == whole  # the split by file reorders files, not their bytes
+
+
+def test_arithmetic_digit_limit():
+    a = D.load_arithmetic(seed=0, max_digits=D.MAX_ARITH_DIGITS, train_problems=500, val_problems=10)
+    longest = 0
+    for line in bytes(a.train).decode().splitlines():
+        x, rest = line.split("+")
+        y, z = rest.split("=")
+        assert int(x) + int(y) == int(z)
+        longest = max(longest, len(x), len(y))
+    assert longest == D.MAX_ARITH_DIGITS == 15
+    for digits in (0, 16, 25):
+        with pytest.raises(D.DataError, match="1 to 15 digits"):
+            D.load_arithmetic(seed=0, max_digits=digits, train_problems=5, val_problems=5)
 
 
 def test_folder_split_keeps_each_file_whole_and_ignores_order(tmp_path):

@@ -201,7 +201,10 @@ void forward_kernel(const AttnParams& p, const T* Q, const T* K, const T* V, T* 
           T* row = sp + r * cols;
           const T m_old = m_buf[r];
           const T m_new = std::max(m_old, row_max(row, cols));
-          if (m_new == neg_inf<T>()) {  // nothing visible to this row yet
+          // Nothing visible to this row yet, unless a score is NaN (a NaN in q or k: max ignores
+          // it). Such a row goes on below, so that the NaN reaches its output, lse and gradients
+          // as in the reference, instead of passing for a row with no allowed key.
+          if (m_new == neg_inf<T>() && !std::any_of(row, row + cols, [](T x) { return std::isnan(x); })) {
             std::fill(row, row + cols, T(0));
             continue;
           }

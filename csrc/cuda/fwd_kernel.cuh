@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads) attn_fwd_kernel(const 
                       forward_allows(b, h, i, j, p.causal, p.shift, p.attn_mask, p.key_padding, rs);
       const float x = ok ? s[r] * p.scale : kNegInf;
       const float m_new = fmaxf(row_max[r], warp_max(x));
-      // ok implies x and m_new >= x are finite: no inf - inf anywhere.
+      // ok implies x and m_new >= x are finite for finite inputs: no inf - inf (a NaN input gives NaN, kept).
       const float prob = ok ? expf(x - m_new) : 0.f;
       const float alpha = row_max[r] == kNegInf ? 0.f : expf(row_max[r] - m_new);
       row_sum[r] = row_sum[r] * alpha + warp_sum(prob);
@@ -131,14 +131,16 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads) attn_fwd_kernel(const 
     }
   }
 
-  // Rows that saw no allowed key (row_max still -inf): O = 0, lse = -inf.
+  // Rows that saw no allowed key (row_max still -inf, row_sum 0): O = 0, lse = -inf.
   T* out = static_cast<T*>(p.out) + (bh * p.N + i0) * D;
   float* lse = p.lse + bh * p.N + i0;
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     const int rr = warp * kRows + r;
     if (rr >= rows_valid) continue;
-    const bool empty = row_max[r] == kNegInf;
+    // A NaN score leaves the max at -inf but the sum NaN: not empty, so O and lse become NaN
+    // (fwd_tc_kernel.cuh says more).
+    const bool empty = row_max[r] == kNegInf && row_sum[r] == 0.f;
     const float inv = empty ? 0.f : 1.f / row_sum[r];  // row_sum >= 1 once a key was allowed
 #pragma unroll
     for (int t = 0; t < kDpl; ++t)

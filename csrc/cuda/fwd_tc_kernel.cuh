@@ -240,7 +240,10 @@ __global__ void __launch_bounds__(FwdTcTraits<D, kBlockM>::kThreads) attn_fwd_tc
     total += __shfl_xor_sync(0xffffffffu, total, 2);
     const int row = warp * 16 + g + 8 * r;
     if (row >= rows_valid) continue;
-    const bool empty = row_max[r] == kNegInf;
+    // No allowed key: max -inf and sum 0. A NaN score (from a NaN in q or k) leaves the max at
+    // -inf (fmaxf ignores NaN) but makes the sum NaN: such a row is not empty, and its output and
+    // lse become NaN, as in the reference, instead of passing for a row with no allowed key.
+    const bool empty = row_max[r] == kNegInf && total == 0.f;
     const float inv = empty ? 0.f : 1.f / total;  // total >= 1 once a key was allowed
 #pragma unroll
     for (int n = 0; n < kOTiles; ++n)
