@@ -225,7 +225,10 @@ def test_sequence_longer_than_max_seq_len(tmp_path, text_data):
 def test_unbuilt_extension_is_named_and_nothing_is_written(tmp_path, text_data):
     """A checkout whose extension was never built: the warning and the CLI's one error line say so
     (Python's own ImportError there reads like a circular import), and no output folder appears."""
-    pkg = tmp_path / "site" / "self_reasoning_tokens"
+    # The package's Python files under another name: an editable install (CI's `pip install -e .`)
+    # would map the name self_reasoning_tokens back to this checkout whatever PYTHONPATH says.
+    # The package imports itself only relatively, so the copy is the same code, without its _C.
+    pkg = tmp_path / "site" / "srt_unbuilt_copy"
     pkg.mkdir(parents=True)
     for source in (REPO / "self_reasoning_tokens").glob("*.py"):
         (pkg / source.name).write_text(source.read_text())
@@ -234,7 +237,7 @@ def test_unbuilt_extension_is_named_and_nothing_is_written(tmp_path, text_data):
     for command in (["train", "--out", out, "--data", text_data, "--steps", 1, *TINY],
                     ["compare", "--out", out, "--data", text_data, "--steps", 1, *TINY],
                     ["generate", "--checkpoint", tmp_path / "missing.pt", "--prompt", "x"]):
-        proc = subprocess.run([sys.executable, "-m", "self_reasoning_tokens", *map(str, command)],
+        proc = subprocess.run([sys.executable, "-m", "srt_unbuilt_copy", *map(str, command)],
                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, (proc.stdout, proc.stderr)
         assert "Traceback" not in proc.stderr and "circular import" not in proc.stderr, proc.stderr
