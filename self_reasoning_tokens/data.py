@@ -178,10 +178,12 @@ def load_path(path: str | os.PathLike, max_bytes: int | None = None) -> Corpus:
     if not p.exists():
         raise DataError(f"data path {str(path)!r} does not exist")
     if p.is_file():
-        data = p.read_bytes()
-        if max_bytes is not None:
-            data = _utf8_prefix(data, max_bytes)
+        whole = p.read_bytes()
+        data = whole if max_bytes is None else _utf8_prefix(whole, max_bytes)
         if not data.strip():
+            if whole.strip():
+                raise DataError(f"the first {max_bytes} bytes of data file {str(path)!r} hold no text "
+                                "(raise --max-data-bytes)")
             raise DataError(f"data file {str(path)!r} is empty")
         if not _is_utf8(data):
             raise DataError(f"data file {str(path)!r} is not UTF-8 text")

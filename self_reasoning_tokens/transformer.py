@@ -1,7 +1,8 @@
 """A small decoder-only Transformer that trains self reasoning tokens (SPEC 4).
 
 Same constructor and forward as the seed (lucidrains' self-reasoning-tokens-pytorch), without its
-bugs: attention stays causal in the stop-gradient path, and the q / k / v masks are never aliased.
+bugs: attention stays causal in the stop-gradient path, and no mask is written in place (the
+seed's in-place writes into a shared mask mixed the q, k and v masks).
 R learned reasoning tokens follow every real token (SPEC 3 layout); the reasoning pattern is
 evaluated inside the attention kernels by default (`attend_impl="kernel"`, O(N) memory), or
 built as dense (N, N) masks for the compiled op (`"dense"`) or for the autograd reference
@@ -13,6 +14,7 @@ built as dense (N, N) masks for the compiled op (`"dense"`) or for the autograd 
 """
 from __future__ import annotations
 
+import numbers
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -21,7 +23,7 @@ from torch import nn
 from torch.nn import Module, ModuleList
 
 from .attention import stop_graddable_attn
-from .reasoning import ReasoningPattern, reasoning_region, reasoning_stop_grad_mask
+from .reasoning import ReasoningPattern, _check_bool, _check_count, reasoning_region, reasoning_stop_grad_mask
 from .reference import reference_attention
 
 __all__ = ["CausalAttention", "Transformer", "FeedForward", "ATTEND_IMPLS"]
@@ -42,13 +44,6 @@ def exists(v):
 
 def default(v, d):
     return v if exists(v) else d
-
-
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 def _check_attend_impl(impl):
@@ -162,17 +157,17 @@ class Transformer(Module):
         reason_heads: Optional[Sequence[int]] = None
     ):
         super().__init__()
-        for name, value, minimum in (("dim", dim, 1), ("num_tokens", num_tokens, 1), ("depth", depth, 0),
-                                     ("max_seq_len", max_seq_len, 1), ("max_reason_seq_len", max_reason_seq_len, 0),
-                                     ("dim_head", dim_head, 1), ("heads", heads, 1), ("ignore_index", ignore_index, -2**63)):
-            _check_int(name, value, minimum)
-        if not isinstance(stop_grad_next_tokens_to_reason, bool):
-            raise TypeError(f"stop_grad_next_tokens_to_reason must be a bool, got {type(stop_grad_next_tokens_to_reason).__name__}")
+        # (NumPy ints and bools are taken as Python ones, as ReasoningPattern takes them)
+        dim, num_tokens, depth, max_seq_len, max_reason_seq_len, dim_head, heads, ignore_index = (
+            _check_count(name, value, minimum) for name, value, minimum in (
+                ("dim", dim, 1), ("num_tokens", num_tokens, 1), ("depth", depth, 0),
+                ("max_seq_len", max_seq_len, 1), ("max_reason_seq_len", max_reason_seq_len, 0),
+                ("dim_head", dim_head, 1), ("heads", heads, 1), ("ignore_index", ignore_index, -2**63)))
+        stop_grad_next_tokens_to_reason = _check_bool("stop_grad_next_tokens_to_reason", stop_grad_next_tokens_to_reason)
         _check_attend_impl(attend_impl)
         if exists(reason_heads):
-            reason_heads = tuple(reason_heads)
+            reason_heads = tuple(_check_count("reason_heads entries", h, 0) for h in reason_heads)
             for h in reason_heads:
-                _check_int("reason_heads entries", h, 0)
                 if h >= heads:
                     raise ValueError(f"reason_heads entry {h} is out of range for heads={heads}")
 
@@ -215,12 +210,15 @@ class Transformer(Module):
 
     # argument checks
 
-    def _check_reasoning_args(self, num_reason_tokens, num_steps_future_can_use_reason):
-        _check_int("num_reason_tokens", num_reason_tokens, 0)
-        _check_int("num_steps_future_can_use_reason", num_steps_future_can_use_reason, 0)
+    def _check_reasoning_args(self, num_reason_tokens, num_steps_future_can_use_reason) -> Tuple[int, int]:
+        """(R, W) as Python ints."""
+        num_reason_tokens = _check_count("num_reason_tokens", num_reason_tokens, 0)
+        num_steps_future_can_use_reason = _check_count("num_steps_future_can_use_reason",
+                                                       num_steps_future_can_use_reason, 0)
         if num_reason_tokens > self.max_reason_seq_len:
             raise ValueError(f"num_reason_tokens={num_reason_tokens} exceeds max_reason_seq_len="
                              f"{self.max_reason_seq_len} the model was built with")
+        return num_reason_tokens, num_steps_future_can_use_reason
 
     def _check_tokens(self, name, x, allow_ignore_index=False):
         if not isinstance(x, torch.Tensor):
@@ -231,6 +229,10 @@ class Transformer(Module):
             raise ValueError(f"{name} must have shape (batch, seq) with batch, seq >= 1, got {tuple(x.shape)}")
         if x.device != self.token_emb.weight.device:
             raise ValueError(f"{name} is on {x.device} but the model is on {self.token_emb.weight.device}")
+        if torch.compiler.is_compiling():
+            # the value check below depends on the data (a graph break, or an error under
+            # fullgraph=True); compiled, an out-of-range id is still caught by the embedding lookup
+            return
         valid = (x >= 0) & (x < self.num_tokens)
         if allow_ignore_index:
             valid = valid | (x == self.ignore_index)
@@ -293,7 +295,8 @@ class Transformer(Module):
         next-token labels (repeated over each step's reasoning positions unless they are removed)
         and the mean cross entropy is returned; labels equal to ignore_index are skipped (inputs
         equal to an out-of-vocabulary ignore_index, i.e. padding, are embedded as token 0)."""
-        self._check_reasoning_args(num_reason_tokens, num_steps_future_can_use_reason)
+        num_reason_tokens, num_steps_future_can_use_reason = self._check_reasoning_args(
+            num_reason_tokens, num_steps_future_can_use_reason)
         self._check_tokens("x", x, allow_ignore_index=return_loss)
 
         if return_loss:
@@ -341,12 +344,14 @@ class Transformer(Module):
         logits of the last position - the last reasoning token of the last step - exactly what
         `model(seq, ...)[:, -1]` gives. temperature 0 = greedy; top_k keeps the k likeliest."""
         self._check_tokens("prompt", prompt)
-        self._check_reasoning_args(num_reason_tokens, num_steps_future_can_use_reason)
-        _check_int("max_new_tokens", max_new_tokens, 0)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        num_reason_tokens, num_steps_future_can_use_reason = self._check_reasoning_args(
+            num_reason_tokens, num_steps_future_can_use_reason)
+        max_new_tokens = _check_count("max_new_tokens", max_new_tokens, 0)
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature >= 0:
             raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+        temperature = float(temperature)
         if exists(top_k):
-            _check_int("top_k", top_k, 1)
+            top_k = _check_count("top_k", top_k, 1)
 
         total = prompt.shape[1] + max_new_tokens
         if total > self.max_seq_len:

@@ -162,8 +162,9 @@ def test_fully_masked_rows(cfg, helpers, with_stop_masks):
         assert (ql.grad[dead] == 0).all(), dtype
 
 
+@pytest.mark.parametrize("scale", [None, 0.0], ids=["default-scale", "zero-scale"])
 @pytest.mark.parametrize("where", ["q", "k"])
-def test_nan_input_propagates(cfg, where):
+def test_nan_input_propagates(cfg, where, scale):
     """A NaN in q or k of an allowed (query, key) pair makes the affected rows' output and
     gradients NaN, as in the reference: such a row must not pass for one with no allowed key
     (output 0, zero gradients), which would hide a diverging run. Other (batch, head) slices are
@@ -177,7 +178,7 @@ def test_nan_input_propagates(cfg, where):
         if nan:
             (qq if where == "q" else kk)[0, 1, row] = float("nan")
         qq, kk, vv = (t.requires_grad_() for t in (qq, kk, vv))
-        out = stop_graddable_attn(qq, kk, vv, causal=True, **kw)
+        out = stop_graddable_attn(qq, kk, vv, causal=True, scale=scale, **kw)  # (0 * NaN is NaN too)
         out.backward(grad_out)
         return out.detach(), qq.grad, kk.grad, vv.grad
 

@@ -37,6 +37,8 @@ def test_byte_caps_cut_at_utf8_character_boundaries(tmp_path):
         data = bytes(corpus.train) + bytes(corpus.val)
         assert len(data) == cap - cap % 2
         assert data.decode("utf-8") == "é" * (cap // 2)
+    with pytest.raises(D.DataError, match="first 1 bytes .* hold no text"):  # not "is empty"
+        D.load_path(text, max_bytes=1)
     folder = tmp_path / "folder"
     folder.mkdir()
     for i in range(6):

@@ -396,3 +396,41 @@ def test_bad_arguments_raise_clear_errors():
         Transformer(dim=16, num_tokens=10, depth=1, heads=2, reason_heads=[2])
     with pytest.raises(ValueError, match="dim"):
         Transformer(dim=0, num_tokens=10, depth=1)
+
+
+def test_numpy_scalars_are_taken_as_python_ones():
+    """NumPy ints and bools (a config read with NumPy) work wherever Python ones do."""
+    np = pytest.importorskip("numpy")
+    model = small_model(True)
+    same = Transformer(dim=np.int64(32), num_tokens=np.int64(29), depth=np.int32(2), heads=np.int64(4),
+                       dim_head=np.int64(8), max_seq_len=np.int64(64), max_reason_seq_len=np.int64(3),
+                       stop_grad_next_tokens_to_reason=np.bool_(True), reason_heads=np.array([0, 2]))
+    assert type(same.max_seq_len) is int and same.reason_heads == (0, 2)
+    x = torch.randint(0, 29, (2, 6))
+    torch.testing.assert_close(model(x, num_reason_tokens=np.int64(2), num_steps_future_can_use_reason=np.int64(1)),
+                               model(x, num_reason_tokens=2, num_steps_future_can_use_reason=1), rtol=0, atol=0)
+    torch.manual_seed(1)
+    a = model.generate(x, np.int64(3), num_reason_tokens=np.int64(1), temperature=np.float32(0.5), top_k=np.int64(4))
+    torch.manual_seed(1)
+    b = model.generate(x, 3, num_reason_tokens=1, temperature=0.5, top_k=4)
+    assert torch.equal(a, b)
+    with pytest.raises(TypeError, match="num_reason_tokens must be an int, got numpy.float64"):
+        model(x, num_reason_tokens=np.float64(2))
+
+
+@pytest.mark.parametrize("stop_grad", MODES, ids=MODE_IDS)
+def test_torch_compile_fullgraph_matches_eager(stop_grad):
+    """torch.compile(model, fullgraph=True) traces the whole forward and backward (no graph break
+    from the token-id check) and gives eager's loss and gradients."""
+    model = small_model(stop_grad, dtype=torch.float32)
+    x = torch.randint(0, 29, (2, 6))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    kw = dict(num_reason_tokens=2, num_steps_future_can_use_reason=1, return_loss=True)
+    loss = compiled(x, **kw)
+    got = grads_of(model, loss)
+    ref_loss = model(x, **kw)
+    ref = grads_of(model, ref_loss)
+    torch.testing.assert_close(loss, ref_loss)
+    assert got.keys() == ref.keys()
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], msg=name)

@@ -46,9 +46,16 @@ void matmul_into(at::Tensor c, const at::Tensor& a, const at::Tensor& b, bool ac
 }
 
 // c = alpha * (a @ b): the scale rides in the GEMM's alpha instead of a second pass over c
-// (beta = 0, so c's previous contents are never read, NaN or not).
+// (beta = 0, so c's previous contents are never read, NaN or not). alpha = 0 is the exception:
+// a BLAS may then skip the product and write zeros, so that a NaN or inf in a or b would not
+// reach c as it does in the reference (0 * NaN = NaN); the product is formed and scaled instead.
 void scaled_matmul_into(at::Tensor c, const at::Tensor& a, const at::Tensor& b, double alpha) {
-  at::cpu::addmm_out(c, c, a, b, /*beta=*/0, /*alpha=*/alpha);
+  if (alpha == 0) {
+    at::cpu::mm_out(c, a, b);
+    c.mul_(0);
+  } else {
+    at::cpu::addmm_out(c, c, a, b, /*beta=*/0, /*alpha=*/alpha);
+  }
 }
 
 template <typename T>
