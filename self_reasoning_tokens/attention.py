@@ -35,13 +35,18 @@ def _names(dtypes) -> str:
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 
 
+def _check_dense_tensor(name: str, t, optional: bool = False) -> None:
+    """t is a strided torch.Tensor (sparse layouts would reach the dispatcher's "Could not run")."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor{' or None' if optional else ''}, got {_type_name(t)}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; "
+                        "convert it with .to_dense()")
+
+
 def _check_qkv(q, k, v) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {_type_name(t)}")
-        if t.layout != torch.strided:
-            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; "
-                            "convert it with .to_dense()")
+        _check_dense_tensor(name, t)
     for name, t, letter in (("q", q, "n"), ("k", k, "m"), ("v", v, "m")):
         if t.dim() != 4:
             raise ValueError(f"{name} must have shape (batch, heads, {letter}, head_dim), "
@@ -78,11 +83,7 @@ def _check_qkv(q, k, v) -> None:
 def _check_mask4(name: str, t, q, full, allow_float: bool) -> None:
     if t is None:
         return
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {_type_name(t)}")
-    if t.layout != torch.strided:
-        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; "
-                        "convert it with .to_dense()")
+    _check_dense_tensor(name, t, optional=True)
     if allow_float:
         if not (t.dtype == torch.bool or t.is_floating_point()):
             raise TypeError(f"{name} must be a bool tensor (True = stop gradient) or a floating tensor "
@@ -101,11 +102,7 @@ def _check_mask4(name: str, t, q, full, allow_float: bool) -> None:
 def _check_key_padding(mask, q, b, m) -> None:
     if mask is None:
         return
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask must be a torch.Tensor or None, got {_type_name(mask)}")
-    if mask.layout != torch.strided:
-        raise TypeError(f"mask must be a dense (strided) tensor, got layout {mask.layout}; "
-                        "convert it with .to_dense()")
+    _check_dense_tensor("mask", mask, optional=True)
     if mask.dtype != torch.bool:
         raise TypeError(f"mask (key padding) must be a bool tensor (True = real key), got {mask.dtype}")
     if mask.device != q.device:

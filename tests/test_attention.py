@@ -202,7 +202,7 @@ def test_nan_input_propagates(cfg, where, scale):
     for name, t, c in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), clean):
         for bh in ((0, 0), (1, 0), (1, 1)):
             cfg.assert_close(t[bh], c[bh], grad=name != "out", what=f"{name} of untouched head {bh}")
-    # the same NaN where the attention mask hides it (the row sees only key 0, or key 0 is hidden)
+    # the same NaN where the attention mask hides it (the NaN row sees no key, or no row sees the NaN key)
     attn_mask = torch.ones(n, m, dtype=torch.bool, device=cfg.device)
     if where == "q":
         attn_mask[row] = False  # the NaN row sees nothing: output 0, like any empty row
