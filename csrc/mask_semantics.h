@@ -27,8 +27,10 @@ struct MaskView {
   int64_t sb = 0, sh = 0, si = 0, sj = 0;
 
   SRT_HD bool present() const { return kind != kNone; }
+  // The (b, h, i) part of offset(): kernels that walk the keys of a row compute it once.
+  SRT_HD int64_t row_offset(int64_t b, int64_t h, int64_t i) const { return b * sb + h * sh + i * si; }
   SRT_HD int64_t offset(int64_t b, int64_t h, int64_t i, int64_t j) const {
-    return b * sb + h * sh + i * si + j * sj;
+    return row_offset(b, h, i) + j * sj;
   }
 };
 
@@ -67,12 +69,19 @@ SRT_HD float half_bits_to_float(uint16_t h) {
   return cvt.f;
 }
 
+// Pass-through factor of a bool stop mask at one element: True = stop (0), False = pass (1).
+// (Kernels that know every mask is bool call this directly, without stop_factor_at's switch.)
+template <typename acc_t>
+SRT_HD acc_t bool_stop_factor(const bool* m, int64_t off) {
+  return m[off] ? acc_t(0) : acc_t(1);
+}
+
 // Pass-through factor F of a stop-gradient mask at one element (SPEC 2):
 // bool True = stop (0), bool False = pass (1); floating masks are the factor itself; no mask = 1.
 template <typename acc_t>
 SRT_HD acc_t stop_factor_at(const MaskView& m, int64_t off) {
   switch (m.kind) {
-    case kBool: return static_cast<const bool*>(m.ptr)[off] ? acc_t(0) : acc_t(1);
+    case kBool: return bool_stop_factor<acc_t>(static_cast<const bool*>(m.ptr), off);
     case kFloat32: return static_cast<acc_t>(static_cast<const float*>(m.ptr)[off]);
     case kFloat64: return static_cast<acc_t>(static_cast<const double*>(m.ptr)[off]);
     case kBFloat16: return static_cast<acc_t>(bf16_bits_to_float(static_cast<const uint16_t*>(m.ptr)[off]));
@@ -81,15 +90,21 @@ SRT_HD acc_t stop_factor_at(const MaskView& m, int64_t off) {
   }
 }
 
-// attn_mask and key padding: True = may attend. An absent mask allows everything.
+// attn_mask and key padding (always bool): True = may attend.
+SRT_HD bool bool_allow_at(const bool* m, int64_t off) { return m[off]; }
+
+// The same through a MaskView; an absent mask allows everything.
 SRT_HD bool allow_at(const MaskView& m, int64_t off) {
-  return m.kind == kNone || static_cast<const bool*>(m.ptr)[off];
+  return m.kind == kNone || bool_allow_at(static_cast<const bool*>(m.ptr), off);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Causality (bottom-right aligned, as FlashAttention): key j is visible to query i iff
 // j <= i + (m - n). `shift` is m - n.
-SRT_HD bool causal_allows(int64_t i, int64_t j, int64_t shift) { return j <= i + shift; }
+// causal_key_end(i, shift) is the first key in query i's future: kernels that walk a row's keys
+// compare with it once per key, or clip their key range to it.
+SRT_HD int64_t causal_key_end(int64_t i, int64_t shift) { return i + shift + 1; }
+SRT_HD bool causal_allows(int64_t i, int64_t j, int64_t shift) { return j < causal_key_end(i, shift); }
 
 // ---------------------------------------------------------------------------------------------
 // The reasoning-token pattern (SPEC 3), evaluated from absolute positions.
@@ -125,16 +140,26 @@ struct ReasoningSpec {
   }
 };
 
+// forward_allows without the reasoning pattern, for a kernel that walks the keys j of one row i
+// and has computed the masks' row offsets once (attn_row = attn_mask.row_offset(b, h, i),
+// padding_row = key_padding.row_offset(b, h, i)).
+SRT_HD bool forward_allows_in_row(int64_t i, int64_t j, bool causal, int64_t shift,
+                                  const MaskView& attn_mask, int64_t attn_row,
+                                  const MaskView& key_padding, int64_t padding_row) {
+  if (causal && !causal_allows(i, j, shift)) return false;
+  if (!allow_at(key_padding, padding_row + j * key_padding.sj)) return false;
+  return allow_at(attn_mask, attn_row + j * attn_mask.sj);
+}
+
 // Is (i, j) allowed in the forward attention? i is the query row index (0..n-1), j the key index.
 // The reasoning pattern only masks in hard mode; in stop-grad mode it only changes factors.
 SRT_HD bool forward_allows(int64_t b, int64_t h, int64_t i, int64_t j, bool causal, int64_t shift,
                            const MaskView& attn_mask, const MaskView& key_padding,
                            const ReasoningSpec& rs) {
-  if (causal && !causal_allows(i, j, shift)) return false;
-  if (!allow_at(key_padding, b * key_padding.sb + j * key_padding.sj)) return false;
-  if (!allow_at(attn_mask, attn_mask.offset(b, h, i, j))) return false;
-  if (!rs.stop_grad && rs.on_head(h) && rs.region(i + shift, j)) return false;
-  return true;
+  if (!forward_allows_in_row(i, j, causal, shift, attn_mask, attn_mask.row_offset(b, h, i), key_padding,
+                             key_padding.row_offset(b, h, i)))
+    return false;
+  return !(!rs.stop_grad && rs.on_head(h) && rs.region(i + shift, j));
 }
 
 // Extra k/v factor from the pattern in stop-grad mode: 0 on the region, else 1.
@@ -159,6 +184,15 @@ SRT_HD void region_key_range(const ReasoningSpec& rs, int64_t qi, int64_t* lo, i
   *lo = first * period;
   *hi = si * period;
   if (*hi < *lo) *hi = *lo;
+}
+
+// ReasoningSpec::region(qi, j) for a key j whose is_reason(j) the caller already knows, with
+// [lo, hi) = region_key_range(rs, qi): kernels evaluate is_reason once per key column and the
+// range once per row, instead of the divisions of region() per element.
+// (Any integer type: a kernel may pass j, lo and hi relative to its tile, clipped to it.)
+template <typename Index>
+SRT_HD bool region_in_range(bool key_is_reason, Index j, Index lo, Index hi) {
+  return key_is_reason && j >= lo && j < hi;
 }
 
 // Conservative tile test for kernels that skip per-element work: false only when no pair (qi, j)

@@ -90,10 +90,11 @@ __global__ void __launch_bounds__(BwdTcTraits<D, kBlockN>::kThreads, 1) attn_bwd
 
   // Which of this lane's 8 keys per chunk of the S/dP step (j0 + 64 ch + 32 wn + 8 n + 2 t + c,
   // bit 8 ch + 2 n + c) are reasoning positions: fixed for the block. With each row's
-  // region_key_range, the stop-grad region test per element is then a bit test and a range
-  // check, the same predicate as ReasoningSpec::region (mask_semantics.h) without its divisions.
+  // region_key_range, the region test per element (stop-grad or hard mode) is then a bit test
+  // and a range check (region_in_range), the same predicate as ReasoningSpec::region without its
+  // divisions.
   uint32_t reason_cols = 0;
-  if (soft_region) {
+  if (soft_region || hard_region) {
 #pragma unroll
     for (int ch = 0; ch < kChunks; ++ch)
 #pragma unroll
@@ -102,6 +103,16 @@ __global__ void __launch_bounds__(BwdTcTraits<D, kBlockN>::kThreads, 1) attn_bwd
         for (int c = 0; c < 2; ++c)
           if (rs.is_reason(j0 + ch * kChunkN + wn * 32 + n * 8 + 2 * t + c)) reason_cols |= 1u << (8 * ch + 2 * n + c);
   }
+  // Every stop mask is bool and every mask has unit key stride (the usual case: contiguous
+  // (n, m), (h, n, m) or (b, h, n, m) masks, broadcast or not): the general P/dS step then reads
+  // them through one pointer per row at fixed per-lane offsets, without stop_factor_at's switch
+  // on the mask type and without 64-bit offset arithmetic per element (block-uniform).
+  auto unit_key_stride = [](const MaskView& m) { return !m.present() || m.sj == 1; };
+  const bool bool_masks = (!p.q_stop.present() || p.q_stop.kind == kBool) &&
+                          (!p.k_stop.present() || p.k_stop.kind == kBool) &&
+                          (!p.v_stop.present() || p.v_stop.kind == kBool) && unit_key_stride(p.q_stop) &&
+                          unit_key_stride(p.k_stop) && unit_key_stride(p.v_stop) &&
+                          unit_key_stride(p.attn_mask) && unit_key_stride(p.key_padding);
 
   int64_t i_begin = 0;  // query i sees key j0 iff j0 <= i + shift
   if (p.causal && j0 - p.shift > 0) i_begin = (j0 - p.shift) / kBM * kBM;
@@ -175,13 +186,17 @@ __global__ void __launch_bounds__(BwdTcTraits<D, kBlockN>::kThreads, 1) attn_bwd
       }
 
       // 2. P, dS and the factor-weighted copies, two adjacent keys (one register) at a time, in
-      //    one of three instantiations chosen per chunk (block-uniform), so that a chunk carries
+      //    one of four instantiations chosen per chunk (block-uniform), so that a chunk carries
       //    only the per-element code it needs:
       //    - kPlain: nothing can mask or stop inside the chunk (no predicate code at all);
       //    - kRegionOnly: only the stop-grad region can stop gradients here (the reasoning pattern
       //      in stop-grad mode, no masks, not on the diagonal): a bit test and a range check;
-      //    - kGeneral: everything else (dense masks, stop masks, the causal diagonal, hard mode,
-      //      a ragged last tile), element by element through mask_semantics.h.
+      //    - kBoolMasks / kGeneral: everything else (dense masks, stop masks, the causal
+      //      diagonal, hard mode, a ragged last tile), element by element with the predicates of
+      //      mask_semantics.h. kBoolMasks (see bool_masks) clips the row's keys to causality and
+      //      the ragged edge once per row and reads each mask at fixed offsets from a per-row
+      //      pointer; kGeneral (floating factors, other key strides) computes each mask's row
+      //      offset once per row and goes through stop_factor_at.
       const int64_t jc_last = jc0 + kChunkN - 1;
       const bool ragged = cols_valid < kc0 + kChunkN;
       const bool crosses_diagonal = p.causal && jc_last > i0 + p.shift;
@@ -190,43 +205,84 @@ __global__ void __launch_bounds__(BwdTcTraits<D, kBlockN>::kThreads, 1) attn_bwd
       const bool check = dense_masks || ragged || crosses_diagonal || (hard_region && region);
       const bool soft_tile = soft_region && region;
       const bool factors = stop_masks || soft_tile;
-      enum { kPlain, kRegionOnly, kGeneral };
+      enum { kPlain, kRegionOnly, kBoolMasks, kGeneral };
       auto p_and_ds = [&](auto mode) {
         constexpr int kMode = decltype(mode)::value;
-        int64_t region_lo[2] = {0, 0}, region_hi[2] = {0, 0};  // keys that may be in row r's region
-        if (kMode != kPlain && soft_tile) {
+        const int lane_col = kc0 + wn * 32 + 2 * t;  // this lane's first key in the tile (n = 0, c = 0)
+        auto clip = [&](int64_t x) -> int { return int(x < 0 ? 0 : (x > kBN ? int64_t(kBN) : x)); };  // to [0, kBN]
 #pragma unroll
-          for (int r = 0; r < 2; ++r)
-            region_key_range(rs, i0 + wm * 16 + g + 8 * r + p.shift, &region_lo[r], &region_hi[r]);
-        }
+        for (int r = 0; r < 2; ++r) {
+          const int rr = wm * 16 + g + 8 * r;  // row in the tile
+          const int64_t i = i0 + rr;
+          // Row r's region keys (region_key_range), relative to j0 and clipped to the tile.
+          int region_lo = 0, region_hi = 0;
+          if (kMode != kPlain && region) {
+            int64_t lo, hi;
+            region_key_range(rs, i + p.shift, &lo, &hi);
+            region_lo = clip(lo - j0);
+            region_hi = clip(hi - j0);
+          }
+          // kBoolMasks: the tile's keys [0, visible_end) are inside the ragged edge and not in
+          // the row's future (causal_key_end); the masks' pointers at (b, h, i, j0 + lane_col).
+          int visible_end = kBN;
+          const bool *attn = nullptr, *padding = nullptr, *q_stop = nullptr, *k_stop = nullptr, *v_stop = nullptr;
+          // kGeneral: the masks' offsets of row i.
+          int64_t attn_row = 0, padding_row = 0, q_row = 0, k_row = 0, v_row = 0;
+          if (kMode == kBoolMasks) {
+            int64_t end = cols_valid;
+            if (p.causal && causal_key_end(i, p.shift) - j0 < end) end = causal_key_end(i, p.shift) - j0;
+            visible_end = clip(end);
+            auto row_ptr = [&](const MaskView& m) {
+              return m.present() ? static_cast<const bool*>(m.ptr) + m.row_offset(b, h, i) + j0 + lane_col : nullptr;
+            };
+            attn = row_ptr(p.attn_mask);
+            padding = row_ptr(p.key_padding);
+            q_stop = row_ptr(p.q_stop);
+            k_stop = row_ptr(p.k_stop);
+            v_stop = row_ptr(p.v_stop);
+          } else if (kMode == kGeneral) {
+            attn_row = p.attn_mask.row_offset(b, h, i);
+            padding_row = p.key_padding.row_offset(b, h, i);
+            q_row = p.q_stop.row_offset(b, h, i);
+            k_row = p.k_stop.row_offset(b, h, i);
+            v_row = p.v_stop.row_offset(b, h, i);
+          }
 #pragma unroll
-        for (int n = 0; n < 4; ++n) {
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const int rr = wm * 16 + g + 8 * r;            // row in the tile
-            const int cc = kc0 + wn * 32 + n * 8 + 2 * t;  // first of the two keys in the tile
+          for (int n = 0; n < 4; ++n) {
+            const int cc = lane_col + n * 8;  // first of the two keys in the tile
             float pv[2], dsk[2], dsq[2];
 #pragma unroll
             for (int c = 0; c < 2; ++c) {
-              const int64_t i = i0 + rr, j = j0 + cc + c;
-              bool ok = lse_r[r] != kNegInf;  // a row with no allowed key has P = 0
+              const int jj = cc + c;            // the key in the tile...
+              const int64_t j = j0 + jj;        // ... and in the sequence
+              const int off = n * 8 + c;        // ... and from the kBoolMasks row pointers
+              // ReasoningSpec::region(i + shift, j), as described at reason_cols
+              const bool in_region = kMode != kPlain && region &&
+                                     region_in_range<int>((reason_cols >> (8 * ch + 2 * n + c)) & 1u, jj, region_lo, region_hi);
+              bool ok = lse_r[r] != kNegInf;  // a row with no allowed key (or a padding row) has P = 0
+              if (kMode == kBoolMasks && check && ok)  // forward_allows, with the row's keys clipped
+                ok = jj < visible_end && (!p.attn_mask.present() || bool_allow_at(attn, off)) &&
+                     (!p.key_padding.present() || bool_allow_at(padding, off)) && !(hard_region && in_region);
               if (kMode == kGeneral && check && ok)
                 ok = i < p.N && j < p.M &&
-                     forward_allows(b, h, i, j, p.causal, p.shift, p.attn_mask, p.key_padding, rs);
+                     forward_allows_in_row(i, j, p.causal, p.shift, p.attn_mask, attn_row, p.key_padding, padding_row) &&
+                     !(hard_region && in_region);
               const float prob = ok ? exp2_approx(s[n][2 * r + c] * scale_log2 - lse_r[r]) : 0.f;
               const float ds = prob * (dp[n][2 * r + c] - dsum_r[r]);
               float fq = 1.f, fk = 1.f, fv = 1.f;
-              // reasoning_kv_factor(rs, h, i + shift, j), evaluated as described above
-              const bool in_region = kMode != kPlain && soft_tile &&
-                                     ((reason_cols >> (8 * ch + 2 * n + c)) & 1u) && j >= region_lo[r] &&
-                                     j < region_hi[r];
-              if (kMode == kRegionOnly) {
+              if (kMode == kRegionOnly) {  // reasoning_kv_factor
                 fk = fv = in_region ? 0.f : 1.f;
-              } else if (kMode == kGeneral && factors && ok) {
-                const float reg = in_region ? 0.f : 1.f;
-                fq = stop_factor_at<float>(p.q_stop, p.q_stop.offset(b, h, i, j));
-                fk = stop_factor_at<float>(p.k_stop, p.k_stop.offset(b, h, i, j)) * reg;
-                fv = stop_factor_at<float>(p.v_stop, p.v_stop.offset(b, h, i, j)) * reg;
+              } else if (kMode >= kBoolMasks && factors && ok) {
+                if (kMode == kBoolMasks) {
+                  if (p.q_stop.present()) fq = bool_stop_factor<float>(q_stop, off);
+                  if (p.k_stop.present()) fk = bool_stop_factor<float>(k_stop, off);
+                  if (p.v_stop.present()) fv = bool_stop_factor<float>(v_stop, off);
+                } else {
+                  fq = stop_factor_at<float>(p.q_stop, q_row + j * p.q_stop.sj);
+                  fk = stop_factor_at<float>(p.k_stop, k_row + j * p.k_stop.sj);
+                  fv = stop_factor_at<float>(p.v_stop, v_row + j * p.v_stop.sj);
+                }
+                if (soft_region && in_region) fk = fv = 0.f;  // reasoning_kv_factor
               }
               pv[c] = fv * prob;
               dsk[c] = fk * ds;
@@ -242,6 +298,8 @@ __global__ void __launch_bounds__(BwdTcTraits<D, kBlockN>::kThreads, 1) attn_bwd
         p_and_ds(std::integral_constant<int, kPlain>{});
       } else if (!check && !stop_masks) {  // factors come from the soft region alone
         p_and_ds(std::integral_constant<int, kRegionOnly>{});
+      } else if (bool_masks) {
+        p_and_ds(std::integral_constant<int, kBoolMasks>{});
       } else {
         p_and_ds(std::integral_constant<int, kGeneral>{});
       }

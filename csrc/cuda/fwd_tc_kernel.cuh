@@ -9,9 +9,12 @@
 // keys (kernel_traits.h) are copied with cp.async; V of tile t and K of tile t+1 load while the
 // warps compute, with two barriers per tile.
 //
-// Masks: a tile is evaluated element by element through forward_allows() (mask_semantics.h)
-// only when something can mask inside it: a dense attn_mask or key padding, the causal diagonal,
-// the reasoning region in hard mode, or the ragged last key tile. Other tiles skip the checks.
+// Masks: a tile is evaluated element by element with the predicates of mask_semantics.h only
+// when something can mask inside it: a dense attn_mask or key padding, the causal diagonal, the
+// reasoning region in hard mode, or the ragged last key tile. Other tiles skip the checks. With
+// masks of unit key stride (contiguous rows) each row's keys are clipped to the ragged edge and
+// to causality once and the masks are read at fixed offsets from one pointer per row; other
+// strides go through forward_allows() per element.
 // Causally invisible tiles are never visited; hard-mode tiles entirely inside the region are
 // skipped.
 //
@@ -86,6 +89,9 @@ __global__ void __launch_bounds__(FwdTcTraits<D, kBlockM>::kThreads) attn_fwd_tc
   const ReasoningSpec& rs = p.reasoning;
   const bool hard_region = !rs.stop_grad && rs.on_head(h);  // block-uniform
   const bool dense_masks = p.attn_mask.present() || p.key_padding.present();
+  // the masks have unit key stride (contiguous rows, the usual case): read row by row below
+  const bool unit_stride_masks =
+      (!p.attn_mask.present() || p.attn_mask.sj == 1) && (!p.key_padding.present() || p.key_padding.sj == 1);
   const float scale_log2 = p.scale * kLog2e;
 
   // First key tile at or after j0 that is not skipped (block-uniform).
@@ -153,7 +159,36 @@ __global__ void __launch_bounds__(FwdTcTraits<D, kBlockM>::kThreads) attn_fwd_tc
     const bool crosses_diagonal = p.causal && j0 + kBN - 1 > i0 + p.shift;
     const bool touches_region =
         hard_region && tile_may_touch_region(rs, i0 + p.shift, i_last + p.shift, j0, j0 + kBN - 1);
-    if (dense_masks || ragged || crosses_diagonal || touches_region) {
+    if ((dense_masks || ragged || crosses_diagonal || touches_region) && unit_stride_masks) {
+      // forward_allows row by row: the row's keys clipped to the ragged edge and to causality
+      // (causal_key_end) once, the masks read at fixed offsets from one pointer per row, the
+      // region tested only on tiles that may touch it.
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int64_t i = i0 + warp * 16 + g + 8 * r;
+        int64_t end = i < p.N ? p.M - j0 : 0;  // padding rows: nothing
+        if (p.causal && causal_key_end(i, p.shift) - j0 < end) end = causal_key_end(i, p.shift) - j0;
+        const int visible_end = int(end < 0 ? 0 : (end > kBN ? int64_t(kBN) : end));
+        const int64_t col = j0 + 2 * t;  // this lane's first key
+        const bool* attn = p.attn_mask.present()
+                               ? static_cast<const bool*>(p.attn_mask.ptr) + p.attn_mask.row_offset(b, h, i) + col
+                               : nullptr;
+        const bool* padding = p.key_padding.present() ? static_cast<const bool*>(p.key_padding.ptr) +
+                                                            p.key_padding.row_offset(b, h, i) + col
+                                                      : nullptr;
+#pragma unroll
+        for (int n = 0; n < kSTiles; ++n) {
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int off = n * 8 + c;  // from the row pointers; the key is j0 + 2 t + off
+            const bool ok = 2 * t + off < visible_end && (!p.attn_mask.present() || bool_allow_at(attn, off)) &&
+                            (!p.key_padding.present() || bool_allow_at(padding, off)) &&
+                            !(touches_region && rs.region(i + p.shift, col + off));
+            if (!ok) s[n][2 * r + c] = kNegInf;
+          }
+        }
+      }
+    } else if (dense_masks || ragged || crosses_diagonal || touches_region) {  // masks with other key strides
 #pragma unroll
       for (int n = 0; n < kSTiles; ++n) {
 #pragma unroll
