@@ -12,6 +12,10 @@ the call allocates, the n x n matrices of the reference included, but not the in
 
     python benchmarks/bench_attention.py                 # n = 1024, 4096, 8192
     python benchmarks/bench_attention.py --n 1024 --repeats 2 --out /tmp/a.json
+
+The JSON goes to runs/bench/attention_cpu.json unless --out says otherwise; the committed
+results the README's tables come from are regenerated with
+--out benchmarks/results/attention_cpu.json (and --heads 1 --out .../attention_cpu_1head.json).
 """
 from __future__ import annotations
 
@@ -29,12 +33,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import self_reasoning_tokens as srt  # noqa: E402
+from self_reasoning_tokens.cli import _positive_int  # noqa: E402
 from self_reasoning_tokens.reference import reference_attention  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _memory import proc_status_bytes, reset_peak_rss, return_freed_memory_to_os  # noqa: E402
 
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "attention_cpu.json")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_OUT = os.path.join(ROOT, "runs", "bench", "attention_cpu.json")  # not the committed results
 
 
 def make_contenders(b, h, n, d, dtype):
@@ -80,16 +86,18 @@ def measure(step, clear_grads, can_reset):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, nargs="+", default=[1024, 4096, 8192])
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3, help="timed rounds per size (median reported)")
+    ap.add_argument("--n", type=_positive_int, nargs="+", default=[1024, 4096, 8192],
+                    help="sequence lengths (queries = keys; default 1024 4096 8192)")
+    ap.add_argument("--batch", type=_positive_int, default=1, help="batch size (default 1)")
+    ap.add_argument("--heads", type=_positive_int, default=8, help="heads (default 8)")
+    ap.add_argument("--head-dim", type=_positive_int, default=64, help="head dim (default 64)")
+    ap.add_argument("--repeats", type=_positive_int, default=3, help="timed rounds per size (median reported)")
     ap.add_argument("--max-reference-gb", type=float, default=12.0,
                     help="skip the reference where its estimated memory exceeds this")
     ap.add_argument("--out", default=DEFAULT_OUT,
-                    help="JSON output (default: the committed benchmarks/results/attention_cpu.json, "
-                    "which the README's table comes from)")
+                    help="JSON output (default runs/bench/attention_cpu.json; the committed "
+                    "benchmarks/results/attention_cpu.json, which the README's table comes from, is "
+                    "written only when named here)")
     args = ap.parse_args(argv)
 
     dtype = torch.float32

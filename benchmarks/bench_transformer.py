@@ -18,6 +18,10 @@ timeout or the time budget), it is skipped at larger N.
     python benchmarks/bench_transformer.py                  # N = 512 .. 32768, ~10 min budget
     python benchmarks/bench_transformer.py --quick          # N = 256, 512, 1024
     python benchmarks/bench_transformer.py --n 1024 4096 --impls kernel dense --out /tmp/t.json
+
+The JSON goes to runs/bench/transformer_cpu.json unless --out says otherwise; the committed
+results the README's table comes from are regenerated with
+--out benchmarks/results/transformer_cpu.json.
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ from _memory import proc_status_bytes, reset_peak_rss, ru_maxrss_bytes  # noqa: 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-DEFAULT_OUT = os.path.join(HERE, "results", "transformer_cpu.json")
+DEFAULT_OUT = os.path.join(ROOT, "runs", "bench", "transformer_cpu.json")  # not the committed results
 IMPLS = ("kernel", "dense", "reference")
 MODEL = dict(dim=256, depth=4, heads=4, dim_head=64, num_tokens=256)
 R, W = 3, 4
@@ -129,11 +133,14 @@ def cell(res):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, nargs="+", default=None,
+    sys.path.insert(0, ROOT)
+    from self_reasoning_tokens.cli import _positive_int
+
+    ap.add_argument("--n", type=_positive_int, nargs="+", default=None,
                     help="sequence lengths in positions (multiples of R+1=4); default 512 .. 32768")
     ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     ap.add_argument("--quick", action="store_true", help="N = 256, 512, 1024, one timed step each")
-    ap.add_argument("--repeats", type=int, default=None,
+    ap.add_argument("--repeats", type=_positive_int, default=None,
                     help="timed steps per configuration (median); default 3 up to N=2048, else 1")
     ap.add_argument("--mem-cap-gb", type=float, default=8.0, help="address-space growth allowed per run (0 = none)")
     ap.add_argument("--time-budget", type=float, default=None,
@@ -141,7 +148,10 @@ def main(argv=None):
                          "to overrun it is skipped")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per configuration")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    ap.add_argument("--out", default=DEFAULT_OUT)
+    ap.add_argument("--out", default=DEFAULT_OUT,
+                    help="JSON output (default runs/bench/transformer_cpu.json; the committed "
+                    "benchmarks/results/transformer_cpu.json, which the README's table comes from, is "
+                    "written only when named here)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 

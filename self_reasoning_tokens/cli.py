@@ -209,6 +209,13 @@ def _say(info, text: str) -> None:
 # train
 
 
+def _train_out(args) -> Path:
+    """train's output folder: --out, else the folder of --resume CKPT, else runs/train."""
+    if args.out:
+        return Path(args.out)
+    return Path(args.resume).parent if isinstance(args.resume, str) else Path("runs/train")
+
+
 def cmd_train(args) -> int:
     from .training import (CheckpointError, DistInfo, RunConfig, Trainer, atomic_write_bytes,
                            atomic_write_text, load_checkpoint, validate_config)
@@ -219,7 +226,7 @@ def cmd_train(args) -> int:
         given["num_reason_tokens"] = args.num_reason_tokens
 
     explicit_ckpt = isinstance(args.resume, str)
-    out = Path(args.out) if args.out else (Path(args.resume).parent if explicit_ckpt else Path("runs/train"))
+    out = _train_out(args)
     ckpt = out / "checkpoint.pt"
     state = None
     if args.resume is not None:
@@ -266,7 +273,7 @@ def cmd_train(args) -> int:
                  "recomputed for the new --steps, so the rate rises again)")
             return 0
     # Everything is checked: from here on we write.
-    name = "baseline" if cfg.num_reason_tokens == 0 else f"reasoning R={cfg.num_reason_tokens}"
+    name = _run_name(cfg)[0]
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         _say(info, f"data: {corpus.description}")
@@ -517,9 +524,30 @@ def main(argv: Optional[list] = None) -> int:
         print(f"srt {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"srt {args.command}: interrupted (the last complete checkpoint, if any, is intact)",
-              file=sys.stderr)
+        print(f"srt {args.command}: interrupted; {_interrupted_note(args)}", file=sys.stderr)
         return 130
+
+
+def _interrupted_note(args) -> str:
+    """What an interrupted command leaves behind (its files are written atomically)."""
+    if args.command == "train":
+        out = _train_out(args)
+        ckpt = out / "checkpoint.pt"
+        if not ckpt.is_file():
+            return f"no checkpoint was written to {out} yet"
+        try:  # the step it holds, without loading the model onto a device
+            import torch
+
+            step = torch.load(ckpt, map_location="cpu", weights_only=False).get("step")
+        except Exception:  # noqa: BLE001 - only for the message
+            step = None
+        at = f" (step {step})" if isinstance(step, int) else ""
+        return (f"the last checkpoint, {ckpt}{at}, is intact; `srt train --out {shlex.quote(str(out))} "
+                "--resume` continues from it")
+    if args.command == "compare":
+        return (f"the runs finished so far are in {Path(args.out) / 'results.json'} (if any) with their "
+                "checkpoints; nothing else was changed")
+    return "nothing was written"
 
 
 if __name__ == "__main__":

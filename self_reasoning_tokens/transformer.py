@@ -14,6 +14,7 @@ built as dense (N, N) masks for the compiled op (`"dense"`) or for the autograd 
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import List, Optional, Sequence, Tuple
 
@@ -135,7 +136,9 @@ class Transformer(Module):
 
     Args (seed's, pinned): dim, num_tokens, depth, max_seq_len (real tokens, not positions),
         max_reason_seq_len (largest R), dim_head, heads, ignore_index,
-        stop_grad_next_tokens_to_reason (True: stop-grad mode, False: hard mode; SPEC 3).
+        stop_grad_next_tokens_to_reason (True: stop-grad mode; False, the seed's default and so
+        the default here: hard mode, the region masked out of attention; SPEC 3. The CLI and
+        ReasoningPattern default to stop-grad mode.)
     Extra args: ff_mult; attend_impl ("kernel" | "dense" | "reference", also settable later);
         reason_heads (head indices the pattern applies to; None = all heads).
     """
@@ -220,7 +223,9 @@ class Transformer(Module):
                              f"{self.max_reason_seq_len} the model was built with")
         return num_reason_tokens, num_steps_future_can_use_reason
 
-    def _check_tokens(self, name, x, allow_ignore_index=False):
+    def _check_tokens(self, name, x, allow_ignore_index=False) -> torch.Tensor:
+        """x, checked, as int64. Any integer dtype is taken: widening is exact, and comparing a
+        uint8 tensor with num_tokens or ignore_index would wrap the other side around instead."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a tensor of token ids, got {type(x).__name__}")
         if x.dtype == torch.bool or x.is_floating_point() or x.is_complex():
@@ -229,10 +234,11 @@ class Transformer(Module):
             raise ValueError(f"{name} must have shape (batch, seq) with batch, seq >= 1, got {tuple(x.shape)}")
         if x.device != self.token_emb.weight.device:
             raise ValueError(f"{name} is on {x.device} but the model is on {self.token_emb.weight.device}")
+        x = x.long()
         if torch.compiler.is_compiling():
             # the value check below depends on the data (a graph break, or an error under
             # fullgraph=True); compiled, an out-of-range id is still caught by the embedding lookup
-            return
+            return x
         valid = (x >= 0) & (x < self.num_tokens)
         if allow_ignore_index:
             valid = valid | (x == self.ignore_index)
@@ -240,6 +246,7 @@ class Transformer(Module):
             bad = x[~valid][0].item()
             extra = f" or ignore_index={self.ignore_index}" if allow_ignore_index else ""
             raise ValueError(f"{name} holds token id {bad}; ids must be in [0, {self.num_tokens}){extra}")
+        return x
 
     # building blocks
 
@@ -297,7 +304,7 @@ class Transformer(Module):
         equal to an out-of-vocabulary ignore_index, i.e. padding, are embedded as token 0)."""
         num_reason_tokens, num_steps_future_can_use_reason = self._check_reasoning_args(
             num_reason_tokens, num_steps_future_can_use_reason)
-        self._check_tokens("x", x, allow_ignore_index=return_loss)
+        x = self._check_tokens("x", x, allow_ignore_index=return_loss)
 
         if return_loss:
             if x.shape[1] < 2:
@@ -343,7 +350,11 @@ class Transformer(Module):
         absolute positions), so a step costs O(current length). The next token is drawn from the
         logits of the last position - the last reasoning token of the last step - exactly what
         `model(seq, ...)[:, -1]` gives. temperature 0 = greedy; top_k keeps the k likeliest."""
-        self._check_tokens("prompt", prompt)
+        out_dtype = prompt.dtype if isinstance(prompt, torch.Tensor) else None
+        prompt = self._check_tokens("prompt", prompt)
+        if torch.iinfo(out_dtype).max < self.num_tokens - 1:
+            raise TypeError(f"prompt has dtype {out_dtype}, which cannot hold the token ids up to "
+                            f"{self.num_tokens - 1} that generate returns in it; pass int32 or int64 ids")
         num_reason_tokens, num_steps_future_can_use_reason = self._check_reasoning_args(
             num_reason_tokens, num_steps_future_can_use_reason)
         max_new_tokens = _check_count("max_new_tokens", max_new_tokens, 0)
@@ -360,13 +371,13 @@ class Transformer(Module):
 
         out = prompt
         if max_new_tokens == 0:
-            return out
+            return out.to(out_dtype)
 
         reasoning = self.reasoning_pattern(num_reason_tokens, num_steps_future_can_use_reason)
         logits, caches = self.transform(self.embed(prompt, num_reason_tokens), reasoning)  # prefill
 
         for i in range(max_new_tokens):
-            token = sample(logits[:, -1], temperature, top_k).to(prompt.dtype)      # (b,)
+            token = sample(logits[:, -1], temperature, top_k)                        # (b,) int64
             out = torch.cat((out, token[:, None]), dim=1)
 
             if i == max_new_tokens - 1:
@@ -375,7 +386,7 @@ class Transformer(Module):
             x = self.embed(token[:, None], num_reason_tokens, start_step=out.shape[1] - 1)  # (b, R + 1, d)
             logits, caches = self.transform(x, reasoning, caches)
 
-        return out
+        return out.to(out_dtype)
 
 
 def sample(logits, temperature=1.0, top_k=None):
@@ -383,10 +394,19 @@ def sample(logits, temperature=1.0, top_k=None):
     if temperature == 0:
         return logits.argmax(dim=-1)
 
-    logits = logits.float() / temperature
-
+    logits = logits.float()
+    # top-k before the temperature: a positive temperature keeps the order, but a huge one would
+    # round every scaled logit to the same value and the filter would keep them all
     if exists(top_k) and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
 
+    # relative to the row max (so the likeliest token's scaled logit is exactly 0) and in float64,
+    # so that a tiny temperature gives -inf (probability 0) for the others instead of inf - inf;
+    # an infinite one is uniform over the kept tokens
+    logits = (logits - logits.amax(dim=-1, keepdim=True)).double()
+    if math.isinf(temperature):
+        logits = torch.where(torch.isfinite(logits), torch.zeros_like(logits), logits)
+    else:
+        logits = logits / temperature
     return torch.multinomial(logits.softmax(dim=-1), 1).squeeze(-1)

@@ -137,6 +137,35 @@ def test_train_writes_checkpoint_metrics_and_plot(trained):
     assert [e["step"] for e in metrics["evals"]] == [0, 4, 8]
 
 
+def test_train_names_hard_mode_as_compare_does(tmp_path, text_data):
+    out = tmp_path / "hard"
+    proc = srt("train", "--out", out, "--data", text_data, "--steps", 1, "--num-reason-tokens", 1,
+               "--hard-mode", *TINY)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "metrics.json").read_text())["name"] == "reasoning R=1 (hard)"
+    assert "reasoning R=1 (hard): step 1" in proc.stdout
+
+
+def test_interrupt_says_what_is_left(monkeypatch, tmp_path, trained):
+    from self_reasoning_tokens import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    for command in ("cmd_train", "cmd_compare", "cmd_generate"):
+        monkeypatch.setattr(cli, command, interrupted)
+    proc = srt("train", "--out", trained, "--resume")
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr
+    assert f"{trained / 'checkpoint.pt'} (step 8), is intact" in proc.stderr, proc.stderr
+    assert "--resume` continues from it" in proc.stderr
+    proc = srt("train", "--out", tmp_path / "new")
+    assert proc.returncode == 130 and "no checkpoint was written" in proc.stderr, proc.stderr
+    proc = srt("compare", "--out", tmp_path / "cmp")
+    assert proc.returncode == 130 and "results.json" in proc.stderr, proc.stderr
+    proc = srt("generate", "--checkpoint", trained / "checkpoint.pt", "--prompt", "x")
+    assert proc.returncode == 130 and proc.stderr.strip().endswith("nothing was written"), proc.stderr
+
+
 def test_generate_prints_the_prompt_and_a_continuation(trained):
     ckpt = trained / "checkpoint.pt"
     a = srt("generate", "--checkpoint", ckpt, "--prompt", "def f", "--max-new-tokens", 10, "--temperature", 0)

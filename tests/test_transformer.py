@@ -342,6 +342,53 @@ def test_generate_top_k_only_draws_from_the_k_likeliest():
     assert (out[:, -1:] == top3).any(dim=-1).all()
 
 
+def test_sampling_at_extreme_temperatures():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 29) * 3
+    best = logits.argmax(-1)
+    # a temperature too small for float32 arithmetic is greedy, not a NaN error
+    for t in (1e-40, 1e-300):
+        assert torch.equal(transformer_module.sample(logits, t), best)
+    # top_k holds at any temperature: a huge (or infinite) one used to round every logit to the
+    # same value, and the filter then kept all of them
+    for t in (1e300, float("inf")):
+        assert torch.equal(transformer_module.sample(logits, t, top_k=1), best)
+    # an infinite temperature is uniform over the kept tokens
+    top2 = logits.topk(2, dim=-1).indices
+    draws = torch.stack([transformer_module.sample(logits, float("inf"), top_k=2) for _ in range(40)])
+    assert (draws[..., None] == top2).any(-1).all()
+    assert (draws == top2[:, 0]).any() and (draws == top2[:, 1]).any()
+
+
+def test_any_integer_dtype_of_token_ids():
+    model = small_model(True, dtype=torch.float64, num_tokens=256)
+    model.ignore_index = -1
+    x = torch.tensor([[255, 3, 200, 7, 255]])  # 255: an id a uint8 comparison with -1 would take for ignore_index
+    want_logits = model(x[:, :-1], num_reason_tokens=1)
+    want_loss = model(x, num_reason_tokens=1, return_loss=True)
+    for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
+        xs = x.clamp(max=torch.iinfo(dtype).max).to(dtype)
+        ref = x.clamp(max=torch.iinfo(dtype).max)
+        assert torch.equal(model(xs[:, :-1], num_reason_tokens=1), model(ref[:, :-1], num_reason_tokens=1))
+        assert torch.equal(model(xs, num_reason_tokens=1, return_loss=True),
+                           model(ref, num_reason_tokens=1, return_loss=True))
+        if dtype == torch.int8:  # cannot hold the ids up to 255 that generate could return
+            with pytest.raises(TypeError, match="int8.*up to 255"):
+                model.generate(xs[:, :3], 2)
+            continue
+        out = model.generate(xs[:, :3], 2, num_reason_tokens=1, temperature=0.)
+        assert out.dtype == dtype and torch.equal(out.long(), model.generate(ref[:, :3], 2, num_reason_tokens=1,
+                                                                              temperature=0.))
+    assert torch.equal(model(x.to(torch.uint8)[:, :-1], num_reason_tokens=1), want_logits)
+    assert torch.equal(model(x.to(torch.uint8), num_reason_tokens=1, return_loss=True), want_loss)
+    # ids above 255 cannot come back in a uint8 prompt's dtype: said before generating
+    big = small_model(True, dtype=torch.float64, num_tokens=300)
+    with pytest.raises(TypeError, match="uint8.*up to 299"):
+        big.generate(x.to(torch.uint8)[:, :3], 2)
+    with pytest.raises(ValueError, match="token id 255; ids must be in \\[0, 29\\)"):
+        small_model(True, dtype=torch.float64)(x.to(torch.uint8)[:, :3])  # num_tokens 29
+
+
 # ------------------------------------------------------------------------------------------
 # CausalAttention on its own, and errors
 

@@ -1,0 +1,53 @@
+"""The CPU benchmark scripts' command lines: they check their arguments and never write over the
+committed results unless asked to (--out naming them). Timing itself is not tested here."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def run(script, *args, timeout=300):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *map(str, args)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("script", ["bench_attention.py", "bench_transformer.py"])
+def test_default_output_is_not_the_committed_results(script):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        module = __import__(script[:-3])
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    out = Path(module.DEFAULT_OUT).resolve()
+    assert RESULTS not in out.parents and out.parent == REPO / "runs" / "bench"
+
+
+@pytest.mark.parametrize("script, args", [
+    ("bench_attention.py", ["--n", "64", "--repeats", "0"]),
+    ("bench_attention.py", ["--n", "0"]),
+    ("bench_attention.py", ["--heads", "-1"]),
+    ("bench_transformer.py", ["--n", "0"]),
+    ("bench_transformer.py", ["--repeats", "0"]),
+])
+def test_bad_arguments_are_refused(script, args, tmp_path):
+    proc = run(script, *args, "--out", tmp_path / "x.json")
+    assert proc.returncode == 2, proc.stderr
+    assert "expected a positive integer" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_attention_benchmark_writes_its_json(tmp_path):
+    out = tmp_path / "a.json"
+    proc = run("bench_attention.py", "--n", 32, "--repeats", 1, "--heads", 1, "--head-dim", 16, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert {r["contender"] for r in data["results"]} == {"ours", "ours+kv-mask", "reference", "sdpa"}
+    assert data["meta"]["heads"] == 1 and data["meta"]["head_dim"] == 16
