@@ -13,6 +13,7 @@ folder holding earlier results is refused unless --overwrite says to replace the
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import platform
 import shlex
@@ -448,7 +449,7 @@ def cmd_compare(args) -> int:
 
 
 def sample(model, prompt, max_new_tokens: int, num_reason_tokens: int, steps_future: int,
-           temperature: float, top_k: Optional[int]):
+           temperature: float, top_k: Optional[int], on_token=None):
     """``model.generate`` (KV cache) for any length: while prompt + output fits max_seq_len it is
     one call; beyond, the context is cropped to its last max_seq_len // 2 tokens (positions are
     absolute, learned up to max_seq_len) and generation goes on in chunks, each with a fresh cache."""
@@ -463,7 +464,7 @@ def sample(model, prompt, max_new_tokens: int, num_reason_tokens: int, steps_fut
             raise UserError(f"the model's max_seq_len {limit} leaves no room to generate")
         new = model.generate(ctx, chunk, num_reason_tokens=num_reason_tokens,
                              num_steps_future_can_use_reason=steps_future,
-                             temperature=temperature, top_k=top_k)
+                             temperature=temperature, top_k=top_k, on_token=on_token)
         out = torch.cat((out, new[:, ctx.shape[1]:]), dim=1)
         remaining -= chunk
     return out
@@ -472,7 +473,6 @@ def sample(model, prompt, max_new_tokens: int, num_reason_tokens: int, steps_fut
 def cmd_generate(args) -> int:
     import torch
 
-    from .data import decode
     from .training import CheckpointError, build_model, load_checkpoint
 
     device = args.device
@@ -494,10 +494,18 @@ def cmd_generate(args) -> int:
     model = model.to(device).eval()
     torch.manual_seed(args.seed)
     x = torch.tensor([list(prompt)], dtype=torch.long, device=device)
-    tokens = sample(model, x, args.max_new_tokens, cfg.num_reason_tokens, cfg.steps_future,
-                    args.temperature, args.top_k)
-    sys.stdout.write(decode(tokens[0].tolist()) + "\n")
-    sys.stdout.flush()
+    # streamed: the prompt, then each byte as it is drawn (a character once its UTF-8 bytes are
+    # complete; invalid bytes as U+FFFD), so that the text so far survives an interrupt
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def write(chunk: str) -> None:
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+
+    write(text.decode(prompt))
+    sample(model, x, args.max_new_tokens, cfg.num_reason_tokens, cfg.steps_future, args.temperature,
+           args.top_k, on_token=lambda token: write(text.decode(bytes([int(token[0])]))))
+    write(text.decode(b"", final=True) + "\n")
     return 0
 
 
@@ -547,7 +555,7 @@ def _interrupted_note(args) -> str:
     if args.command == "compare":
         return (f"the runs finished so far are in {Path(args.out) / 'results.json'} (if any) with their "
                 "checkpoints; nothing else was changed")
-    return "nothing was written"
+    return "the text generated so far is above; no file was written"
 
 
 if __name__ == "__main__":

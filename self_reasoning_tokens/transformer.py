@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -341,7 +341,9 @@ class Transformer(Module):
         num_reason_tokens=0,
         num_steps_future_can_use_reason=2,
         temperature=1.0,
-        top_k=None
+        top_k=None,
+        *,
+        on_token: Optional[Callable[[torch.Tensor], None]] = None
     ):
         """prompt (b, l) -> (b, l + max_new_tokens) token ids, with a KV cache.
 
@@ -349,7 +351,9 @@ class Transformer(Module):
         reasoning tokens then attend to the cache (n = R + 1 queries over m keys, pattern at
         absolute positions), so a step costs O(current length). The next token is drawn from the
         logits of the last position - the last reasoning token of the last step - exactly what
-        `model(seq, ...)[:, -1]` gives. temperature 0 = greedy; top_k keeps the k likeliest."""
+        `model(seq, ...)[:, -1]` gives. temperature 0 = greedy; top_k keeps the k likeliest.
+        on_token, if given, is called with each new token (b,) as soon as it is drawn (for
+        streaming output)."""
         out_dtype = prompt.dtype if isinstance(prompt, torch.Tensor) else None
         prompt = self._check_tokens("prompt", prompt)
         if torch.iinfo(out_dtype).max < self.num_tokens - 1:
@@ -379,6 +383,8 @@ class Transformer(Module):
         for i in range(max_new_tokens):
             token = sample(logits[:, -1], temperature, top_k)                        # (b,) int64
             out = torch.cat((out, token[:, None]), dim=1)
+            if exists(on_token):
+                on_token(token.to(out_dtype))
 
             if i == max_new_tokens - 1:
                 break

@@ -163,7 +163,7 @@ def test_interrupt_says_what_is_left(monkeypatch, tmp_path, trained):
     proc = srt("compare", "--out", tmp_path / "cmp")
     assert proc.returncode == 130 and "results.json" in proc.stderr, proc.stderr
     proc = srt("generate", "--checkpoint", trained / "checkpoint.pt", "--prompt", "x")
-    assert proc.returncode == 130 and proc.stderr.strip().endswith("nothing was written"), proc.stderr
+    assert proc.returncode == 130 and proc.stderr.strip().endswith("no file was written"), proc.stderr
 
 
 def test_generate_prints_the_prompt_and_a_continuation(trained):
@@ -178,6 +178,44 @@ def test_generate_prints_the_prompt_and_a_continuation(trained):
             subprocess_=True)
     assert c.returncode == 0, c.stderr
     assert c.stdout.startswith("def")
+
+
+def test_generate_streams_what_it_samples(monkeypatch, trained):
+    import codecs
+
+    import torch
+
+    from self_reasoning_tokens import cli, transformer
+    from self_reasoning_tokens.training import build_model, load_checkpoint
+
+    ckpt = trained / "checkpoint.pt"
+    state = load_checkpoint(ckpt)
+    cfg = state["config"]
+    model = build_model(cfg, int(state.get("num_tokens", 256)))
+    model.load_state_dict(state["model"])
+    model.eval()
+    prompt = "h\u00e9llo".encode("utf-8")
+    ids = cli.sample(model, torch.tensor([list(prompt)]), 40, cfg.num_reason_tokens, cfg.steps_future, 0., None)
+    ids = ids[0].tolist()
+    whole = bytes(ids).decode("utf-8", errors="replace")
+    proc = srt("generate", "--checkpoint", ckpt, "--prompt", "h\u00e9llo", "--max-new-tokens", 40, "--temperature", 0)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == whole + "\n"  # streamed byte by byte, the same text as decoding at the end
+
+    # interrupted while drawing the 4th byte: the prompt and 3 bytes are already out
+    real, drawn = transformer.sample, []
+
+    def interrupt_at_the_fourth(*args, **kwargs):
+        if len(drawn) == 3:
+            raise KeyboardInterrupt
+        drawn.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformer, "sample", interrupt_at_the_fourth)
+    cut = srt("generate", "--checkpoint", ckpt, "--prompt", "h\u00e9llo", "--max-new-tokens", 40, "--temperature", 0)
+    assert cut.returncode == 130 and "the text generated so far is above" in cut.stderr
+    partial = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(bytes(ids[:len(prompt) + 3]))
+    assert cut.stdout == partial
 
 
 def test_resume_at_the_end_does_nothing_and_rejects_changed_model(trained, text_data):

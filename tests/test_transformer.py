@@ -330,6 +330,11 @@ def test_generate_sampling():
     assert ((a >= 0) & (a < 29)).all()
     assert torch.equal(model.generate(prompt, 0), prompt)
     assert not a.requires_grad and all(p.grad is None for p in model.parameters())
+    # on_token sees each new token as it is drawn: the same ones generate returns
+    seen = []
+    torch.manual_seed(123)
+    c = model.generate(prompt, 6, num_reason_tokens=1, temperature=0.8, top_k=5, on_token=seen.append)
+    assert torch.equal(c, a) and torch.equal(torch.stack(seen, dim=1), a[:, 4:])
 
 
 def test_generate_top_k_only_draws_from_the_k_likeliest():
