@@ -180,7 +180,7 @@ SRT_HD void region_key_range(const ReasoningSpec& rs, int64_t qi, int64_t* lo, i
   if (!rs.active()) { *lo = 0; *hi = 0; return; }
   const int64_t period = rs.num_reason + 1;
   const int64_t si = rs.step(qi);
-  const int64_t first = si - rs.window > 0 ? si - rs.window : 0;
+  const int64_t first = si > rs.window ? si - rs.window : 0;  // (no si - window overflow for a huge W)
   *lo = first * period;
   *hi = si * period;
   if (*hi < *lo) *hi = *lo;

@@ -233,7 +233,9 @@ __global__ void __launch_bounds__(BwdTcTraits<D, kBlockN>::kThreads, 1) attn_bwd
             if (p.causal && causal_key_end(i, p.shift) - j0 < end) end = causal_key_end(i, p.shift) - j0;
             visible_end = clip(end);
             auto row_ptr = [&](const MaskView& m) {
-              return m.present() ? static_cast<const bool*>(m.ptr) + m.row_offset(b, h, i) + j0 + lane_col : nullptr;
+              // (only for real rows: a padding row reads nothing, and its pointer could lie outside the mask)
+              return m.present() && i < p.N ? static_cast<const bool*>(m.ptr) + m.row_offset(b, h, i) + j0 + lane_col
+                                            : nullptr;
             };
             attn = row_ptr(p.attn_mask);
             padding = row_ptr(p.key_padding);

@@ -170,10 +170,11 @@ __global__ void __launch_bounds__(FwdTcTraits<D, kBlockM>::kThreads) attn_fwd_tc
         if (p.causal && causal_key_end(i, p.shift) - j0 < end) end = causal_key_end(i, p.shift) - j0;
         const int visible_end = int(end < 0 ? 0 : (end > kBN ? int64_t(kBN) : end));
         const int64_t col = j0 + 2 * t;  // this lane's first key
-        const bool* attn = p.attn_mask.present()
+        // (pointers only for real rows: a padding row reads nothing, and its pointer could lie outside)
+        const bool* attn = p.attn_mask.present() && i < p.N
                                ? static_cast<const bool*>(p.attn_mask.ptr) + p.attn_mask.row_offset(b, h, i) + col
                                : nullptr;
-        const bool* padding = p.key_padding.present() ? static_cast<const bool*>(p.key_padding.ptr) +
+        const bool* padding = p.key_padding.present() && i < p.N ? static_cast<const bool*>(p.key_padding.ptr) +
                                                             p.key_padding.row_offset(b, h, i) + col
                                                       : nullptr;
 #pragma unroll
