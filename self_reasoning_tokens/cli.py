@@ -543,10 +543,10 @@ def _interrupted_note(args) -> str:
         ckpt = out / "checkpoint.pt"
         if not ckpt.is_file():
             return f"no checkpoint was written to {out} yet"
-        try:  # the step it holds, without loading the model onto a device
-            import torch
+        try:  # the step it holds (loaded onto the CPU)
+            from .training import load_checkpoint
 
-            step = torch.load(ckpt, map_location="cpu", weights_only=False).get("step")
+            step = load_checkpoint(ckpt).get("step")
         except Exception:  # noqa: BLE001 - only for the message
             step = None
         at = f" (step {step})" if isinstance(step, int) else ""

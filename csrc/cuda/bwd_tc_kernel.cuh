@@ -107,11 +107,8 @@ __global__ void __launch_bounds__(BwdTcTraits<D, kBlockN>::kThreads, 1) attn_bwd
   // (n, m), (h, n, m) or (b, h, n, m) masks, broadcast or not): the general P/dS step then reads
   // them through one pointer per row at fixed per-lane offsets, without stop_factor_at's switch
   // on the mask type and without 64-bit offset arithmetic per element (block-uniform).
-  auto unit_key_stride = [](const MaskView& m) { return !m.present() || m.sj == 1; };
-  const bool bool_masks = (!p.q_stop.present() || p.q_stop.kind == kBool) &&
-                          (!p.k_stop.present() || p.k_stop.kind == kBool) &&
-                          (!p.v_stop.present() || p.v_stop.kind == kBool) && unit_key_stride(p.q_stop) &&
-                          unit_key_stride(p.k_stop) && unit_key_stride(p.v_stop) &&
+  auto bool_rows = [](const MaskView& m) { return !m.present() || (m.kind == kBool && m.sj == 1); };
+  const bool bool_masks = bool_rows(p.q_stop) && bool_rows(p.k_stop) && bool_rows(p.v_stop) &&
                           unit_key_stride(p.attn_mask) && unit_key_stride(p.key_padding);
 
   int64_t i_begin = 0;  // query i sees key j0 iff j0 <= i + shift
@@ -209,7 +206,6 @@ __global__ void __launch_bounds__(BwdTcTraits<D, kBlockN>::kThreads, 1) attn_bwd
       auto p_and_ds = [&](auto mode) {
         constexpr int kMode = decltype(mode)::value;
         const int lane_col = kc0 + wn * 32 + 2 * t;  // this lane's first key in the tile (n = 0, c = 0)
-        auto clip = [&](int64_t x) -> int { return int(x < 0 ? 0 : (x > kBN ? int64_t(kBN) : x)); };  // to [0, kBN]
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int rr = wm * 16 + g + 8 * r;  // row in the tile
@@ -219,8 +215,8 @@ __global__ void __launch_bounds__(BwdTcTraits<D, kBlockN>::kThreads, 1) attn_bwd
           if (kMode != kPlain && region) {
             int64_t lo, hi;
             region_key_range(rs, i + p.shift, &lo, &hi);
-            region_lo = clip(lo - j0);
-            region_hi = clip(hi - j0);
+            region_lo = clip_to_tile<kBN>(lo - j0);
+            region_hi = clip_to_tile<kBN>(hi - j0);
           }
           // kBoolMasks: the tile's keys [0, visible_end) are inside the ragged edge and not in
           // the row's future (causal_key_end); the masks' pointers at (b, h, i, j0 + lane_col).
@@ -229,19 +225,13 @@ __global__ void __launch_bounds__(BwdTcTraits<D, kBlockN>::kThreads, 1) attn_bwd
           // kGeneral: the masks' offsets of row i.
           int64_t attn_row = 0, padding_row = 0, q_row = 0, k_row = 0, v_row = 0;
           if (kMode == kBoolMasks) {
-            int64_t end = cols_valid;
-            if (p.causal && causal_key_end(i, p.shift) - j0 < end) end = causal_key_end(i, p.shift) - j0;
-            visible_end = clip(end);
-            auto row_ptr = [&](const MaskView& m) {
-              // (only for real rows: a padding row reads nothing, and its pointer could lie outside the mask)
-              return m.present() && i < p.N ? static_cast<const bool*>(m.ptr) + m.row_offset(b, h, i) + j0 + lane_col
-                                            : nullptr;
-            };
-            attn = row_ptr(p.attn_mask);
-            padding = row_ptr(p.key_padding);
-            q_stop = row_ptr(p.q_stop);
-            k_stop = row_ptr(p.k_stop);
-            v_stop = row_ptr(p.v_stop);
+            visible_end = visible_keys<kBN>(cols_valid, p.causal, i, p.shift, j0);
+            const int64_t col = j0 + lane_col;
+            attn = bool_mask_row(p.attn_mask, b, h, i, col, p.N);
+            padding = bool_mask_row(p.key_padding, b, h, i, col, p.N);
+            q_stop = bool_mask_row(p.q_stop, b, h, i, col, p.N);
+            k_stop = bool_mask_row(p.k_stop, b, h, i, col, p.N);
+            v_stop = bool_mask_row(p.v_stop, b, h, i, col, p.N);
           } else if (kMode == kGeneral) {
             attn_row = p.attn_mask.row_offset(b, h, i);
             padding_row = p.key_padding.row_offset(b, h, i);
@@ -274,7 +264,7 @@ __global__ void __launch_bounds__(BwdTcTraits<D, kBlockN>::kThreads, 1) attn_bwd
               float fq = 1.f, fk = 1.f, fv = 1.f;
               if (kMode == kRegionOnly) {  // reasoning_kv_factor
                 fk = fv = in_region ? 0.f : 1.f;
-              } else if (kMode >= kBoolMasks && factors && ok) {
+              } else if ((kMode == kBoolMasks || kMode == kGeneral) && factors && ok) {
                 if (kMode == kBoolMasks) {
                   if (p.q_stop.present()) fq = bool_stop_factor<float>(q_stop, off);
                   if (p.k_stop.present()) fk = bool_stop_factor<float>(k_stop, off);

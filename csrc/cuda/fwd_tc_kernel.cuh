@@ -90,8 +90,7 @@ __global__ void __launch_bounds__(FwdTcTraits<D, kBlockM>::kThreads) attn_fwd_tc
   const bool hard_region = !rs.stop_grad && rs.on_head(h);  // block-uniform
   const bool dense_masks = p.attn_mask.present() || p.key_padding.present();
   // the masks have unit key stride (contiguous rows, the usual case): read row by row below
-  const bool unit_stride_masks =
-      (!p.attn_mask.present() || p.attn_mask.sj == 1) && (!p.key_padding.present() || p.key_padding.sj == 1);
+  const bool unit_stride_masks = unit_key_stride(p.attn_mask) && unit_key_stride(p.key_padding);
   const float scale_log2 = p.scale * kLog2e;
 
   // First key tile at or after j0 that is not skipped (block-uniform).
@@ -166,17 +165,10 @@ __global__ void __launch_bounds__(FwdTcTraits<D, kBlockM>::kThreads) attn_fwd_tc
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int64_t i = i0 + warp * 16 + g + 8 * r;
-        int64_t end = i < p.N ? p.M - j0 : 0;  // padding rows: nothing
-        if (p.causal && causal_key_end(i, p.shift) - j0 < end) end = causal_key_end(i, p.shift) - j0;
-        const int visible_end = int(end < 0 ? 0 : (end > kBN ? int64_t(kBN) : end));
+        const int visible_end = visible_keys<kBN>(i < p.N ? p.M - j0 : 0, p.causal, i, p.shift, j0);  // padding rows: none
         const int64_t col = j0 + 2 * t;  // this lane's first key
-        // (pointers only for real rows: a padding row reads nothing, and its pointer could lie outside)
-        const bool* attn = p.attn_mask.present() && i < p.N
-                               ? static_cast<const bool*>(p.attn_mask.ptr) + p.attn_mask.row_offset(b, h, i) + col
-                               : nullptr;
-        const bool* padding = p.key_padding.present() && i < p.N ? static_cast<const bool*>(p.key_padding.ptr) +
-                                                            p.key_padding.row_offset(b, h, i) + col
-                                                      : nullptr;
+        const bool* attn = bool_mask_row(p.attn_mask, b, h, i, col, p.N);
+        const bool* padding = bool_mask_row(p.key_padding, b, h, i, col, p.N);
 #pragma unroll
         for (int n = 0; n < kSTiles; ++n) {
 #pragma unroll

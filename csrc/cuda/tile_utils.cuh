@@ -115,6 +115,35 @@ __device__ __forceinline__ void load_tile_async(T* dst, const T* src, int64_t va
 
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// ---------------------------------------------------------------------------------------------
+// Row-by-row mask passes of the tensor-core kernels (masked tiles only).
+
+// x clipped to [0, kN]: a position relative to a tile of kN keys (exact in int afterwards).
+template <int kN>
+__device__ __forceinline__ int clip_to_tile(int64_t x) {
+  return int(x < 0 ? 0 : (x > kN ? int64_t(kN) : x));
+}
+
+// The keys [0, result) of the tile starting at key j0 that query row i may see: the tile's
+// `valid` keys (its ragged edge), cut at the row's future when causal (causal_key_end).
+template <int kN>
+__device__ __forceinline__ int visible_keys(int64_t valid, bool causal, int64_t i, int64_t shift, int64_t j0) {
+  int64_t end = valid;
+  if (causal && causal_key_end(i, shift) - j0 < end) end = causal_key_end(i, shift) - j0;
+  return clip_to_tile<kN>(end);
+}
+
+// Masks whose rows can be read at fixed offsets from one pointer (absent, or key stride 1).
+__device__ __forceinline__ bool unit_key_stride(const MaskView& m) { return !m.present() || m.sj == 1; }
+
+// A bool mask (unit key stride) at (b, h, i, j), for reading row i's keys j, j + 1, ... at fixed
+// offsets; nullptr for an absent mask or a padding row i >= rows (which reads nothing, and whose
+// pointer could lie outside the mask).
+__device__ __forceinline__ const bool* bool_mask_row(const MaskView& m, int64_t b, int64_t h, int64_t i,
+                                                     int64_t j, int64_t rows) {
+  return m.present() && i < rows ? static_cast<const bool*>(m.ptr) + m.row_offset(b, h, i) + j : nullptr;
+}
+
 // Enqueues `kernel` on `blocks` thread blocks of `threads` threads (nothing when blocks == 0),
 // first raising its dynamic shared-memory limit when it needs more than the default 48 KB (the
 // host has checked `smem` against the device's opt-in limit). Returns the first CUDA error.
