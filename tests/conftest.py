@@ -24,6 +24,7 @@ are what CI runs). The junit XML marks each with the property ``gpu``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -152,6 +153,17 @@ def run_with_grads(fn, q, k, v, grad_out, **kwargs):
     return out.detach(), dq, dk, dv
 
 
+@contextlib.contextmanager
+def deterministic_algorithms():
+    """torch.use_deterministic_algorithms(True) inside the block; the previous setting after it."""
+    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
 def reference64(q, k, v, grad_out, **kwargs):
     """The float64 reference on float64 copies of the inputs (masks kept as they are)."""
     return run_with_grads(reference_attention, q.double(), k.double(), v.double(), grad_out.double(),
@@ -177,15 +189,17 @@ def assert_within_flash_rule(actual, exact, low, grad, what=""):
         f"{what}: max abs err {err:.3e} > {factor} x {ref_err:.3e} (the reference in {actual.dtype}) + {floor:.1e}")
 
 
-def check_against_reference(cfg: DeviceConfig, q, k, v, grad_out=None, **kwargs):
-    """Runs the kernel and the float64 reference on the same inputs and compares all results:
-    within the configuration's tolerances, or, for float16/bfloat16, by FlashAttention's rule
-    (assert_within_flash_rule). Returns the kernel's (out, dq, dk, dv)."""
+def check_against_reference(cfg: DeviceConfig, q, k, v, grad_out=None, got=None, **kwargs):
+    """Runs the kernel (or takes its (out, dq, dk, dv) as `got`) and the float64 reference on the
+    same inputs and compares all results: within the configuration's tolerances, or, for
+    float16/bfloat16, by FlashAttention's rule (assert_within_flash_rule). Returns the kernel's
+    (out, dq, dk, dv)."""
     from self_reasoning_tokens import stop_graddable_attn
 
     if grad_out is None:
         grad_out = torch.randn(q.shape, dtype=torch.float64).to(device=q.device, dtype=q.dtype)
-    got = run_with_grads(stop_graddable_attn, q, k, v, grad_out, **kwargs)
+    if got is None:
+        got = run_with_grads(stop_graddable_attn, q, k, v, grad_out, **kwargs)
     exp = reference64(q, k, v, grad_out, **kwargs)
     low = None
     if q.dtype in (torch.float16, torch.bfloat16):
@@ -218,6 +232,7 @@ def helpers():
         reference64 = staticmethod(reference64)
         check = staticmethod(check_against_reference)
         flash_rule = staticmethod(assert_within_flash_rule)
+        deterministic = staticmethod(deterministic_algorithms)
         config_for = staticmethod(config_for)
 
     return H

@@ -162,6 +162,26 @@ def test_fully_masked_rows(cfg, helpers, with_stop_masks):
         assert (ql.grad[dead] == 0).all(), dtype
 
 
+def test_backward_is_deterministic_under_use_deterministic_algorithms(cfg, helpers):
+    """Under torch.use_deterministic_algorithms(True) the same inputs give the same gradients, bit
+    for bit, and they still match the reference. The CPU backward always sums in a fixed order; the
+    CUDA backward then takes its deterministic schedule (KernelParams::dq_splits: rounds of key
+    tiles, each adding into its own dQ buffer, summed in a fixed order) instead of fp32 atomics from
+    every key tile at once, whose order, and so the last bits of dQ, vary between runs. Six key
+    tiles of 64 (twelve of 32 for float32) add into every dQ row here."""
+    b, h, n = 1, 2, 384
+    q, k, v = cfg.qkv(b, h, n, n, requires_grad=False)
+    grad_out = cfg.randn(b, h, n, q.shape[-1])
+    kv_stop = torch.rand(h, n, n, device=cfg.device) < 0.3
+    kw = dict(causal=True, k_stop_grad_mask=kv_stop, v_stop_grad_mask=kv_stop)
+    with helpers.deterministic():
+        runs = [helpers.run_with_grads(stop_graddable_attn, q, k, v, grad_out, **kw) for _ in range(3)]
+    for again in runs[1:]:
+        for name, a, first in zip(("out", "dq", "dk", "dv"), again, runs[0]):
+            assert torch.equal(a, first), f"{name} differs between two runs on the same inputs"
+    helpers.check(cfg, q, k, v, grad_out, got=runs[0], **kw)
+
+
 @pytest.mark.parametrize("scale", [None, 0.0], ids=["default-scale", "zero-scale"])
 @pytest.mark.parametrize("where", ["q", "k"])
 def test_nan_input_propagates(cfg, where, scale):

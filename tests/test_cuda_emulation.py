@@ -190,6 +190,27 @@ def test_emulated_cuda_kernels_match_cpu_op(emu, cp_async_mode, dtype, head_dim,
 TILE_VARIANTS = {"fwd128": "128-row forward tiles", "bwd128": "128-key backward tiles"}  # labels of TILE_SETTINGS keys
 
 
+# The backward's deterministic schedule (torch.use_deterministic_algorithms; KernelParams::dq_splits
+# in csrc/cuda/kernel_params.h): the key tiles in rounds, each tile of a round adding into its own
+# dQ buffer, the buffers summed in a fixed order. Sized for 3 emulated multiprocessors, the GPU
+# test's cases take 1 to 3 buffers and up to 8 rounds, the last one often partial; for 1000, one
+# buffer per key tile up to kMaxDqSplits. (That no two blocks of a round add into the same dQ
+# element is tests/test_cuda_racecheck.py's test_deterministic_schedule_fixes_the_dq_additions_order.)
+DETERMINISTIC_VARIANTS = [(torch.float32, "default"), (torch.bfloat16, "default"), (torch.float16, "bwd128")]
+
+
+@pytest.mark.parametrize("dtype,tiles", DETERMINISTIC_VARIANTS, ids=lambda v: str(v).replace("torch.", ""))
+def test_emulated_deterministic_backward_schedule(emu, helpers, dtype, tiles, monkeypatch):
+    gpu_cases.use_tiles(monkeypatch, tiles)
+    try:
+        with helpers.deterministic():
+            for sm_count in (3, 1000):
+                emu.set_sm_count(sm_count)
+                _check_cases_against_cpu(emu, dtype, 64, f"{tiles} tiles, deterministic schedule, {sm_count} SMs")
+    finally:
+        emu.set_sm_count(3)
+
+
 @pytest.mark.parametrize("variant", TILE_VARIANTS)
 @pytest.mark.parametrize("head_dim", gpu_cases.HEAD_DIMS)
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=lambda d: str(d).replace("torch.", ""))

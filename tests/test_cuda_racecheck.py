@@ -169,6 +169,27 @@ def test_kernels_have_no_hazards(emu_race, dtype, tiles, cp_mode, monkeypatch):
         emu_race.set_cp_async_mode(emulation.CP_ASYNC_MODES["early"])
 
 
+# What makes the backward's deterministic schedule deterministic on a GPU: with the order of
+# atomicAdds checked too (set_ordered_atomics), the default schedule's dQ additions from several key
+# tiles at once are reported ("atomic order"), the deterministic schedule's are not (each block of
+# a round adds into its own buffer, each element from one thread, rounds in launch order).
+@pytest.mark.parametrize("dtype,tiles", emulation.DETERMINISTIC_VARIANTS, ids=lambda v: str(v).replace("torch.", ""))
+def test_deterministic_schedule_fixes_the_dq_additions_order(emu_race, helpers, dtype, tiles, monkeypatch):
+    gpu_cases.use_tiles(monkeypatch, tiles)
+    emu_race.set_ordered_atomics(True)
+    try:
+        with pytest.raises(RuntimeError, match=r"atomic order hazard at byte \d+ of a \d+-byte global buffer") as e:
+            emulation._check_cases_against_cpu(emu_race, dtype, 64, "default schedule")
+        assert "in another block (blocks are unordered)" in str(e.value)
+        with helpers.deterministic():
+            for sm_count in (3, 1000):
+                emu_race.set_sm_count(sm_count)
+                emulation._check_cases_against_cpu(emu_race, dtype, 64, f"deterministic schedule, {sm_count} SMs")
+    finally:
+        emu_race.set_ordered_atomics(False)
+        emu_race.set_sm_count(3)
+
+
 # One barrier taken out of each tensor-core kernel (the text must be there: a changed kernel fails
 # this test instead of passing it vacuously): the checker must name the kernel.
 PLANTED = {

@@ -10,6 +10,7 @@
 // headers, which a minimal CUDA toolkit (nvcc + runtime, as on the CI machine) does not have.
 // at::cuda::getCurrentCUDAStream is c10::cuda::getCurrentCUDAStream (at::cuda re-exports
 // c10::cuda).
+#include <ATen/Context.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -102,7 +103,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_cuda(
   check_cuda_inputs("attn_bwd", q, a.D);
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  return attn_bwd_host(a, grad_out, q, k, v, out, lse, &alloc_uninitialised,
+  // torch.use_deterministic_algorithms(True): the deterministic schedule (KernelParams::dq_splits)
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
+  int sm_count = 1;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, q.get_device()));
+  return attn_bwd_host(a, grad_out, q, k, v, out, lse, deterministic, sm_count, &alloc_uninitialised,
                        [&](auto tag, auto head_dim, const KernelParams& p) {
                          using T = typename decltype(tag)::type;
                          constexpr int D = decltype(head_dim)::value;

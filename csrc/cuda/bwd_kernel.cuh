@@ -49,14 +49,15 @@ __global__ void __launch_bounds__(BwdTraits<D>::kThreads) attn_bwd_kernel(const 
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
 
-  const BlockTile bt = block_tile(p.M, kBN, p.H, /*reverse=*/false);
+  const BwdBlockTile bt = bwd_block_tile(p, kBN, D);
+  if (bt.valid == 0) return;  // past the last key tile (deterministic schedule; the whole block)
   const int64_t bh = bt.bh, b = bt.b, h = bt.h, j0 = bt.start, cols_valid = bt.valid, j_last = bt.last;
 
+  float* dq_accum = bt.dq;  // this block's (N, D) fp32 dQ buffer
   const T* q = static_cast<const T*>(p.q) + bh * p.N * D;
   const T* dout = static_cast<const T*>(p.dout) + bh * p.N * D;
   const float* lse = p.lse + bh * p.N;
   const float* dsum = p.dsum + bh * p.N;
-  float* dq_accum = p.dq_accum + bh * p.N * D;
 
   load_rows<kBN, D, Tr::kKStride, Tr::kThreads>(sK, static_cast<const T*>(p.k) + (bh * p.M + j0) * D, cols_valid);
   load_rows<kBN, D, Tr::kKStride, Tr::kThreads>(sV, static_cast<const T*>(p.v) + (bh * p.M + j0) * D, cols_valid);
@@ -195,8 +196,8 @@ __global__ void __launch_bounds__(BwdTraits<D>::kThreads) attn_bwd_kernel(const 
 template <typename T, int D>
 cudaError_t launch_attn_bwd_simt(const KernelParams& p, cudaStream_t stream) {
   using Tr = BwdTraits<D>;
-  return launch_blocks(&attn_bwd_kernel<T, D>, p.B * p.H * ceil_div(p.M, Tr::kBlockN), Tr::kThreads,
-                       Tr::kSmemBytes, p, stream);
+  return launch_key_tiles(&attn_bwd_kernel<T, D>, ceil_div(p.M, Tr::kBlockN), Tr::kThreads, Tr::kSmemBytes, p,
+                          stream);
 }
 
 }  // namespace srt::cuda

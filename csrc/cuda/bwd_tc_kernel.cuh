@@ -58,15 +58,16 @@ __global__ void __launch_bounds__(BwdTcTraits<D, kBlockN>::kThreads, 1) attn_bwd
   const int g = lane / 4, t = lane % 4;
   const int wm = warp % 4, wn = warp / 4;
 
-  const BlockTile bt = block_tile(p.M, kBN, p.H, /*reverse=*/false);
+  const BwdBlockTile bt = bwd_block_tile(p, kBN, D);
+  if (bt.valid == 0) return;  // past the last key tile (deterministic schedule; the whole block)
   const int64_t bh = bt.bh, b = bt.b, h = bt.h, j0 = bt.start, cols_valid = bt.valid, j_last = bt.last;
 
+  float* dq_accum = bt.dq;  // this block's (N, D) fp32 dQ buffer
   const T* q = static_cast<const T*>(p.q) + bh * p.N * D;
   const T* dout = static_cast<const T*>(p.dout) + bh * p.N * D;
   // this lane's rows 16 wm + g (+ 8) of query tile i0 are lse_lane[i0] (and [i0 + 8])
   const float* lse_lane = p.lse + bh * p.N + wm * 16 + g;
   const float* dsum_lane = p.dsum + bh * p.N + wm * 16 + g;
-  float* dq_accum = p.dq_accum + bh * p.N * D;
 
   load_tile_async<kBN, D, kS, Tr::kThreads>(sK, static_cast<const T*>(p.k) + (bh * p.M + j0) * D, cols_valid);
   load_tile_async<kBN, D, kS, Tr::kThreads>(sV, static_cast<const T*>(p.v) + (bh * p.M + j0) * D, cols_valid);
@@ -387,8 +388,8 @@ __global__ void __launch_bounds__(BwdTcTraits<D, kBlockN>::kThreads, 1) attn_bwd
 template <typename T, int D, int kBlockN>
 cudaError_t launch_attn_bwd_tc_tiles(const KernelParams& p, cudaStream_t stream) {
   using Tr = BwdTcTraits<D, kBlockN>;
-  return launch_blocks(&attn_bwd_tc_kernel<T, D, kBlockN>, p.B * p.H * ceil_div(p.M, Tr::kBlockN), Tr::kThreads,
-                       Tr::kSmemBytes, p, stream);
+  return launch_key_tiles(&attn_bwd_tc_kernel<T, D, kBlockN>, ceil_div(p.M, Tr::kBlockN), Tr::kThreads,
+                          Tr::kSmemBytes, p, stream);
 }
 
 template <typename T, int D>

@@ -22,6 +22,7 @@
 
 #include "../attn_params.h"
 #include "kernel_params.h"
+#include "kernel_traits.h"
 
 namespace srt::cuda {
 
@@ -122,13 +123,27 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_host(const AttnParams& a, const at::
   return {out, lse};
 }
 
-// (dq, dk, dv) for checked params `a`.
+// The deterministic backward schedule's number of dQ buffers, which is its round_tiles
+// (KernelParams): enough (b, h, key tile) blocks per round to give each of the device's
+// `sm_count` multiprocessors one (the tensor-core backward runs one block per SM), at most one
+// per key tile, and at most kMaxDqSplits fp32 (B, H, N, D) buffers.
+constexpr int64_t kMaxDqSplits = 8;
+inline int64_t deterministic_dq_splits(int64_t batch_heads, int64_t key_tiles, int64_t sm_count) {
+  int64_t splits = sm_count / batch_heads;
+  if (splits > kMaxDqSplits) splits = kMaxDqSplits;
+  if (splits > key_tiles) splits = key_tiles;
+  return splits < 1 ? 1 : splits;
+}
+
+// (dq, dk, dv) for checked params `a`. `deterministic` (torch.use_deterministic_algorithms on
+// the caller's side) selects the deterministic backward schedule (KernelParams::round_tiles),
+// sized for `sm_count` multiprocessors; otherwise every key tile adds into one dQ buffer at once.
 template <typename Launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_host(const AttnParams& a, const at::Tensor& grad_out,
                                                              const at::Tensor& q, const at::Tensor& k,
                                                              const at::Tensor& v, const at::Tensor& out,
-                                                             const at::Tensor& lse, AllocFn alloc,
-                                                             const Launch& launch) {
+                                                             const at::Tensor& lse, bool deterministic,
+                                                             int64_t sm_count, AllocFn alloc, const Launch& launch) {
   const at::Tensor qc = dense(q), kc = dense(k), vc = dense(v), oc = dense(out), doc = dense(grad_out),
                    lc = lse.contiguous();
   at::Tensor dk = alloc(kc.sizes(), kc.options());
@@ -138,9 +153,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_host(const AttnParams& a
     dv.zero_();
     return {at::zeros(qc.sizes(), qc.options()), dk, dv};
   }
-  // dQ receives a contribution from every key tile: blocks add them atomically in fp32. (Through
-  // `alloc` like every buffer the kernels write, so that the emulation's checks see it too.)
-  at::Tensor dq_accum = alloc(qc.sizes(), qc.options().dtype(at::kFloat)).zero_();
   at::Tensor dsum = alloc({a.B, a.H, a.N}, qc.options().dtype(at::kFloat));
 
   KernelParams p = kernel_params(a);
@@ -151,11 +163,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_host(const AttnParams& a
   p.dout = doc.data_ptr();
   p.lse = const_cast<float*>(lc.data_ptr<float>());  // only read by the backward
   p.dsum = dsum.data_ptr<float>();
-  p.dq_accum = dq_accum.data_ptr<float>();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
   if (q.scalar_type() != at::kFloat) p.bwd_block_n = bwd_block_n_from_env();  // tensor-core kernels only
-  dispatch_dtype_head_dim(q.scalar_type(), a.D, [&](auto tag, auto head_dim) { launch(tag, head_dim, p); });
+  // dQ receives a contribution from every key tile: blocks add them in fp32 into dq_accum, one
+  // (B, H, N, D) buffer, or `splits` of them in the deterministic schedule. (Through `alloc`
+  // like every buffer the kernels write, so that the emulation's checks see it too.)
+  at::Tensor dq_accum;
+  int64_t splits = 0;
+  dispatch_dtype_head_dim(q.scalar_type(), a.D, [&](auto tag, auto head_dim) {
+    using K = KernelsFor<typename decltype(tag)::type, decltype(head_dim)::value>;
+    const int64_t keys = K::bwd_block_keys(p.bwd_block_n), key_tiles = (a.M + keys - 1) / keys;
+    splits = deterministic ? deterministic_dq_splits(a.B * a.H, key_tiles, sm_count) : 0;
+    dq_accum = splits == 0 ? alloc(qc.sizes(), qc.options().dtype(at::kFloat))
+                           : alloc({splits, a.B, a.H, a.N, a.D}, qc.options().dtype(at::kFloat));
+    dq_accum.zero_();
+    p.dq_accum = dq_accum.data_ptr<float>();
+    p.round_tiles = splits == 0 ? key_tiles : splits;
+    p.dq_split_stride = splits == 0 ? 0 : qc.numel();
+    launch(tag, head_dim, p);
+  });
+  if (splits > 0) {  // the buffers summed in a fixed order
+    at::Tensor sum = dq_accum.select(0, 0).clone();
+    for (int64_t s = 1; s < splits; ++s) sum.add_(dq_accum.select(0, s));
+    dq_accum = sum;
+  }
   // fp32 inputs: the buffer is the result; otherwise one O(N) conversion.
   at::Tensor dq = q.scalar_type() == at::kFloat ? dq_accum : dq_accum.to(q.scalar_type());
   return {dq, dk, dv};

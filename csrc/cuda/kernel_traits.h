@@ -142,6 +142,8 @@ struct KernelsFor {
   // the smaller variant: the most blocks a forward launches
   static constexpr int kFwdBlockM = kTensorCores ? FwdTcTraits<D, 64>::kBlockM : FwdTraits<D>::kBlockM;
   static constexpr int kBwdBlockN = kTensorCores ? BwdTcTraits<D, 64>::kBlockN : BwdTraits<D>::kBlockN;
+  // the keys per backward block of the variant the host picked
+  static constexpr int bwd_block_keys(int bwd_block_n) { return kTensorCores ? bwd_block_n : BwdTraits<D>::kBlockN; }
 };
 
 // Backward preprocessing (dsum = rowsum(dO * O)): one warp per row.

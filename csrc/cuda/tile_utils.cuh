@@ -160,6 +160,19 @@ cudaError_t launch_blocks(Kernel kernel, int64_t blocks, int threads, size_t sme
   return cudaGetLastError();
 }
 
+// Enqueues a backward kernel over the `key_tiles` key tiles of every (b, h), in rounds of
+// p.round_tiles tiles (KernelParams), one launch each, in order.
+template <typename Kernel>
+cudaError_t launch_key_tiles(Kernel kernel, int64_t key_tiles, int threads, size_t smem, const KernelParams& p,
+                             cudaStream_t stream) {
+  KernelParams round = p;
+  for (round.key_tile_first = 0; round.key_tile_first < key_tiles; round.key_tile_first += p.round_tiles) {
+    const cudaError_t err = launch_blocks(kernel, p.B * p.H * p.round_tiles, threads, smem, round, stream);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
 // The (batch, head, tile) of this thread block, for grids of B * H * ceil(extent / tile) blocks
 // numbered (b, h)-major. With `reverse`, the tiles of one (b, h) go from the last to the first
 // (the forward schedules the causally busiest query tiles first).
@@ -179,6 +192,27 @@ __device__ __forceinline__ BlockTile block_tile(int64_t extent, int tile, int64_
   bt.start = idx * tile;
   bt.valid = extent - bt.start < tile ? extent - bt.start : tile;
   bt.last = bt.start + bt.valid - 1;
+  return bt;
+}
+
+// The (batch, head, key tile) of block x of a backward round (KernelParams::round_tiles): key
+// tile key_tile_first + x % round_tiles of (b, h) = x / round_tiles, and `dq`, the fp32 dQ
+// buffer of its (b, h) that it adds into (buffer x % round_tiles, all the same one when
+// dq_split_stride is 0). A block past the last key tile (a partial last round) gets valid = 0.
+struct BwdBlockTile : BlockTile {
+  float* dq;
+};
+
+__device__ __forceinline__ BwdBlockTile bwd_block_tile(const KernelParams& p, int tile, int64_t D) {
+  BwdBlockTile bt;
+  const int64_t in_round = int64_t(blockIdx.x) % p.round_tiles;
+  bt.bh = int64_t(blockIdx.x) / p.round_tiles;
+  bt.b = bt.bh / p.H;
+  bt.h = bt.bh % p.H;
+  bt.start = (p.key_tile_first + in_round) * tile;
+  bt.valid = p.M - bt.start < tile ? (p.M > bt.start ? p.M - bt.start : 0) : tile;
+  bt.last = bt.start + bt.valid - 1;
+  bt.dq = p.dq_accum + in_round * p.dq_split_stride + bt.bh * p.N * D;
   return bt;
 }
 

@@ -4,6 +4,7 @@
 // stream), so the kernels see exactly the tensors and KernelParams they would see on a GPU. The
 // launchers are instantiated in emu_kernels_*.cpp (no torch headers there, and the three compile
 // in parallel with this file).
+#include <ATen/Context.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -33,6 +34,10 @@ struct TrackedBuffers {
   ~TrackedBuffers() { emu::race::untrack_globals(); }
 };
 
+// The multiprocessors the deterministic backward schedule is sized for (deterministic_dq_splits):
+// few, so that small test problems take several dQ buffers and several rounds.
+int64_t emulated_sm_count = 3;
+
 std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& q_stop, const std::optional<at::Tensor>& k_stop,
@@ -56,7 +61,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& grad_out, c
   const TrackedBuffers tracked;
   AttnParams a = make_backward_params(grad_out, q, k, v, out, lse, key_padding, attn_mask, q_stop,
                                       k_stop, v_stop, causal, scale, R, W, stop, heads);
-  return attn_bwd_host(a, grad_out, q, k, v, out, lse, &alloc_poisoned,
+  // torch.use_deterministic_algorithms(True) selects the deterministic schedule, as on the GPU
+  // (attn_cuda.cu), sized for the emulated device's multiprocessor count (set_sm_count).
+  return attn_bwd_host(a, grad_out, q, k, v, out, lse, at::globalContext().deterministicAlgorithms(),
+                       emulated_sm_count, &alloc_poisoned,
                        [](auto tag, auto head_dim, const KernelParams& p) {
                          const int err =
                              launch_attn_bwd<typename decltype(tag)::type, decltype(head_dim)::value>(p, nullptr);
@@ -84,6 +92,14 @@ EMU_TORCH_LIBRARY(EMU_OPS_NAMESPACE, m) {
     return r;
   });
   m.def("reset_op_counts", [] { emu::reset_op_counts(); });
+  // the multiprocessor count the deterministic backward schedule is sized for
+  m.def("set_sm_count", [](int64_t n) {
+    TORCH_CHECK(n >= 1, "sm_count must be at least 1");
+    emulated_sm_count = n;
+  });
+  m.def("sm_count", []() -> int64_t { return emulated_sm_count; });
   // whether this build reports shared-memory hazards (emu_racecheck.cpp)
   m.def("racecheck_instrumented", []() -> bool { return emu::race::instrumented(); });
+  // racecheck build: report atomicAdds to the same bytes whose order is not fixed (set_ordered_atomics)
+  m.def("set_ordered_atomics", [](bool on) { emu::race::set_ordered_atomics(on); });
 }

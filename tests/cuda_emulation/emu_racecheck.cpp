@@ -31,7 +31,10 @@
 // blocks, at least one a plain write, are a hazard (a kernel that adds into dQ without atomics, a
 // block reading what another writes); atomicAdd against atomicAdd is not, atomicAdd against a
 // plain access is (also when several blocks added and the plain access is ordered after the last
-// of them). Within a block the shared-memory rule applies.
+// of them). Within a block the shared-memory rule applies. With set_ordered_atomics(true),
+// atomicAdd against an unordered atomicAdd is a hazard too ("atomic order": the order of the
+// additions, and so the rounding of the sum, would depend on the schedule), for checking the
+// backward's deterministic schedule.
 //
 // A launch with hazards fails (run_grid throws) with a report of the first few distinct ones:
 // kind, shared-memory offset, both threads and the code locations (function + offset in the
@@ -119,6 +122,7 @@ GlobalGranule* g_global = nullptr;
 size_t g_global_capacity = 0, g_global_used = 0;
 uint32_t g_launch_gen = 0;
 int g_actor = -1;  // >= 0: the thread the accesses are attributed to (an ldmatrix row's lane)
+bool g_ordered_atomics = false;  // set_ordered_atomics
 Reports g_shared_reports, g_global_reports;
 const void* g_kernel = nullptr;
 
@@ -233,6 +237,9 @@ EMU_NO_TSAN void on_global_granule(const Tracked& tr, size_t g, int t, bool writ
       report(g_global_reports, "atomic WAW", where, bytes, t, pc, s.w, false);
     if (s.has_reader && (s.many_reader_blocks || unordered(s.r, t)))
       report(g_global_reports, "atomic WAR", where, bytes, t, pc, s.r, false);
+    if (g_ordered_atomics && s.written && s.atomic_write &&
+        (unordered(s.w, t) || (s.many_atomic_blocks && unordered(s.w_other, t))))
+      report(g_global_reports, "atomic order", where, bytes, t, pc, unordered(s.w, t) ? s.w : s.w_other, true);
     if (!s.written || s.atomic_write) {
       if (s.written && s.w.block != g_block) {
         s.many_atomic_blocks = true;
@@ -327,6 +334,8 @@ EMU_NO_TSAN void track_global(const void* ptr, size_t bytes) {
   std::memset(g_global + g_global_used, 0, granules * sizeof(GlobalGranule));
   g_global_used += granules;
 }
+
+EMU_NO_TSAN void set_ordered_atomics(bool on) { g_ordered_atomics = on; }
 
 EMU_NO_TSAN void untrack_globals() {
   g_ntracked = 0;

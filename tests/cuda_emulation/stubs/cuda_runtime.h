@@ -118,6 +118,10 @@ void track_global(const void* ptr, size_t bytes);
 void untrack_globals();
 // atomicAdd: the addition, and (racecheck build) an atomic access for the checker.
 float atomic_add(float* a, float v);
+// With `on`, two atomicAdds to the same global bytes in one launch whose order is not fixed (other
+// blocks, or threads of a block with no barrier between) are hazards too ("atomic order"): their
+// sum's rounding depends on the schedule. For checking a schedule that must be deterministic.
+void set_ordered_atomics(bool on);
 // A cp.async into shared memory: in flight from its issue (by the current thread, at the kernel's
 // code address `pc`) until its issuer's wait covers it.
 void copy_issued(const void* dst, size_t bytes, const void* pc);
