@@ -138,6 +138,11 @@ def stop_graddable_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Returns:
         (batch, heads, n, head_dim) tensor. Rows with no allowed key are 0 (never NaN).
 
+    The CUDA backward adds dQ from all key tiles at once with fp32 atomics, so dQ's last bits
+    vary between runs; under ``torch.use_deterministic_algorithms(True)`` it switches to a
+    deterministic schedule (same bits every run, up to 8 fp32 copies of dQ of extra memory). The
+    CPU kernels and the forward are always deterministic.
+
     Example::
 
         q, k, v = (torch.randn(1, 2, 6, 16, requires_grad=True) for _ in range(3))

@@ -15,8 +15,9 @@
 // input type into shared memory (one chunk at a time keeps the S and dP accumulators at 32
 // registers per lane whatever the tile width); then, over the whole key tile, the dV/dK
 // products (their A operands read transposed with ldmatrix.trans) and this tile's share of dQ,
-// added atomically (float2) into the fp32 dq_accum buffer. Warp roles are in BwdTcTraits
-// (kernel_traits.h).
+// added atomically (float2) into the fp32 dQ buffer of the block's round (one shared by every
+// key tile, or one per tile of the deterministic schedule's rounds: KernelParams::round_tiles,
+// bwd_block_tile). Warp roles are in BwdTcTraits (kernel_traits.h).
 //
 // Masks and factors are evaluated per element only on tiles where something can mask or stop
 // (dense masks, stop masks, the causal diagonal, the reasoning region, ragged tiles); the
