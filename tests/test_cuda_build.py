@@ -230,6 +230,31 @@ def test_cuda_noncontiguous_and_empty():
 
 
 @needs_gpu
+@pytest.mark.parametrize("tiles", TILE_SETTINGS)
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_cuda_deterministic_backward(dtype, tiles, monkeypatch, helpers):
+    """Under torch.use_deterministic_algorithms(True) the CUDA backward's deterministic schedule
+    (KernelParams::round_tiles) gives the same bits in every run, at a size where the default
+    schedule's atomics add 32 key tiles into each dQ row at once, with enough (batch, head) pairs
+    and SMs for several dQ buffers; and it matches the default schedule within the tolerance."""
+    if tiles != "default" and dtype == torch.float32:
+        pytest.skip("the tile settings select between float16/bfloat16 kernels only")
+    use_tiles(monkeypatch, tiles)
+    gen = torch.Generator().manual_seed(11)
+    b, h, n, d = 2, 4, 2048, 128
+    q, k, v, do = (_rand(b, h, n, d, dtype=dtype, device="cuda", gen=gen) for _ in range(4))
+    kw = dict(causal=True, reasoning=(3, 4, True, None))
+    default = _run_ops(q, k, v, do, kw, "cuda")
+    with helpers.deterministic():
+        runs = [_run_ops(q, k, v, do, kw, "cuda") for _ in range(4)]
+    for again in runs[1:]:
+        for name, a, first in zip(("out", "lse", "dq", "dk", "dv"), again, runs[0]):
+            assert torch.equal(a, first), f"{name} differs between two deterministic runs"
+    for name, a, e in zip(("out", "lse", "dq", "dk", "dv"), runs[0], default):
+        _assert_close(name, a, e, dtype, f"deterministic vs default schedule ({tiles} tiles)")
+
+
+@needs_gpu
 def test_cuda_rejects_unsupported_head_dim_and_dtype():
     q = torch.randn(1, 1, 8, 48, device="cuda", dtype=torch.float16)
     with pytest.raises(RuntimeError, match="32, 64, 96, 128"):

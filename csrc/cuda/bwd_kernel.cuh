@@ -18,8 +18,9 @@
 // under causality; in hard mode, tiles entirely inside the region are skipped). dQ gets
 // contributions from every key tile, so blocks add them atomically into an fp32 (B, H, N, D)
 // buffer that the host converts afterwards (or, in the deterministic schedule, each tile of a
-// round into its own buffer, summed by the host in a fixed order: KernelParams::round_tiles). Memory beyond inputs and outputs: that buffer and
-// two (B, H, N) fp32 rows; never an N x M matrix.
+// round into its own buffer, summed by the host in a fixed order: KernelParams::round_tiles).
+// Memory beyond inputs and outputs: that buffer and two (B, H, N) fp32 rows; never an N x M
+// matrix.
 #pragma once
 
 #include "kernel_params.h"

@@ -179,14 +179,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_host(const AttnParams& a
                            : alloc({splits, a.B, a.H, a.N, a.D}, qc.options().dtype(at::kFloat));
     dq_accum.zero_();
     p.dq_accum = dq_accum.data_ptr<float>();
-    p.round_tiles = splits == 0 ? key_tiles : splits;
+    p.round_tiles = splits;  // 0: every key tile in one launch
     p.dq_split_stride = splits == 0 ? 0 : qc.numel();
     launch(tag, head_dim, p);
   });
-  if (splits > 0) {  // the buffers summed in a fixed order
-    at::Tensor sum = dq_accum.select(0, 0).clone();
+  if (splits > 0) {  // the buffers summed in a fixed order, into the first
+    at::Tensor sum = dq_accum.select(0, 0);
     for (int64_t s = 1; s < splits; ++s) sum.add_(dq_accum.select(0, s));
-    dq_accum = sum;
+    dq_accum = q.scalar_type() == at::kFloat ? sum.clone() : sum;  // a float32 dq must not keep the others alive
   }
   // fp32 inputs: the buffer is the result; otherwise one O(N) conversion.
   at::Tensor dq = q.scalar_type() == at::kFloat ? dq_accum : dq_accum.to(q.scalar_type());

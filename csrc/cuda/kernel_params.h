@@ -45,17 +45,19 @@ struct KernelParams {
   // float16/bfloat16 backward: keys per block, 64 or 128 (BwdTcTraits; from SRT_CUDA_BWD_BLOCK_N)
   int bwd_block_n = 64;
 
-  // Backward schedule (set by the host, host_glue.h): the key tiles of every (b, h) in rounds of
-  // round_tiles tiles, one launch per round, in stream order. Block x of a round holds key tile
-  // key_tile_first + x % round_tiles of (b, h) = x / round_tiles and adds its share of dQ into
-  // dq_accum + (x % round_tiles) * dq_split_stride (tile_utils.cuh: bwd_block_tile).
-  // - Default: one round of every key tile, dq_split_stride 0: all of them add into one buffer
-  //   at once (fp32 atomics, so the summation order, and the last bits of dQ, vary between runs).
+  // Backward schedule (host_glue.h sets round_tiles and dq_split_stride, the launcher the rest):
+  // the key tiles of every (b, h) in rounds of round_tiles tiles, one launch per round, in
+  // stream order. Block x of a round holds key tile key_tile_first + x % round_tiles of
+  // (b, h) = x / round_tiles and adds its share of dQ into dq_accum + (x % round_tiles) *
+  // dq_split_stride (tile_utils.cuh: launch_key_tiles, bwd_block_tile).
+  // - Default (round_tiles 0, dq_split_stride 0): one round of every key tile, all adding into
+  //   one buffer at once (fp32 atomics, so the summation order, and the last bits of dQ, vary
+  //   between runs).
   // - Deterministic (torch.use_deterministic_algorithms): round_tiles buffers, dq_split_stride
   //   B * H * N * D apart. No two blocks of a round add into the same element, each element of a
   //   block is added by one thread, rounds run in order, and the host sums the buffers in a
   //   fixed order: the same inputs give the same bits.
-  int64_t round_tiles = 1;
+  int64_t round_tiles = 0;
   int64_t key_tile_first = 0;
   int64_t dq_split_stride = 0;  // elements
 };

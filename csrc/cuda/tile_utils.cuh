@@ -161,13 +161,14 @@ cudaError_t launch_blocks(Kernel kernel, int64_t blocks, int threads, size_t sme
 }
 
 // Enqueues a backward kernel over the `key_tiles` key tiles of every (b, h), in rounds of
-// p.round_tiles tiles (KernelParams), one launch each, in order.
+// p.round_tiles tiles (KernelParams; 0: all of them in one round), one launch each, in order.
 template <typename Kernel>
 cudaError_t launch_key_tiles(Kernel kernel, int64_t key_tiles, int threads, size_t smem, const KernelParams& p,
                              cudaStream_t stream) {
   KernelParams round = p;
-  for (round.key_tile_first = 0; round.key_tile_first < key_tiles; round.key_tile_first += p.round_tiles) {
-    const cudaError_t err = launch_blocks(kernel, p.B * p.H * p.round_tiles, threads, smem, round, stream);
+  if (round.round_tiles <= 0 || round.round_tiles > key_tiles) round.round_tiles = key_tiles;
+  for (round.key_tile_first = 0; round.key_tile_first < key_tiles; round.key_tile_first += round.round_tiles) {
+    const cudaError_t err = launch_blocks(kernel, p.B * p.H * round.round_tiles, threads, smem, round, stream);
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
