@@ -9,8 +9,10 @@ and contender: forward, backward and forward+backward time (ms) and TFLOP/s, and
                       (SRT_CUDA_FWD_BLOCK_M=128): an A/B of the tile size
   (a3) ours-bwd128    as (a), the float16/bfloat16 backward with 128-key tiles
                       (SRT_CUDA_BWD_BLOCK_N=128): the same kind of A/B
-                      (a2) and (a3) run at the target shape and at its (batch, seq) with the
-                      other head dims only
+  (a4) ours-det       as (a), the backward under torch.use_deterministic_algorithms(True): its
+                      deterministic schedule (README "Determinism"), what determinism costs
+                      (a2), (a3) and (a4) run at the target shape and at its (batch, seq) with
+                      the other head dims only
   (b) ours+reasoning  stop_graddable_attn(reasoning=ReasoningPattern(3, 4)), stop-grad mode:
                       causal forward, k/v gradients stopped on the reasoning region (in-kernel)
   (c) ours+kv-mask    stop_graddable_attn with dense (h, n, n) bool k and v stop masks (the same
@@ -74,7 +76,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 import self_reasoning_tokens as srt  # noqa: E402
 from self_reasoning_tokens.reference import reference_attention  # noqa: E402
-from _variants import AB_VARIANTS, R, W, clear_inherited_settings, close_stale_settings  # noqa: E402
+from _variants import (AB_VARIANTS, TILE_VARIANTS, R, W, clear_inherited_settings,  # noqa: E402
+                       close_stale_settings)
 from flex_stopgrad import (build_block_mask, evaluate_mask_mod, flex_stopgrad_attention,  # noqa: E402
                            reasoning_stopped, stopgrad_mask_mod)
 
@@ -87,6 +90,8 @@ CONTENDERS = {  # key: (letter, description)
                           "an A/B of the tile size at the target (batch, seq))"),
     "ours-bwd128": ("a3", "as (a) with the float16/bfloat16 backward's 128-key tiles (SRT_CUDA_BWD_BLOCK_N=128; "
                           "an A/B of the tile size at the target (batch, seq))"),
+    "ours-det": ("a4", "as (a) with the backward's deterministic schedule (torch.use_deterministic_algorithms(True) "
+                       "for the backward; its cost at the target (batch, seq))"),
     "ours+reasoning": ("b", f"stop_graddable_attn, ReasoningPattern({R}, {W}) stop-grad, in-kernel"),
     "ours+kv-mask": ("c", "stop_graddable_attn, dense (h,n,n) bool k/v stop masks (same region)"),
     "sdpa-flash": ("d", "SDPA FLASH_ATTENTION backend, no masks (the ceiling)"),
@@ -94,9 +99,9 @@ CONTENDERS = {  # key: (letter, description)
     "reference": ("f", "naive O(n^2) autograd reference, same pattern"),
 }
 ORDER = list(CONTENDERS)
-# The tile A/B variants (AB_VARIANTS, _variants.py) are measured at the target shape and at its
-# (batch, seq) with each other head dim (so that a default can be chosen per head dim), not at the
-# other shapes or in the search.
+# The A/B variants (AB_VARIANTS, _variants.py) are measured at the target shape and at its
+# (batch, seq) with each other head dim (so that a tile default can be chosen per head dim), not at
+# the other shapes or in the search.
 
 
 class Skip(Exception):
@@ -364,10 +369,10 @@ class Bench:
         if name == "ours":
             return (lambda: srt.stop_graddable_attn(q, k, v, causal=True)), info, False
         if name in AB_VARIANTS:
-            if self.dtype == torch.float32 and self.dev.cuda:
+            if name in TILE_VARIANTS and self.dtype == torch.float32 and self.dev.cuda:
                 raise Skip("float32 has one kernel each way (the tile variants are float16/bfloat16)")
             if not self.dev.cuda:
-                info["note"] = "CPU: the same kernel as (a)"
+                info["note"] = "CPU: the same kernel and schedule as (a)"
             return AB_VARIANTS[name](q, k, v), info, False
         if name == "ours+reasoning":
             return (lambda: srt.stop_graddable_attn(q, k, v, causal=True, reasoning=self.pattern)), info, False
@@ -586,8 +591,8 @@ class Bench:
         h = max(1, self.args.hidden // d)
         q, k, v, do = self.inputs(b, h, n, d)
         results, problems = {}, {}
-        for name in ("ours", "ours-fwd128", "ours-bwd128", "sdpa-flash", "ours+reasoning", "ours+kv-mask",
-                     "flex-stopgrad"):
+        for name in ("ours", "ours-fwd128", "ours-bwd128", "ours-det", "sdpa-flash", "ours+reasoning",
+                     "ours+kv-mask", "flex-stopgrad"):
             if name not in contenders:
                 continue
             try:
@@ -622,6 +627,7 @@ class Bench:
         pairs = {"ours vs sdpa-flash": ("ours", "sdpa-flash"),
                  "ours-fwd128 vs ours": ("ours-fwd128", "ours"),
                  "ours-bwd128 vs ours": ("ours-bwd128", "ours"),
+                 "ours-det vs ours": ("ours-det", "ours"),
                  "ours+kv-mask vs ours+reasoning": ("ours+kv-mask", "ours+reasoning"),
                  "flex-stopgrad vs ours+reasoning": ("flex-stopgrad", "ours+reasoning"),
                  "ours+reasoning vs ours (dk, dv must differ)": ("ours+reasoning", "ours")}
@@ -988,14 +994,15 @@ def _spread(times):
 
 
 def tile_ab_lines(results):
-    """The tile-size A/B in a few lines per shape: each 128 variant's time over (a)'s, for the
-    pass it changes (fwd for ours-fwd128, bwd for ours-bwd128) and for fwd+bwd, with each side's
-    spread (IQR / median), and "faster" or "slower" only where the ratio is further from 1 than
-    the two spreads together; what the defaults in csrc/cuda/host_glue.h are chosen from."""
+    """The A/B variants in a few lines per shape: each variant's time over (a)'s, for the pass it
+    changes (fwd for ours-fwd128, bwd for ours-bwd128 and ours-det) and for fwd+bwd, with each
+    side's spread (IQR / median), and "faster" or "slower" only where the ratio is further from 1
+    than the two spreads together; what the tile defaults in csrc/cuda/host_glue.h are chosen
+    from, and what the deterministic schedule costs."""
     rows = {(r["contender"], r["batch"], r["seq"], r["head_dim"]): r for r in results
             if "skipped" not in r and "error" not in r}
     out = []
-    for name, phase in (("ours-fwd128", "fwd"), ("ours-bwd128", "bwd")):
+    for name, phase in (("ours-fwd128", "fwd"), ("ours-bwd128", "bwd"), ("ours-det", "bwd")):
         for (who, b, n, d), r in sorted(rows.items(), key=lambda kv: (-kv[0][3], kv[0][1])):
             base = rows.get(("ours", b, n, d))
             if who != name or base is None:
@@ -1014,7 +1021,7 @@ def tile_ab_lines(results):
             if parts:
                 out.append(f"  A/B {name} vs ours, d={d} b={b} n={n}: " + "; ".join(parts))
     if out:
-        out = ["", "tile A/B (time of the 128 variant over (a)'s; < 1: the variant is faster):"] + out
+        out = ["", "A/B (time of the variant over (a)'s; < 1: the variant is faster):"] + out
     return out
 
 
@@ -1039,7 +1046,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--target-repeats", type=int, default=10, help="repeats at the target shape")
     ap.add_argument("--reference-repeats", type=int, default=3, help="repeats for (f) (warmup 1)")
-    ap.add_argument("--contenders", nargs="+", default=None, help="subset (names or letters a-f, a2, a3)")
+    ap.add_argument("--contenders", nargs="+", default=None, help="subset (names or letters a-f, a2-a4)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="stop cleanly (partial JSON, skips recorded) after about this many seconds")
     ap.add_argument("--reserve-s", type=float, default=3.0, help="seconds kept back at the end of the budget")

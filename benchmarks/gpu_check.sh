@@ -346,7 +346,7 @@ echo
 echo "================ summary ($(( $(date +%s) - T0 )) s) ================"
 cat "$SUMMARY"
 # The lines that matter most, again at the very end (a reply that keeps only the output's tail
-# still has them): device, stages, test counts, issue 6's targets, the tile A/B.
+# still has them): device, stages, test counts, issue 6's targets, the A/B lines (tiles, determinism).
 echo "================ headline ================"
 grep -E '^(device|torch|== |all tests|GPU tests|tests: no junit|(FAILED|ERROR) |sanitize |  (PASS|FAIL|n/a) |  A/B )' "$SUMMARY"
 if (( ${#failed[@]} )); then

@@ -14,8 +14,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import bench_gpu  # noqa: E402
 from self_reasoning_tokens.reasoning import reasoning_region  # noqa: E402
 
-LETTERS = {"ours": "a", "ours-fwd128": "a2", "ours-bwd128": "a3", "ours+reasoning": "b", "ours+kv-mask": "c",
-           "sdpa-flash": "d", "flex-stopgrad": "e", "reference": "f"}
+LETTERS = {"ours": "a", "ours-fwd128": "a2", "ours-bwd128": "a3", "ours-det": "a4", "ours+reasoning": "b",
+           "ours+kv-mask": "c", "sdpa-flash": "d", "flex-stopgrad": "e", "reference": "f"}
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_dry_run_cross_check_longest_and_targets(dry_run):
     cc = data["cross_check"]
     assert cc["ours vs sdpa-flash"]["ok"] and cc["ours+kv-mask vs ours+reasoning"]["ok"]
     # on the CPU the same kernels: the variants' plumbing
-    assert cc["ours-fwd128 vs ours"]["ok"] and cc["ours-bwd128 vs ours"]["ok"]
+    assert cc["ours-fwd128 vs ours"]["ok"] and cc["ours-bwd128 vs ours"]["ok"] and cc["ours-det vs ours"]["ok"]
     assert cc["flex-stopgrad vs ours+reasoning"]["ok"]  # forward only on the CPU
     assert cc["ours+reasoning vs ours (dk, dv must differ)"]["ok"]
     assert set(data["longest_seq"]) == set(LETTERS) - set(bench_gpu.AB_VARIANTS)  # no search for the A/B variants
@@ -258,6 +258,45 @@ def test_bwd128_contender_sets_the_tile_for_its_backward_only(monkeypatch):
     monkeypatch.setattr(_variants.srt, "stop_graddable_attn", lambda *a, **kw: plain(*a, **kw) * 1)
     with pytest.raises(RuntimeError, match="not the attention's backward node"):
         ours_bwd128(q, k, v)()
+
+
+def test_deterministic_contender_sets_the_mode_for_its_backward_only():
+    """(a4) measures the backward under torch.use_deterministic_algorithms(True): the mode must be
+    on when the attention's backward op is dispatched, off for its forward and after, and a
+    backward that raises leaves it on only until the benchmark's free()."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from _variants import ours_deterministic
+
+    class Spy(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ns, _, name = func._schema.name.partition("::")
+            if ns == "self_reasoning_tokens":
+                self.seen.setdefault(name, []).append(torch.are_deterministic_algorithms_enabled())
+            return func(*args, **(kwargs or {}))
+
+    assert not torch.are_deterministic_algorithms_enabled()
+    q, k, v = (torch.randn(1, 2, 16, 32, requires_grad=True) for _ in range(3))
+    do = torch.randn(1, 2, 16, 32)
+    with Spy() as spy:
+        out = ours_deterministic(q, k, v)()
+        grads = torch.autograd.grad(out, (q, k, v), do)
+    assert spy.seen == {"attn_fwd": [False], "attn_bwd": [True]}, spy.seen
+    assert not torch.are_deterministic_algorithms_enabled()
+    ref = torch.autograd.grad(bench_gpu.srt.stop_graddable_attn(q, k, v, causal=True), (q, k, v), do)
+    for g, r in zip(grads, ref):  # the CPU backward is deterministic anyway: the same bits
+        assert torch.equal(g, r)
+    out = ours_deterministic(q, k, v)()
+    out.grad_fn.register_prehook(lambda grads: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        torch.autograd.grad(out, (q, k, v), do)
+    assert torch.are_deterministic_algorithms_enabled()
+    bench_gpu.Device(torch.device("cpu")).free()
+    assert not torch.are_deterministic_algorithms_enabled()
 
 
 def test_inherited_tile_settings_are_cleared_and_recorded(monkeypatch, dry_run):

@@ -211,6 +211,18 @@ def test_emulated_deterministic_backward_schedule(emu, helpers, dtype, tiles, mo
         emu.set_sm_count(3)
 
 
+def test_deterministic_dq_split_count(emu):
+    # host_glue.h's deterministic_dq_splits(batch*heads, key tiles, SMs, bytes per buffer): about
+    # one block per SM per round, at most one buffer per key tile, at most 8 buffers, at most
+    # 2 GiB of them together, never fewer than one
+    MiB = 1 << 20
+    cases = [((16, 128, 132, 64 * MiB), 8), ((32, 128, 132, 64 * MiB), 4), ((1, 3, 132, MiB), 3),
+             ((256, 16, 132, MiB), 1), ((1, 128, 132, 512 * MiB), 4), ((1, 128, 132, 4096 * MiB), 1),
+             ((2, 128, 3, MiB), 1), ((1, 1, 1, 1), 1)]
+    for args, splits in cases:
+        assert emu.deterministic_dq_splits(*args) == splits, args
+
+
 @pytest.mark.parametrize("variant", TILE_VARIANTS)
 @pytest.mark.parametrize("head_dim", gpu_cases.HEAD_DIMS)
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=lambda d: str(d).replace("torch.", ""))

@@ -126,12 +126,16 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_host(const AttnParams& a, const at::
 // The deterministic backward schedule's number of dQ buffers, which is its round_tiles
 // (KernelParams): enough (b, h, key tile) blocks per round to give each of the device's
 // `sm_count` multiprocessors one (the tensor-core backward runs one block per SM), at most one
-// per key tile, and at most kMaxDqSplits fp32 (B, H, N, D) buffers.
+// per key tile, at most kMaxDqSplits buffers, and no more than fit in kDqSplitsBytes together
+// (`buffer_bytes` each; always at least one).
 constexpr int64_t kMaxDqSplits = 8;
-inline int64_t deterministic_dq_splits(int64_t batch_heads, int64_t key_tiles, int64_t sm_count) {
+constexpr int64_t kDqSplitsBytes = int64_t(2) << 30;  // 2 GiB
+inline int64_t deterministic_dq_splits(int64_t batch_heads, int64_t key_tiles, int64_t sm_count,
+                                       int64_t buffer_bytes) {
   int64_t splits = sm_count / batch_heads;
   if (splits > kMaxDqSplits) splits = kMaxDqSplits;
   if (splits > key_tiles) splits = key_tiles;
+  if (buffer_bytes > 0 && splits > kDqSplitsBytes / buffer_bytes) splits = kDqSplitsBytes / buffer_bytes;
   return splits < 1 ? 1 : splits;
 }
 
@@ -174,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_host(const AttnParams& a
   dispatch_dtype_head_dim(q.scalar_type(), a.D, [&](auto tag, auto head_dim) {
     using K = KernelsFor<typename decltype(tag)::type, decltype(head_dim)::value>;
     const int64_t keys = K::bwd_block_keys(p.bwd_block_n), key_tiles = (a.M + keys - 1) / keys;
-    splits = deterministic ? deterministic_dq_splits(a.B * a.H, key_tiles, sm_count) : 0;
+    splits = deterministic ? deterministic_dq_splits(a.B * a.H, key_tiles, sm_count, qc.numel() * 4) : 0;
     dq_accum = splits == 0 ? alloc(qc.sizes(), qc.options().dtype(at::kFloat))
                            : alloc({splits, a.B, a.H, a.N, a.D}, qc.options().dtype(at::kFloat));
     dq_accum.zero_();

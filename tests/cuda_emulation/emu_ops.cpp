@@ -98,6 +98,10 @@ EMU_TORCH_LIBRARY(EMU_OPS_NAMESPACE, m) {
     emulated_sm_count = n;
   });
   m.def("sm_count", []() -> int64_t { return emulated_sm_count; });
+  // host_glue.h's choice of the deterministic schedule's dQ buffer count
+  m.def("deterministic_dq_splits", [](int64_t batch_heads, int64_t key_tiles, int64_t sm_count, int64_t buffer_bytes) {
+    return deterministic_dq_splits(batch_heads, key_tiles, sm_count, buffer_bytes);
+  });
   // whether this build reports shared-memory hazards (emu_racecheck.cpp)
   m.def("racecheck_instrumented", []() -> bool { return emu::race::instrumented(); });
   // racecheck build: report atomicAdds to the same bytes whose order is not fixed (set_ordered_atomics)
