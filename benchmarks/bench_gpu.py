@@ -176,7 +176,7 @@ class Device:
         """Return cached blocks to the device; collect=True also breaks reference cycles (after
         an exception, whose traceback holds the frames' tensors). gc.collect() takes ~0.1 s with
         torch loaded, so it is not done by default: tensors are freed by reference counting."""
-        close_stale_settings()  # a failed (a3) backward leaves its tile setting: not for the next contender
+        close_stale_settings()  # a failed (a3)/(a4) backward leaves its setting: not for the next contender
         if collect:
             gc.collect()
         if self.cuda:

@@ -165,10 +165,10 @@ def test_fully_masked_rows(cfg, helpers, with_stop_masks):
 def test_backward_is_deterministic_under_use_deterministic_algorithms(cfg, helpers):
     """Under torch.use_deterministic_algorithms(True) the same inputs give the same gradients, bit
     for bit, and they still match the reference. The CPU backward always sums in a fixed order; the
-    CUDA backward then takes its deterministic schedule (KernelParams::dq_splits: rounds of key
+    CUDA backward then takes its deterministic schedule (KernelParams::round_tiles: rounds of key
     tiles, each adding into its own dQ buffer, summed in a fixed order) instead of fp32 atomics from
-    every key tile at once, whose order, and so the last bits of dQ, vary between runs. Six key
-    tiles of 64 (twelve of 32 for float32) add into every dQ row here."""
+    every key tile at once, whose order, and so the last bits of dQ, vary between runs. Up to six
+    key tiles of 64 (twelve of 32 for float32) add into a dQ row here (causal: the last rows)."""
     b, h, n = 1, 2, 384
     q, k, v = cfg.qkv(b, h, n, n, requires_grad=False)
     grad_out = cfg.randn(b, h, n, q.shape[-1])

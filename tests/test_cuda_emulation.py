@@ -190,23 +190,35 @@ def test_emulated_cuda_kernels_match_cpu_op(emu, cp_async_mode, dtype, head_dim,
 TILE_VARIANTS = {"fwd128": "128-row forward tiles", "bwd128": "128-key backward tiles"}  # labels of TILE_SETTINGS keys
 
 
-# The backward's deterministic schedule (torch.use_deterministic_algorithms; KernelParams::dq_splits
+# The backward's deterministic schedule (torch.use_deterministic_algorithms; KernelParams::round_tiles
 # in csrc/cuda/kernel_params.h): the key tiles in rounds, each tile of a round adding into its own
 # dQ buffer, the buffers summed in a fixed order. Sized for 3 emulated multiprocessors, the GPU
-# test's cases take 1 to 3 buffers and up to 8 rounds, the last one often partial; for 1000, one
-# buffer per key tile up to kMaxDqSplits. (That no two blocks of a round add into the same dQ
-# element is tests/test_cuda_racecheck.py's test_deterministic_schedule_fixes_the_dq_additions_order.)
+# test's cases take 1 to 3 buffers and up to 7 rounds, the last one often partial (blocks past
+# the last key tile return at once); for 1000, one buffer per key tile up to kMaxDqSplits. A
+# ragged 513-key case adds a partial last round for the 128-key tiles too. (That no two blocks of
+# a round add into the same dQ element is tests/test_cuda_racecheck.py's
+# test_deterministic_schedule_fixes_the_dq_additions_order.)
 DETERMINISTIC_VARIANTS = [(torch.float32, "default"), (torch.bfloat16, "default"), (torch.float16, "bwd128")]
 
 
 @pytest.mark.parametrize("dtype,tiles", DETERMINISTIC_VARIANTS, ids=lambda v: str(v).replace("torch.", ""))
 def test_emulated_deterministic_backward_schedule(emu, helpers, dtype, tiles, monkeypatch):
     gpu_cases.use_tiles(monkeypatch, tiles)
+    gen = torch.Generator().manual_seed(5)
+    q, do = (gpu_cases._rand(1, 1, 130, 64, dtype=dtype, device="cpu", gen=gen) for _ in range(2))
+    k, v = (gpu_cases._rand(1, 1, 513, 64, dtype=dtype, device="cpu", gen=gen) for _ in range(2))
+    kw = dict(causal=True)
     try:
         with helpers.deterministic():
             for sm_count in (3, 1000):
                 emu.set_sm_count(sm_count)
-                _check_cases_against_cpu(emu, dtype, 64, f"{tiles} tiles, deterministic schedule, {sm_count} SMs")
+                what = f"{tiles} tiles, deterministic schedule, {sm_count} SMs"
+                _check_cases_against_cpu(emu, dtype, 64, what)
+                out, lse, dq, dk, dv = _run_emu(emu, q, k, v, do, kw)
+                ref = gpu_cases._run_ops(*(t.double() for t in (q, k, v, do)), kw, "cpu",
+                                         out_lse=(out.double(), lse.double()))
+                for name, got, exp in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, dq, dk, dv), ref):
+                    gpu_cases._assert_close(name, got, exp, dtype, f"{what}: 130 x 513 keys")
     finally:
         emu.set_sm_count(3)
 
@@ -218,7 +230,7 @@ def test_deterministic_dq_split_count(emu):
     MiB = 1 << 20
     cases = [((16, 128, 132, 64 * MiB), 8), ((32, 128, 132, 64 * MiB), 4), ((1, 3, 132, MiB), 3),
              ((256, 16, 132, MiB), 1), ((1, 128, 132, 512 * MiB), 4), ((1, 128, 132, 4096 * MiB), 1),
-             ((2, 128, 3, MiB), 1), ((1, 1, 1, 1), 1)]
+             ((2, 128, 3, MiB), 1), ((1, 1, 1, 1), 1), ((0, 4, 132, MiB), 1)]
     for args, splits in cases:
         assert emu.deterministic_dq_splits(*args) == splits, args
 

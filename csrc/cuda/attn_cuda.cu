@@ -103,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_cuda(
   check_cuda_inputs("attn_bwd", q, a.D);
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  // torch.use_deterministic_algorithms(True): the deterministic schedule (KernelParams::dq_splits)
+  // torch.use_deterministic_algorithms(True): the deterministic schedule (KernelParams::round_tiles)
   const bool deterministic = at::globalContext().deterministicAlgorithms();
   int sm_count = 1;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, q.get_device()));

@@ -124,15 +124,17 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_host(const AttnParams& a, const at::
 }
 
 // The deterministic backward schedule's number of dQ buffers, which is its round_tiles
-// (KernelParams): enough (b, h, key tile) blocks per round to give each of the device's
-// `sm_count` multiprocessors one (the tensor-core backward runs one block per SM), at most one
-// per key tile, at most kMaxDqSplits buffers, and no more than fit in kDqSplitsBytes together
-// (`buffer_bytes` each; always at least one).
+// (KernelParams): about one (b, h, key tile) block per multiprocessor of the device's
+// `sm_count` per round (the tensor-core backward runs one block per SM), but at most one per key
+// tile, at most kMaxDqSplits buffers, and no more than fit in kDqSplitsBytes together
+// (`buffer_bytes` each); always at least one. With few (batch, head) pairs a round therefore
+// fills only kMaxDqSplits * B * H SMs. The buffer count, and so dQ's rounding, depends on the
+// SM count and B * H: the same bits for the same inputs on the same kind of device.
 constexpr int64_t kMaxDqSplits = 8;
 constexpr int64_t kDqSplitsBytes = int64_t(2) << 30;  // 2 GiB
 inline int64_t deterministic_dq_splits(int64_t batch_heads, int64_t key_tiles, int64_t sm_count,
                                        int64_t buffer_bytes) {
-  int64_t splits = sm_count / batch_heads;
+  int64_t splits = batch_heads < 1 ? 1 : sm_count / batch_heads;
   if (splits > kMaxDqSplits) splits = kMaxDqSplits;
   if (splits > key_tiles) splits = key_tiles;
   if (buffer_bytes > 0 && splits > kDqSplitsBytes / buffer_bytes) splits = kDqSplitsBytes / buffer_bytes;
@@ -190,7 +192,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_host(const AttnParams& a
   if (splits > 0) {  // the buffers summed in a fixed order, into the first
     at::Tensor sum = dq_accum.select(0, 0);
     for (int64_t s = 1; s < splits; ++s) sum.add_(dq_accum.select(0, s));
-    dq_accum = q.scalar_type() == at::kFloat ? sum.clone() : sum;  // a float32 dq must not keep the others alive
+    // a float32 dq must not keep the other buffers alive (peak: splits + 1 buffers)
+    dq_accum = q.scalar_type() == at::kFloat && splits > 1 ? sum.clone() : sum;
   }
   // fp32 inputs: the buffer is the result; otherwise one O(N) conversion.
   at::Tensor dq = q.scalar_type() == at::kFloat ? dq_accum : dq_accum.to(q.scalar_type());

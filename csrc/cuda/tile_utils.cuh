@@ -146,12 +146,13 @@ __device__ __forceinline__ const bool* bool_mask_row(const MaskView& m, int64_t 
 
 // Enqueues `kernel` on `blocks` thread blocks of `threads` threads (nothing when blocks == 0),
 // first raising its dynamic shared-memory limit when it needs more than the default 48 KB (the
-// host has checked `smem` against the device's opt-in limit). Returns the first CUDA error.
+// host has checked `smem` against the device's opt-in limit; `raise_limit` false: an earlier
+// launch of the same kernel did). Returns the first CUDA error.
 template <typename Kernel>
 cudaError_t launch_blocks(Kernel kernel, int64_t blocks, int threads, size_t smem, const KernelParams& p,
-                          cudaStream_t stream) {
+                          cudaStream_t stream, bool raise_limit = true) {
   if (blocks == 0) return cudaSuccess;
-  if (smem > 48 * 1024) {
+  if (raise_limit && smem > 48 * 1024) {
     const cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return err;
@@ -168,7 +169,8 @@ cudaError_t launch_key_tiles(Kernel kernel, int64_t key_tiles, int threads, size
   KernelParams round = p;
   if (round.round_tiles <= 0 || round.round_tiles > key_tiles) round.round_tiles = key_tiles;
   for (round.key_tile_first = 0; round.key_tile_first < key_tiles; round.key_tile_first += round.round_tiles) {
-    const cudaError_t err = launch_blocks(kernel, p.B * p.H * round.round_tiles, threads, smem, round, stream);
+    const cudaError_t err = launch_blocks(kernel, p.B * p.H * round.round_tiles, threads, smem, round, stream,
+                                          /*raise_limit=*/round.key_tile_first == 0);
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
