@@ -24,7 +24,6 @@ are what CI runs). The junit XML marks each with the property ``gpu``.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import random
@@ -153,15 +152,15 @@ def run_with_grads(fn, q, k, v, grad_out, **kwargs):
     return out.detach(), dq, dk, dv
 
 
-@contextlib.contextmanager
 def deterministic_algorithms():
-    """torch.use_deterministic_algorithms(True) inside the block; the previous setting after it."""
-    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+    """torch.use_deterministic_algorithms(True) inside a with-block, the previous setting after it:
+    benchmarks/_variants.py's context manager (one copy; the GPU benchmark's (a4) uses it)."""
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    import _variants
+
+    return _variants.deterministic_algorithms()
 
 
 def reference64(q, k, v, grad_out, **kwargs):

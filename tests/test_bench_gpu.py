@@ -213,14 +213,13 @@ def test_tile_setting_restores_the_environment(var, monkeypatch):
     assert os.environ[var] == "64"
 
 
-def test_bwd128_contender_sets_the_tile_for_its_backward_only(monkeypatch):
-    """(a3)'s backward runs when autograd calls it, after the contender's function returned: the
-    setting must be in force when the attention's backward op is dispatched, and gone before and
-    after (watched at the dispatcher, where the op reads it)."""
+def _check_setting_for_backward_only(contender, observe, off, on):
+    """The A/B contender's setting, as observe() reads it, must be `on` when the attention's
+    backward op is dispatched (autograd calls it after the contender's function returned) and
+    `off` for its forward and after (watched at the dispatcher, where the op reads it); the CPU op
+    has one kernel and schedule, so the gradients are the plain op's bit for bit; and a backward
+    that raises never reaches the closing hook: the setting stays until the benchmark's free()."""
     from torch.utils._python_dispatch import TorchDispatchMode
-
-    import _variants
-    from _variants import BWD_BLOCK_N, ours_bwd128
 
     class Spy(TorchDispatchMode):
         def __init__(self):
@@ -230,29 +229,36 @@ def test_bwd128_contender_sets_the_tile_for_its_backward_only(monkeypatch):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             ns, _, name = func._schema.name.partition("::")
             if ns == "self_reasoning_tokens":
-                self.seen.setdefault(name, []).append(os.environ.get(BWD_BLOCK_N))
+                self.seen.setdefault(name, []).append(observe())
             return func(*args, **(kwargs or {}))
 
-    monkeypatch.delenv(BWD_BLOCK_N, raising=False)
     q, k, v = (torch.randn(1, 2, 16, 32, requires_grad=True) for _ in range(3))
     do = torch.randn(1, 2, 16, 32)
     with Spy() as spy:
-        out = ours_bwd128(q, k, v)()
-        assert BWD_BLOCK_N not in os.environ
+        out = contender(q, k, v)()
+        assert observe() == off
         grads = torch.autograd.grad(out, (q, k, v), do)
-    assert spy.seen == {"attn_fwd": [None], "attn_bwd": ["128"]}, spy.seen
-    assert BWD_BLOCK_N not in os.environ
+    assert spy.seen == {"attn_fwd": [off], "attn_bwd": [on]}, spy.seen
+    assert observe() == off
     ref = torch.autograd.grad(bench_gpu.srt.stop_graddable_attn(q, k, v, causal=True), (q, k, v), do)
-    for g, r in zip(grads, ref):  # the CPU op has one kernel: the same gradients
-        torch.testing.assert_close(g, r)
-    # a backward that raises never reaches the closing hook: the benchmark's free() clears it
-    out = ours_bwd128(q, k, v)()
+    for g, r in zip(grads, ref):
+        assert torch.equal(g, r)
+    out = contender(q, k, v)()
     out.grad_fn.register_prehook(lambda grads: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         torch.autograd.grad(out, (q, k, v), do)
-    assert os.environ[BWD_BLOCK_N] == "128"
+    assert observe() == on
     bench_gpu.Device(torch.device("cpu")).free()
-    assert BWD_BLOCK_N not in os.environ
+    assert observe() == off
+    return q, k, v
+
+
+def test_bwd128_contender_sets_the_tile_for_its_backward_only(monkeypatch):
+    import _variants
+    from _variants import BWD_BLOCK_N, ours_bwd128
+
+    monkeypatch.delenv(BWD_BLOCK_N, raising=False)
+    q, k, v = _check_setting_for_backward_only(ours_bwd128, lambda: os.environ.get(BWD_BLOCK_N), None, "128")
     # hooks on a node after the attention's (here a multiplication) would close too early: refused
     plain = _variants.srt.stop_graddable_attn
     monkeypatch.setattr(_variants.srt, "stop_graddable_attn", lambda *a, **kw: plain(*a, **kw) * 1)
@@ -261,42 +267,11 @@ def test_bwd128_contender_sets_the_tile_for_its_backward_only(monkeypatch):
 
 
 def test_deterministic_contender_sets_the_mode_for_its_backward_only():
-    """(a4) measures the backward under torch.use_deterministic_algorithms(True): the mode must be
-    on when the attention's backward op is dispatched, off for its forward and after, and a
-    backward that raises leaves it on only until the benchmark's free()."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
+    # (a4) measures the backward under torch.use_deterministic_algorithms(True), and only it
     from _variants import ours_deterministic
 
-    class Spy(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = {}
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            ns, _, name = func._schema.name.partition("::")
-            if ns == "self_reasoning_tokens":
-                self.seen.setdefault(name, []).append(torch.are_deterministic_algorithms_enabled())
-            return func(*args, **(kwargs or {}))
-
     assert not torch.are_deterministic_algorithms_enabled()
-    q, k, v = (torch.randn(1, 2, 16, 32, requires_grad=True) for _ in range(3))
-    do = torch.randn(1, 2, 16, 32)
-    with Spy() as spy:
-        out = ours_deterministic(q, k, v)()
-        grads = torch.autograd.grad(out, (q, k, v), do)
-    assert spy.seen == {"attn_fwd": [False], "attn_bwd": [True]}, spy.seen
-    assert not torch.are_deterministic_algorithms_enabled()
-    ref = torch.autograd.grad(bench_gpu.srt.stop_graddable_attn(q, k, v, causal=True), (q, k, v), do)
-    for g, r in zip(grads, ref):  # the CPU backward is deterministic anyway: the same bits
-        assert torch.equal(g, r)
-    out = ours_deterministic(q, k, v)()
-    out.grad_fn.register_prehook(lambda grads: 1 / 0)
-    with pytest.raises(ZeroDivisionError):
-        torch.autograd.grad(out, (q, k, v), do)
-    assert torch.are_deterministic_algorithms_enabled()
-    bench_gpu.Device(torch.device("cpu")).free()
-    assert not torch.are_deterministic_algorithms_enabled()
+    _check_setting_for_backward_only(ours_deterministic, torch.are_deterministic_algorithms_enabled, False, True)
 
 
 def test_inherited_tile_settings_are_cleared_and_recorded(monkeypatch, dry_run):
