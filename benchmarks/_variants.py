@@ -61,8 +61,8 @@ _open_settings = []  # settings entered by (a3)'s or (a4)'s backward hooks and n
 
 def close_stale_settings():
     """Leave the settings of (a3) or (a4) backward calls that raised (their closing hook never ran),
-    so that the contenders measured after it run with the default tiles and schedule. The benchmark calls it after every
-    contender."""
+    so that the contenders measured after it run with the default tiles and schedule. The benchmark
+    calls it after every contender."""
     while _open_settings:
         _open_settings.pop().__exit__(None, None, None)
 

@@ -950,7 +950,7 @@ def format_tables(data, shapes_order):
     elif cc.get("skipped"):
         lines += ["", f"cross-check: skipped ({cc['skipped']})"]
 
-    lines += tile_ab_lines(data["results"])
+    lines += ab_lines(data["results"])
 
     if data["longest_seq"]:
         a = meta["args"]
@@ -993,7 +993,7 @@ def _spread(times):
     return (q3 - q1) / statistics.median(times)
 
 
-def tile_ab_lines(results):
+def ab_lines(results):
     """The A/B variants in a few lines per shape: each variant's time over (a)'s, for the pass it
     changes (fwd for ours-fwd128, bwd for ours-bwd128 and ours-det) and for fwd+bwd, with each
     side's spread (IQR / median), and "faster" or "slower" only where the ratio is further from 1

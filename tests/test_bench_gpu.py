@@ -284,7 +284,7 @@ def test_inherited_tile_settings_are_cleared_and_recorded(monkeypatch, dry_run):
     assert dry_run[1]["meta"]["args"]["inherited_tile_settings"] == {}
 
 
-def test_tile_ab_lines_call_faster_only_beyond_the_spread():
+def test_ab_lines_call_faster_only_beyond_the_spread():
     def row(who, d, fwd, bwd, fb, jitter):
         times = lambda m: [m * (1 + jitter * k) for k in (-1, -0.5, 0, 0.5, 1)]  # noqa: E731
         return {"contender": who, "batch": 2, "seq": 8192, "head_dim": d,
@@ -294,7 +294,7 @@ def test_tile_ab_lines_call_faster_only_beyond_the_spread():
     results = [row("ours", 128, 1.0, 3.0, 4.0, 0.01), row("ours-fwd128", 128, 0.8, 3.0, 3.8, 0.01),
                row("ours-bwd128", 128, 1.0, 3.03, 4.03, 0.01),
                row("ours-bwd128", 64, 1.0, 2.0, 3.0, 0.01)]  # no (a) at d=64: no line
-    lines = bench_gpu.tile_ab_lines(results)
+    lines = bench_gpu.ab_lines(results)
     ab = [x for x in lines if x.startswith("  A/B ")]
     assert len(ab) == 2, lines
     fwd, bwd = ab
@@ -303,7 +303,7 @@ def test_tile_ab_lines_call_faster_only_beyond_the_spread():
     assert "fwd+bwd 0.950x" in fwd and "faster" in fwd.split("fwd+bwd")[1]
     # 1% slower with 1.5% spreads on each side: within the noise, not "slower"
     assert "bwd 1.010x" in bwd and "within noise" in bwd and "slower" not in bwd
-    assert bench_gpu.tile_ab_lines([row("ours", 128, 1.0, 3.0, 4.0, 0.01)]) == []
+    assert bench_gpu.ab_lines([row("ours", 128, 1.0, 3.0, 4.0, 0.01)]) == []
 
 
 def test_allocation_failures_count_as_out_of_memory(monkeypatch):

@@ -147,23 +147,26 @@ def _run_emu(emu, q, k, v, do, kw):
     return out, lse, dq, dk, dv
 
 
+def _check_case_against_cpu(emu, q, k, v, do, kw, what):
+    """The emulated kernels on one case against the CPU op in float64."""
+    out, lse, dq, dk, dv = _run_emu(emu, q, k, v, do, kw)
+    c64 = [t.double() for t in (q, k, v, do)]
+    # the backward is compared given the emulated forward's (out, lse), as autograd would pass
+    ref = gpu_cases._run_ops(*c64, kw, "cpu", out_lse=(out.double(), lse.double()))
+    for tname, got, exp in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, dq, dk, dv), ref):
+        gpu_cases._assert_close(tname, got, exp, q.dtype, what)
+    empty = torch.isinf(lse)
+    if empty.any():
+        assert (out[empty] == 0).all() and (dq[empty] == 0).all(), f"{what}: empty rows not zero"
+
+
 def _check_cases_against_cpu(emu, dtype, head_dim, label):
     gen = torch.Generator().manual_seed(1234 + head_dim)
     emu.reset_op_counts()
     for name, (b, h, n, m), build in gpu_cases._cases(gen):
-        kw = build(b, h, n, m)
-        what = f"{dtype} d={head_dim} {label}: {name}"
         q, k, v, do = (gpu_cases._rand(b, h, rows, head_dim, dtype=dtype, device="cpu", gen=gen)
                        for rows in (n, m, m, n))
-        out, lse, dq, dk, dv = _run_emu(emu, q, k, v, do, kw)
-        c64 = [t.double() for t in (q, k, v, do)]
-        # the backward is compared given the emulated forward's (out, lse), as autograd would pass
-        ref = gpu_cases._run_ops(*c64, kw, "cpu", out_lse=(out.double(), lse.double()))
-        for tname, got, exp in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, dq, dk, dv), ref):
-            gpu_cases._assert_close(tname, got, exp, dtype, what)
-        empty = torch.isinf(lse)
-        if empty.any():
-            assert (out[empty] == 0).all() and (dq[empty] == 0).all(), f"{what}: empty rows not zero"
+        _check_case_against_cpu(emu, q, k, v, do, build(b, h, n, m), f"{dtype} d={head_dim} {label}: {name}")
     # the kernels the launchers picked really ran: tensor cores (mma, ldmatrix, cp.async) for
     # float16 / bfloat16 once csrc/cuda has them, never for float32
     counts = emu.op_counts()
@@ -214,11 +217,7 @@ def test_emulated_deterministic_backward_schedule(emu, helpers, dtype, tiles, mo
                 emu.set_sm_count(sm_count)
                 what = f"{tiles} tiles, deterministic schedule, {sm_count} SMs"
                 _check_cases_against_cpu(emu, dtype, 64, what)
-                out, lse, dq, dk, dv = _run_emu(emu, q, k, v, do, kw)
-                ref = gpu_cases._run_ops(*(t.double() for t in (q, k, v, do)), kw, "cpu",
-                                         out_lse=(out.double(), lse.double()))
-                for name, got, exp in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, dq, dk, dv), ref):
-                    gpu_cases._assert_close(name, got, exp, dtype, f"{what}: 130 x 513 keys")
+                _check_case_against_cpu(emu, q, k, v, do, kw, f"{what}: 130 x 513 keys")
     finally:
         emu.set_sm_count(3)
 

@@ -97,7 +97,6 @@ EMU_TORCH_LIBRARY(EMU_OPS_NAMESPACE, m) {
     TORCH_CHECK(n >= 1, "sm_count must be at least 1");
     emulated_sm_count = n;
   });
-  m.def("sm_count", []() -> int64_t { return emulated_sm_count; });
   // host_glue.h's choice of the deterministic schedule's dQ buffer count
   m.def("deterministic_dq_splits", [](int64_t batch_heads, int64_t key_tiles, int64_t sm_count, int64_t buffer_bytes) {
     return deterministic_dq_splits(batch_heads, key_tiles, sm_count, buffer_bytes);
