@@ -37,6 +37,7 @@ from self_reasoning_tokens.cli import _positive_int  # noqa: E402
 from self_reasoning_tokens.reference import reference_attention  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _machine import cpu_name  # noqa: E402
 from _memory import proc_status_bytes, reset_peak_rss, return_freed_memory_to_os  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,24 +152,13 @@ def main(argv=None):
             print(f"{r['n']:>6}  {r['contender']:<13} {r['fwd_bwd_s']:>9.3f} {r['time_vs_sdpa']:>7.2f} "
                   f"{r['peak_mem_bytes'] / 2**20:>15.1f} {mv:>7}")
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-            "processor": _cpu_name(), "batch": args.batch, "heads": args.heads, "head_dim": args.head_dim,
+            "processor": cpu_name(), "batch": args.batch, "heads": args.heads, "head_dim": args.head_dim,
             "dtype": "float32", "causal": True, "repeats": args.repeats,
             "memory": "peak RSS during one fwd+bwd minus RSS before it" if can_reset else "unavailable"}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)
     print(f"\nwrote {args.out}")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

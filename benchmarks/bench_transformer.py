@@ -37,6 +37,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _machine import cpu_name  # noqa: E402
 from _memory import proc_status_bytes, reset_peak_rss, ru_maxrss_bytes  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -232,7 +233,7 @@ def main(argv=None):
         model=dict(MODEL, num_reason_tokens=R, num_steps_future_can_use_reason=W,
                    stop_grad_next_tokens_to_reason=True, batch=1, dtype="float32"),
         mem_cap_gb=args.mem_cap_gb,
-        machine=dict(platform=platform.platform(), python=platform.python_version(), torch=torch.__version__,
+        machine=dict(platform=platform.platform(), processor=cpu_name(), python=platform.python_version(), torch=torch.__version__,
                      threads=torch.get_num_threads(), cpus=os.cpu_count()),
         note="peak_bytes: peak resident memory of the step minus the resident size before it",
         results=[dict(impl=impl, n_positions=n, n_tokens=n // (R + 1), **res)

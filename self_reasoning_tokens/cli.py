@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import json
+import os
 import platform
 import shlex
 import sys
@@ -528,12 +529,21 @@ def main(argv: Optional[list] = None) -> int:
                             "or `python setup.py build_ext --inplace`")
         return args.func(args)
     except (UserError, DataError, ConfigError, CheckpointError) as e:
-        message = " ".join(str(e).split())  # one line
-        print(f"srt {args.command}: error: {message}", file=sys.stderr)
+        if _prints_for_the_job():
+            message = " ".join(str(e).split())  # one line
+            print(f"srt {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"srt {args.command}: interrupted; {_interrupted_note(args)}", file=sys.stderr)
+        if _prints_for_the_job():
+            print(f"srt {args.command}: interrupted; {_interrupted_note(args)}", file=sys.stderr)
         return 130
+
+
+def _prints_for_the_job() -> bool:
+    """Under torchrun every rank runs main() with the same arguments and files, so each of them
+    would print the same error or interrupt line: only rank 0 prints it (the others still exit
+    with the same code, which torchrun reports). A plain run has no RANK and prints."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _interrupted_note(args) -> str:

@@ -51,3 +51,13 @@ def test_attention_benchmark_writes_its_json(tmp_path):
     data = json.loads(out.read_text())
     assert {r["contender"] for r in data["results"]} == {"ours", "ours+kv-mask", "reference", "sdpa"}
     assert data["meta"]["heads"] == 1 and data["meta"]["head_dim"] == 16
+    assert data["meta"]["processor"]  # times depend on it (AVX2 or AVX-512 loops)
+
+
+def test_transformer_benchmark_writes_its_json(tmp_path):
+    out = tmp_path / "t.json"
+    proc = run("bench_transformer.py", "--n", 64, "--repeats", 1, "--impls", "kernel", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert [(r["impl"], r["n_positions"]) for r in data["results"]] == [("kernel", 64)]
+    assert data["machine"]["processor"] and data["longest_ok"] == {"kernel": 64}

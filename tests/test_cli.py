@@ -166,6 +166,26 @@ def test_interrupt_says_what_is_left(monkeypatch, tmp_path, trained):
     assert proc.returncode == 130 and proc.stderr.strip().endswith("no file was written"), proc.stderr
 
 
+@pytest.mark.parametrize("rank, prints", [("0", True), ("1", False)])
+def test_only_rank_zero_prints_the_error_and_interrupt_lines(monkeypatch, tmp_path, rank, prints):
+    """Under torchrun every rank would print the same line; the others exit with the same code."""
+    from self_reasoning_tokens import cli
+
+    monkeypatch.setenv("RANK", rank)
+    (tmp_path / "results.json").write_text("{}")
+    proc = srt("compare", "--out", tmp_path, "--steps", 1, *TINY)  # an earlier compare's results
+    assert proc.returncode == 2 and ("already holds results" in proc.stderr) == prints, proc.stderr
+    assert bool(proc.stderr) == prints and "Traceback" not in proc.stderr
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_compare", interrupted)
+    proc = srt("compare", "--out", tmp_path / "cmp")
+    assert proc.returncode == 130 and ("interrupted" in proc.stderr) == prints, proc.stderr
+    assert bool(proc.stderr) == prints
+
+
 def test_generate_prints_the_prompt_and_a_continuation(trained):
     ckpt = trained / "checkpoint.pt"
     a = srt("generate", "--checkpoint", ckpt, "--prompt", "def f", "--max-new-tokens", 10, "--temperature", 0)
