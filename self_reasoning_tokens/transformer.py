@@ -301,7 +301,8 @@ class Transformer(Module):
         remove_reason_tokens_at_end. With return_loss, x (b, l + 1) is split into inputs and
         next-token labels (repeated over each step's reasoning positions unless they are removed)
         and the mean cross entropy is returned; labels equal to ignore_index are skipped (inputs
-        equal to an out-of-vocabulary ignore_index, i.e. padding, are embedded as token 0)."""
+        equal to an out-of-vocabulary ignore_index, i.e. padding, are embedded as token 0; an
+        in-vocabulary ignore_index is a token like any other as an input)."""
         num_reason_tokens, num_steps_future_can_use_reason = self._check_reasoning_args(
             num_reason_tokens, num_steps_future_can_use_reason)
         x = self._check_tokens("x", x, allow_ignore_index=return_loss)
@@ -310,7 +311,8 @@ class Transformer(Module):
             if x.shape[1] < 2:
                 raise ValueError(f"return_loss needs at least 2 tokens per row (inputs and labels), got {x.shape[1]}")
             x, labels = x[:, :-1], x[:, 1:]
-            x = x.masked_fill(x == self.ignore_index, 0)
+            if not 0 <= self.ignore_index < self.num_tokens:  # padding; an in-vocabulary id stays itself
+                x = x.masked_fill(x == self.ignore_index, 0)
 
         seq = x.shape[1]
         if seq > self.max_seq_len:

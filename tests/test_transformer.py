@@ -258,6 +258,17 @@ def test_ignore_index(R):
     assert keep.sum() == 2 * 6 * (R + 1) - 2 * (R + 1)
 
 
+def test_an_in_vocabulary_ignore_index_is_still_a_token_as_input():
+    """Only an out-of-vocabulary ignore_index is padding to embed as 0: id 5 as ignore_index drops
+    the labels equal to 5, but an input 5 is embedded as 5 (it used to become token 0)."""
+    model = small_model(True, ignore_index=5)
+    x = torch.tensor([[1, 5, 7, 5, 3, 2], [4, 4, 5, 9, 8, 5]])
+    loss = model(x, return_loss=True)
+    logits = model(x[:, :-1])
+    expected = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], ignore_index=5)
+    torch.testing.assert_close(loss, expected)
+
+
 def test_trailing_padding_equals_the_unpadded_loss():
     model = small_model(True)  # ignore_index = -1 by default
     x = torch.randint(0, 29, (1, 5))
