@@ -157,7 +157,9 @@ def stop_graddable_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         scale = d ** -0.5 if d > 0 else 1.0
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-    elif not math.isfinite(float(scale)):
+    elif not torch.compiler.is_compiling() and not math.isfinite(float(scale)):
+        # (under torch.compile a scale that changes between calls is a symbolic float, which
+        # math.isfinite cannot trace: the check is eager-only, as the op's own checks are not)
         raise ValueError(f"scale must be finite, got {scale}")
     full = (b, h, n, m)
     _check_key_padding(mask, q, b, m)

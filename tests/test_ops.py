@@ -170,6 +170,30 @@ def test_torch_compile_fullgraph(device, backend):
     torch._dynamo.reset()
 
 
+def test_torch_compile_fullgraph_with_a_scale_that_varies(device):
+    """A Python float scale that changes between calls becomes a symbolic float when Dynamo
+    recompiles, and one computed from a dynamic shape is one from the start: the eager-only
+    finiteness check must not break the graph (it raised Unsupported on math.isfinite)."""
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(1, 2, 9, 8, device=device, requires_grad=True) for _ in range(3))
+    compiled = torch.compile(lambda q, k, v, s: stop_graddable_attn(q, k, v, causal=True, scale=s),
+                             fullgraph=True, backend="aot_eager")
+    for scale in (0.3, 0.7, 1.1):
+        got = compiled(q, k, v, scale)
+        expected = stop_graddable_attn(q, k, v, causal=True, scale=scale)
+        torch.testing.assert_close(got, expected)
+        for a, e in zip(torch.autograd.grad(got.sum(), (q, k, v)), torch.autograd.grad(expected.sum(), (q, k, v))):
+            torch.testing.assert_close(a, e)
+    by_shape = torch.compile(lambda q, k, v: stop_graddable_attn(q, k, v, causal=True, scale=q.shape[-1] ** -0.25),
+                             fullgraph=True, dynamic=True, backend="aot_eager")
+    for n in (9, 13):
+        q, k, v = (torch.randn(1, 2, n, 8, device=device) for _ in range(3))
+        torch.testing.assert_close(by_shape(q, k, v), stop_graddable_attn(q, k, v, causal=True, scale=8 ** -0.25))
+    with pytest.raises(ValueError, match="finite"):  # eager calls still check
+        stop_graddable_attn(q, k, v, scale=float("inf"))
+    torch._dynamo.reset()
+
+
 # --------------------------------------------------------------------------------------------
 # memory: O(n), never an n x n matrix
 # --------------------------------------------------------------------------------------------
