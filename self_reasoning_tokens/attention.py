@@ -158,8 +158,8 @@ def stop_graddable_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
     elif not torch.compiler.is_compiling() and not math.isfinite(float(scale)):
-        # (under torch.compile a scale that changes between calls is a symbolic float, which
-        # math.isfinite cannot trace: the check is eager-only, as the op's own checks are not)
+        # eager only: under torch.compile a scale that changes between calls is a symbolic float,
+        # which math.isfinite cannot trace (as in Transformer._check_tokens)
         raise ValueError(f"scale must be finite, got {scale}")
     full = (b, h, n, m)
     _check_key_padding(mask, q, b, m)

@@ -3,15 +3,19 @@
 #include <cmath>
 #include <cstring>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && __GNUC__ >= 12
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 // One body, three machine-code versions; the loader picks the best the CPU supports. Each string
 // is one clone: "avx2,fma" would be two clones, AVX2 without FMA and FMA without AVX2, so the
-// AVX2 level is named as the x86-64-v3 ISA level (AVX2 + FMA; GCC 12 and newer). The loops only
-// vectorise for AVX2 because setup.py compiles with -fno-trapping-math (as PyTorch itself is):
-// without it GCC keeps exp_approx's clamps as branches (AVX-512 has masked moves, AVX2 not).
-#define SRT_CLONES __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
-#elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define SRT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+// AVX2 level is named as the x86-64-v3 ISA level (AVX2 + FMA; GCC 12 and newer; plain AVX2
+// before). The loops only vectorise for AVX2 because setup.py compiles with -fno-trapping-math
+// (as PyTorch itself is): without it GCC keeps exp_approx's clamps as branches (AVX-512 has
+// masked moves, AVX2 not).
+#if __GNUC__ >= 12
+#define SRT_AVX2_CLONE "arch=x86-64-v3"
+#else
+#define SRT_AVX2_CLONE "avx2"
+#endif
+#define SRT_CLONES __attribute__((target_clones("avx512f", SRT_AVX2_CLONE, "default")))
 #else
 #define SRT_CLONES
 #endif
