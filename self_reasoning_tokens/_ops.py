@@ -90,9 +90,9 @@ if HAS_EXTENSION:
         causal, scale, num_reason_tokens, reason_window, reason_stop_grad = ctx.flags
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        dq, dk, dv = ops.attn_bwd(grad_out.contiguous(), q, k, v, out, lse, key_padding,
-                                  attn_mask, q_stop, k_stop, v_stop, causal, scale,
-                                  num_reason_tokens, reason_window, reason_stop_grad, reason_heads)
+        dq, dk, dv = attn_bwd(grad_out.contiguous(), q, k, v, out, lse, key_padding,
+                              attn_mask, q_stop, k_stop, v_stop, causal, scale,
+                              num_reason_tokens, reason_window, reason_stop_grad, reason_heads)
         # Masks (even floating ones) are constants: they receive no gradient.
         return (dq, dk, dv) + (None,) * 11
 
@@ -107,3 +107,56 @@ if HAS_EXTENSION:
 
     torch.library.register_autograd("self_reasoning_tokens::attn_bwd", _no_double_backward,
                                     setup_context=_bwd_setup_context)
+
+    from . import _batching
+
+    _batching.register()
+
+    # torch.func (grad, vjp, jacrev, vmap of a gradient) refuses the autograd.Function that
+    # register_autograd generates, because it has no setup_context ("In order to use an
+    # autograd.Function with functorch transforms ..."). While a torch.func transform is active
+    # the ops therefore run through these two Functions, which carry the same autograd formulas
+    # in the setup_context form. Everywhere else (eager autograd, torch.compile, opcheck) the ops
+    # are called directly, through the dispatcher's registered autograd.
+    class _AttnFwdForFunc(torch.autograd.Function):
+        generate_vmap_rule = True  # under vmap, forward and backward call the ops' vmap rules (_batching)
+
+        @staticmethod
+        def forward(*inputs):
+            return ops.attn_fwd(*inputs)
+
+        setup_context = staticmethod(_setup_context)
+        backward = staticmethod(_backward)
+
+    class _AttnBwdForFunc(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(*inputs):
+            return ops.attn_bwd(*inputs)
+
+        setup_context = staticmethod(_bwd_setup_context)
+        backward = staticmethod(_no_double_backward)
+
+    # Under torch.compile, Dynamo traces these Functions inside a torch.func transform into an
+    # internal error (torch 2.13), so there the call is left to eager mode: a graph break, after
+    # which the transform runs eagerly around it. Without a transform nothing changes.
+    @torch.compiler.disable
+    def _fwd_for_func(*inputs):
+        return _AttnFwdForFunc.apply(*inputs)
+
+    @torch.compiler.disable
+    def _bwd_for_func(*inputs):
+        return _AttnBwdForFunc.apply(*inputs)
+
+    def attn_fwd(*inputs):
+        """torch.ops.self_reasoning_tokens.attn_fwd, usable inside torch.func transforms too."""
+        if torch._C._are_functorch_transforms_active():
+            return _fwd_for_func(*inputs)
+        return ops.attn_fwd(*inputs)
+
+    def attn_bwd(*inputs):
+        """torch.ops.self_reasoning_tokens.attn_bwd, usable inside torch.func transforms too."""
+        if torch._C._are_functorch_transforms_active():
+            return _bwd_for_func(*inputs)
+        return ops.attn_bwd(*inputs)

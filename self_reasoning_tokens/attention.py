@@ -143,6 +143,10 @@ def stop_graddable_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     deterministic schedule (same bits every run, up to 8 fp32 copies of dQ of extra memory). The
     CPU kernels and the forward are always deterministic.
 
+    Works under ``torch.compile`` and ``torch.func`` (grad, vjp, jacrev, vmap; per-sample
+    gradients with ``vmap(grad(f))``, one kernel call for the whole vmap batch). Double backward,
+    jvp and jacfwd are not supported.
+
     Example::
 
         q, k, v = (torch.randn(1, 2, 6, 16, requires_grad=True) for _ in range(3))
@@ -182,6 +186,5 @@ def stop_graddable_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         heads = reasoning.head_flags(h, q.device)
     masks = [None if t is None else t.detach()
              for t in (mask, attn_mask, q_stop_grad_mask, k_stop_grad_mask, v_stop_grad_mask)]
-    out, _lse = torch.ops.self_reasoning_tokens.attn_fwd(
-        q, k, v, *masks, causal, float(scale), R, W, stop_grad, heads)
+    out, _lse = _ops.attn_fwd(q, k, v, *masks, causal, float(scale), R, W, stop_grad, heads)
     return out
