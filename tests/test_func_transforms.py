@@ -140,10 +140,13 @@ def test_vmap_forward_matches_a_loop(cfg):
     k = cfg.randn(S, b, h, m, cfg.head_dim)
     v = cfg.randn(b, h, m, cfg.head_dim)  # shared
     attn = torch.rand(S, 1, h, n, m, device=cfg.device) < 0.7  # batched, per-sample batch 1
-    out = vmap(lambda q, k, am: stop_graddable_attn(q, k, v, attn_mask=am), in_dims=(4, 0, 0))(q, k, attn)
+    pad = torch.rand(m, S, device=cfg.device) < 0.8  # batched key padding, along its last dim
+    pad[0] = True
+    out = vmap(lambda q, k, am, p: stop_graddable_attn(q, k, v, attn_mask=am, mask=p[None]),
+               in_dims=(4, 0, 0, 1))(q, k, attn, pad)
     assert out.shape == (S, b, h, n, cfg.head_dim)
     for s in range(S):
-        exp = stop_graddable_attn(q[..., s], k[s], v, attn_mask=attn[s])
+        exp = stop_graddable_attn(q[..., s], k[s], v, attn_mask=attn[s], mask=pad[None, :, s])
         cfg.assert_close(out[s], exp, what=f"sample {s}")
     # the raw op, lse included
     out2, lse = vmap(lambda q, k: ops.attn_fwd(q, k, v, None, None, None, None, None, True, 0.5),
