@@ -45,7 +45,7 @@ def reference_attention(q, k, v, mask=None, attn_mask=None, causal=False, q_stop
     m = k.shape[2]
     dt = q.dtype
     if scale is None:
-        scale = d ** -0.5
+        scale = d ** -0.5 if d > 0 else 1.0  # as the op: head_dim 0 has all-zero scores
     dev = q.device
 
     allowed = torch.ones(b, h, n, m, dtype=torch.bool, device=dev)

@@ -355,7 +355,9 @@ class Transformer(Module):
         logits of the last position - the last reasoning token of the last step - exactly what
         `model(seq, ...)[:, -1]` gives. temperature 0 = greedy; top_k keeps the k likeliest.
         on_token, if given, is called with each new token (b,) as soon as it is drawn (for
-        streaming output)."""
+        streaming output). The prompt plus max_new_tokens may not exceed max_seq_len, so that
+        the model can read back the whole sequence it returns (the last token itself is never
+        fed to the model during generation)."""
         out_dtype = prompt.dtype if isinstance(prompt, torch.Tensor) else None
         prompt = self._check_tokens("prompt", prompt)
         if torch.iinfo(out_dtype).max < self.num_tokens - 1:
@@ -373,7 +375,8 @@ class Transformer(Module):
         total = prompt.shape[1] + max_new_tokens
         if total > self.max_seq_len:
             raise ValueError(f"prompt ({prompt.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
-                             f"exceeds max_seq_len={self.max_seq_len}")
+                             f"exceeds max_seq_len={self.max_seq_len} (the model must be able to read back "
+                             "the sequence it returns)")
 
         out = prompt
         if max_new_tokens == 0:

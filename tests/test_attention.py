@@ -247,6 +247,20 @@ def test_all_rows_masked_and_empty_keys(cfg):
             assert (t == 0).all()
 
 
+def test_head_dim_zero_on_cpu():
+    """head_dim 0: all scores are 0, the outputs and gradients are empty; the op and the reference
+    (whose default scale divided by zero) both accept it, and the log-sum-exp counts the allowed keys."""
+    q, k, v = (torch.randn(2, 3, 4, 0, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    for fn in (stop_graddable_attn, reference_attention):
+        out = fn(q, k, v, causal=True)
+        assert out.shape == (2, 3, 4, 0)
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        assert all(g.shape == t.shape for g, t in zip(grads, (q, k, v)))
+    _, lse = torch.ops.self_reasoning_tokens.attn_fwd(q, k, v, None, None, None, None, None, True, 1.0)
+    allowed = torch.arange(1, 5, dtype=torch.float64)  # causal, n = m = 4: row i sees i + 1 keys
+    torch.testing.assert_close(lse, allowed.log().expand(2, 3, 4))
+
+
 # --------------------------------------------------------------------------------------------
 # reasoning patterns
 # --------------------------------------------------------------------------------------------

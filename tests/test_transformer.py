@@ -443,6 +443,8 @@ def test_bad_arguments_raise_clear_errors():
         model(torch.randint(0, 29, (2, 1)), return_loss=True)
     with pytest.raises(ValueError, match="max_seq_len"):
         model.generate(torch.randint(0, 29, (1, 5)), 4)
+    full = model.generate(torch.randint(0, 29, (1, 5)), 3, temperature=0)  # exactly max_seq_len
+    assert full.shape == (1, 8) and model(full).shape == (1, 8, 29)  # and the model reads it back
     with pytest.raises(ValueError, match="temperature"):
         model.generate(x, 1, temperature=-1.)
     with pytest.raises(ValueError, match="top_k"):

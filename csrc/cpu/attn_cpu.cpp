@@ -387,7 +387,7 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_cpu(
   at::Tensor qw = working(q), kw = working(k), vw = working(v);
   at::Tensor out = at::empty_like(qw);
   at::Tensor lse = at::empty({p.B, p.H, p.N}, qw.options().dtype(lse_dtype(q.scalar_type())));
-  if (qw.numel() > 0 && p.M > 0) {
+  if (lse.numel() > 0 && p.M > 0) {  // head_dim 0 included: its scores are 0, its lse log(#allowed)
     AT_DISPATCH_FLOATING_TYPES(qw.scalar_type(), "attn_fwd_cpu", [&] {
       forward_kernel<scalar_t>(p, qw.data_ptr<scalar_t>(), kw.data_ptr<scalar_t>(),
                                vw.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
