@@ -27,7 +27,9 @@
 # Environment: PYTHON (python3), SRT_GPU_CHECK_BUDGET_S (450), TORCH_CUDA_ARCH_LIST (9.0),
 # MAX_JOBS (16), SRT_TEST_WORKERS (8, with pytest-xdist; each gets nproc/workers CPU threads
 # through OMP_NUM_THREADS unless that is set), SRT_TEST_ARGS (pytest's paths and
-# filters instead of "tests"), SRT_GPU_CHECK_ALL_TESTS (1: the CPU-only tests too), SRT_PROFILE_S (75), SRT_BENCH_MIN_S (150: a benchmark left less
+# filters instead of "tests"), SRT_GPU_CHECK_ALL_TESTS (1: the CPU-only tests too),
+# SRT_TEST_START_MARGIN_S (60: no test starts later than this before the test stage's timeout),
+# SRT_PROFILE_S (75), SRT_BENCH_MIN_S (150: a benchmark left less
 # with the profile's reserve takes the reserve and the profile is not run), BENCH_ARGS (extra
 # arguments for benchmarks/bench_gpu.py), SRT_GPU_CHECK_SKIP (stages to leave out:
 # tests,sanitize,bench,profile), SRT_GPU_CHECK_SANITIZE (1: run the compute-sanitizer stages even
@@ -203,8 +205,9 @@ sys.exit(0 if s.cuda_kernels_available() and all(reg) and torch.cuda.is_availabl
   fi
 
   # The GPU tests (SRT_GPU_TESTS_ONLY=1: tests/conftest.py deselects the others, which CI runs;
-  # SRT_GPU_CHECK_ALL_TESTS=1 keeps them, GPU tests first). Tests that would start less than 60 s
-  # before the stage's timeout are skipped instead (SRT_TEST_DEADLINE), so pytest still ends
+  # SRT_GPU_CHECK_ALL_TESTS=1 keeps them, GPU tests first). Tests that would start less than
+  # SRT_TEST_START_MARGIN_S (60) seconds before the stage's timeout are skipped instead
+  # (SRT_TEST_DEADLINE), so pytest still ends
   # normally and tests.xml counts what ran; a test stuck in Python is stopped by pytest-timeout
   # (150 s) where installed; one blocked inside a CUDA call (a kernel that never ends) only by the
   # stage's SIGINT, on which pytest still writes the XML (the test counts as INTERRUPTED).
@@ -226,7 +229,8 @@ sys.exit(0 if s.cuda_kernels_available() and all(reg) and torch.cuda.is_availabl
     rm -f "$OUTDIR/tests.xml"  # a reused OUTDIR: an old XML would hide a test stage that wrote none
     # shellcheck disable=SC2086
     # (SRT_TEST_CONFIGS emptied: a leftover value would drop the "cuda" / "cuda-bf16" configurations)
-    OMP_NUM_THREADS=$threads SRT_TEST_DEADLINE=$(( $(date +%s) + tests_limit - 60 )) SRT_GPU_TESTS_ONLY=$gpu_only \
+    OMP_NUM_THREADS=$threads SRT_TEST_DEADLINE=$(( $(date +%s) + tests_limit - ${SRT_TEST_START_MARGIN_S:-60} )) \
+      SRT_GPU_TESTS_ONLY=$gpu_only \
       SRT_TEST_CONFIGS= \
       STAGE_SIGNAL=INT stage tests 220 "$PY" -m pytest ${SRT_TEST_ARGS:-tests} -q -p no:cacheprovider \
         --continue-on-collection-errors ${xdist[@]+"${xdist[@]}"} --junitxml="$OUTDIR/tests.xml"

@@ -241,13 +241,14 @@ def test_gpu_check_test_stage_timeout_keeps_the_xml(tmp_path):
     # a test stage cut off by its timeout is stopped with SIGINT, on which pytest still writes the
     # junit XML of what ran (SIGTERM would leave none, and the run would look like a crash). The
     # budget leaves the tests about 45 s to start before SRT_TEST_DEADLINE (the stage's timeout
-    # less 60 s): with 100 s, a loaded machine once took longer than the ~15 s that left, and both
-    # planted tests were skipped as NOT RUN.
+    # less SRT_TEST_START_MARGIN_S): with 15 s, a loaded machine once took longer, and both
+    # planted tests were skipped as NOT RUN. The margin is 15 s instead of the script's 60 s, so
+    # that the planted slow test is cut off after about a minute, not two.
     planted = _planted(tmp_path, "import time\n\ndef test_quick():\n    pass\n\n"
                                  "def test_slow():\n    time.sleep(600)\n")
     r, out = _run_gpu_check(tmp_path, 300, returncode=1, SRT_TEST_ARGS=str(planted),
                             SRT_TEST_WORKERS="1", SRT_GPU_CHECK_SKIP="sanitize,bench,profile",
-                            SRT_GPU_CHECK_BUDGET_S="130")
+                            SRT_GPU_CHECK_BUDGET_S="85", SRT_TEST_START_MARGIN_S="15")
     summary = (out / "summary.txt").read_text()
     assert "== tests: TIMED OUT" in summary, summary
     assert (out / "tests.xml").exists(), summary
