@@ -131,6 +131,17 @@ class CausalAttention(Module):
         return out, (k, v)
 
 
+def _under_vmap() -> bool:
+    """Inside torch.vmap (e.g. per-sample gradients with torch.func), where a check that
+    depends on the tokens' values cannot run."""
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
+
+
 class Transformer(Module):
     """Decoder-only Transformer with interleaved self reasoning tokens.
 
@@ -235,9 +246,10 @@ class Transformer(Module):
         if x.device != self.token_emb.weight.device:
             raise ValueError(f"{name} is on {x.device} but the model is on {self.token_emb.weight.device}")
         x = x.long()
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or _under_vmap():
             # the value check below depends on the data (a graph break, or an error under
-            # fullgraph=True); compiled, an out-of-range id is still caught by the embedding lookup
+            # fullgraph=True; under torch.vmap, an error); there an out-of-range id is still
+            # caught by the embedding lookup
             return x
         valid = (x >= 0) & (x < self.num_tokens)
         if allow_ignore_index:
