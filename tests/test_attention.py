@@ -236,6 +236,26 @@ def test_nan_input_propagates(cfg, where, scale):
     cfg.assert_close(dv, ref_dv, grad=True, what="dv with the NaN masked out")
 
 
+def test_a_row_whose_allowed_scores_are_all_minus_inf_counts_as_empty(cfg, helpers):
+    """README: a row whose every allowed score is -inf (an -inf in q) gives what a row with no
+    allowed key gives (output 0, no dQ, nothing to dV), where the reference's softmax gives NaN.
+    Compared with the same row hidden by the attention mask. (dK is left out: dS^T Q multiplies
+    that row's dS = 0 by its -inf, NaN in any matrix-product formulation.)"""
+    b, h, n, m, row = 1, 2, 9, 9, 4
+    q, k, v = cfg.qkv(b, h, n, m, requires_grad=False)
+    k[..., 0] = 1.0  # every score of a query with q[..., 0] = -inf is -inf
+    grad_out = cfg.randn(b, h, n, q.shape[-1])
+    q_inf = q.clone()
+    q_inf[0, 1, row, 0] = float("-inf")
+    hidden = torch.ones(b, h, n, m, dtype=torch.bool, device=cfg.device)
+    hidden[0, 1, row] = False
+    got = helpers.run_with_grads(stop_graddable_attn, q_inf, k, v, grad_out, causal=True)
+    exp = helpers.run_with_grads(stop_graddable_attn, q, k, v, grad_out, causal=True, attn_mask=hidden)
+    assert (got[0][0, 1, row] == 0).all() and (got[1][0, 1, row] == 0).all()
+    for name, i in (("out", 0), ("dq", 1), ("dv", 3)):
+        cfg.assert_close(got[i], exp[i], grad=i > 0, what=name)
+
+
 def test_all_rows_masked_and_empty_keys(cfg):
     for m, attn in ((5, False), (0, None)):
         q, k, v = cfg.qkv(1, 2, 4, m)
