@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import torch
 
+def _logical_batch(q: torch.Tensor, bdim) -> int:
+    """The op's batch size: q's first dimension once vmap's is left out (even when B is 0)."""
+    return q.shape[0] if bdim is None else q.movedim(bdim, 0).shape[1]
+
+
 def _fold(x: torch.Tensor, bdim, B: int) -> torch.Tensor:
     """A tensor whose logical shape is (batch, ...) as (B * batch, ...)."""
     x = x.expand(B, *x.shape) if bdim is None else x.movedim(bdim, 0)
@@ -51,7 +56,7 @@ def _fwd_rule(info, in_dims, q, k, v, key_padding, attn_mask, q_stop, k_stop, v_
               scale, num_reason_tokens=0, reason_window=0, reason_stop_grad=True, reason_heads=None):
     B = info.batch_size
     _check_heads(in_dims[13] if len(in_dims) > 13 else None)
-    batch = (q if in_dims[0] is None else q.movedim(in_dims[0], 0)[0]).shape[0]
+    batch = _logical_batch(q, in_dims[0])
     q, k, v = (_fold(t, d, B) for t, d in zip((q, k, v), in_dims[:3]))
     key_padding = _fold_key_padding(key_padding, in_dims[3], B, batch)
     masks = [_fold_mask(t, d, B, batch) for t, d in zip((attn_mask, q_stop, k_stop, v_stop), in_dims[4:8])]
@@ -66,7 +71,7 @@ def _bwd_rule(info, in_dims, grad_out, q, k, v, out, lse, key_padding, attn_mask
               reason_heads=None):
     B = info.batch_size
     _check_heads(in_dims[16] if len(in_dims) > 16 else None)
-    batch = (q if in_dims[1] is None else q.movedim(in_dims[1], 0)[0]).shape[0]
+    batch = _logical_batch(q, in_dims[1])
     grad_out, q, k, v, out, lse = (_fold(t, d, B) for t, d in
                                    zip((grad_out, q, k, v, out, lse), in_dims[:6]))
     key_padding = _fold_key_padding(key_padding, in_dims[6], B, batch)

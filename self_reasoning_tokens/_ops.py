@@ -149,8 +149,20 @@ if HAS_EXTENSION:
     def _bwd_for_func(*inputs):
         return _AttnBwdForFunc.apply(*inputs)
 
+    def _refuse_forward_ad(q, k, v) -> None:
+        # The dispatcher op has no forward-mode formula, and a register_autograd op drops
+        # tangents without a word (torch.autograd.forward_ad, torch.func.linearize): refuse instead.
+        # (torch.func.jvp and jacfwd reach the Functions above, where PyTorch refuses clearly.)
+        if torch.autograd.forward_ad._current_level >= 0 and any(
+                torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in (q, k, v)):
+            raise NotImplementedError(
+                "self_reasoning_tokens: forward-mode AD (torch.autograd.forward_ad, torch.func.jvp, "
+                "jacfwd, linearize, hessian) through attention is not supported; use reverse mode "
+                "(backward, torch.autograd.grad, torch.func.grad/vjp/jacrev)")
+
     def attn_fwd(*inputs):
         """torch.ops.self_reasoning_tokens.attn_fwd, usable inside torch.func transforms too."""
+        _refuse_forward_ad(*inputs[:3])
         if torch._C._are_functorch_transforms_active():
             return _fwd_for_func(*inputs)
         return ops.attn_fwd(*inputs)

@@ -246,14 +246,18 @@ class Transformer(Module):
         if x.device != self.token_emb.weight.device:
             raise ValueError(f"{name} is on {x.device} but the model is on {self.token_emb.weight.device}")
         x = x.long()
-        if torch.compiler.is_compiling() or _under_vmap():
+        if torch.compiler.is_compiling():
             # the value check below depends on the data (a graph break, or an error under
-            # fullgraph=True; under torch.vmap, an error); there an out-of-range id is still
-            # caught by the embedding lookup
+            # fullgraph=True); compiled, an out-of-range id is still caught by the embedding lookup
             return x
         valid = (x >= 0) & (x < self.num_tokens)
         if allow_ignore_index:
             valid = valid | (x == self.ignore_index)
+        if _under_vmap():
+            # vmap cannot raise on values. An invalid id becomes one no embedding table has, so
+            # that the lookup raises IndexError: left as it is, it could land in another vmapped
+            # model's rows (vmap over stacked parameters flattens the tables and offsets the ids)
+            return torch.where(valid, x, torch.full_like(x, 2 ** 62))
         if not bool(valid.all()):
             bad = x[~valid][0].item()
             extra = f" or ignore_index={self.ignore_index}" if allow_ignore_index else ""

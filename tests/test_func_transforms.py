@@ -188,3 +188,31 @@ def test_torch_compile_around_a_transform(cfg):
     got = torch.compile(per_sample)(q[:, None], k[:, None], v[:, None])
     for name, a, e in zip("qk", got, expected):
         cfg.assert_close(a, e, grad=True, what=f"d{name}")
+
+
+def test_vmap_over_zero_samples(cfg):
+    """A vmap dimension of size 0 gives empty results of the right shapes, as the reference does."""
+    q, k, v = (cfg.randn(0, 1, 2, 4, cfg.head_dim) for _ in range(3))
+    assert vmap(stop_graddable_attn)(q, k, v).shape == q.shape
+    grads = vmap(grad(_loss(stop_graddable_attn, causal=True), argnums=(0, 1, 2)))(q, k, v)
+    assert [g.shape for g in grads] == [q.shape] * 3
+
+
+def test_forward_mode_ad_is_refused_not_silently_zero():
+    """The op has no forward-mode formula: every forward-mode entry point raises, instead of the
+    zero tangent a register_autograd op gives under torch.autograd.forward_ad or linearize."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import jacfwd, jvp, linearize
+
+    q, k, v = (torch.randn(1, 1, 3, 4, dtype=torch.float64) for _ in range(3))
+    f = lambda q: stop_graddable_attn(q, k, v, causal=True)  # noqa: E731
+    with fwAD.dual_level():
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            f(fwAD.make_dual(q, torch.randn_like(q)))
+    for run in (lambda: jvp(f, (q,), (torch.randn_like(q),)), lambda: linearize(f, q)[1](q),
+                lambda: jacfwd(f)(q)):
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            run()
+    # a dual level with no tangent on q, k or v is not forward-mode AD through the op
+    with fwAD.dual_level():
+        torch.testing.assert_close(f(q), stop_graddable_attn(q, k, v, causal=True))

@@ -525,3 +525,25 @@ def test_per_sample_gradients_with_torch_func(stop_grad):
     # outside vmap the token check still runs
     with pytest.raises(ValueError, match="token id 29"):
         grad(loss)(params, torch.tensor([1, 29]))
+
+
+def test_vmap_over_stacked_models_and_its_bad_token_ids():
+    """Model ensembling with torch.func (vmap over stacked parameters): each member's logits equal
+    that model's eager forward; an invalid id in one member's input raises (under vmap the range
+    check cannot raise, so the id is made one no table has), instead of being looked up in
+    another member's embedding rows."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    models = [small_model(True, seed=s) for s in range(2)]
+    params, buffers = stack_module_state(models)
+    base = small_model(True)
+    run = vmap(lambda p, b, seq: functional_call(base, (p, b), (seq[None],), dict(num_reason_tokens=1)))
+    x = torch.randint(0, 29, (2, 6))
+    out = run(params, buffers, x)
+    for i, model in enumerate(models):
+        torch.testing.assert_close(out[i], model(x[i:i + 1], num_reason_tokens=1), atol=1e-12, rtol=1e-10)
+    for bad in (-1, 29):
+        y = x.clone()
+        y[1, 2] = bad
+        with pytest.raises(IndexError):
+            run(params, buffers, y)
