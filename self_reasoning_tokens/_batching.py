@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+
 def _logical_batch(q: torch.Tensor, bdim) -> int:
     """The op's batch size: q's first dimension once vmap's is left out (even when B is 0)."""
     return q.shape[0] if bdim is None else q.movedim(bdim, 0).shape[1]

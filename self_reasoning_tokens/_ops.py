@@ -150,9 +150,9 @@ if HAS_EXTENSION:
         return _AttnBwdForFunc.apply(*inputs)
 
     def _refuse_forward_ad(q, k, v) -> None:
-        # The dispatcher op has no forward-mode formula, and a register_autograd op drops
-        # tangents without a word (torch.autograd.forward_ad, torch.func.linearize): refuse instead.
-        # (torch.func.jvp and jacfwd reach the Functions above, where PyTorch refuses clearly.)
+        # The op has no forward-mode formula, and a register_autograd op drops tangents without a
+        # word (torch.autograd.forward_ad, torch.func.linearize): refuse instead. torch.func.jvp,
+        # jacfwd and hessian make dual tensors too, so they stop here with the same message.
         if torch.autograd.forward_ad._current_level >= 0 and any(
                 torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in (q, k, v)):
             raise NotImplementedError(

@@ -144,8 +144,8 @@ def stop_graddable_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     CPU kernels and the forward are always deterministic.
 
     Works under ``torch.compile`` and ``torch.func`` (grad, vjp, jacrev, vmap; per-sample
-    gradients with ``vmap(grad(f))``, one kernel call for the whole vmap batch). Double backward,
-    jvp and jacfwd are not supported.
+    gradients with ``vmap(grad(f))``, one kernel call for the whole vmap batch). Double backward
+    and forward-mode AD (jvp, jacfwd, ``torch.autograd.forward_ad``) raise.
 
     Example::
 

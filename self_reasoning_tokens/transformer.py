@@ -255,8 +255,9 @@ class Transformer(Module):
             valid = valid | (x == self.ignore_index)
         if _under_vmap():
             # vmap cannot raise on values. An invalid id becomes one no embedding table has, so
-            # that the lookup raises IndexError: left as it is, it could land in another vmapped
-            # model's rows (vmap over stacked parameters flattens the tables and offsets the ids)
+            # that the lookup fails (IndexError on the CPU, a device-side assertion on CUDA): left
+            # as it is, it could land in another vmapped model's rows (vmap over stacked
+            # parameters flattens the tables and offsets the ids)
             return torch.where(valid, x, torch.full_like(x, 2 ** 62))
         if not bool(valid.all()):
             bad = x[~valid][0].item()
