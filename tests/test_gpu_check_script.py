@@ -239,10 +239,11 @@ def test_gpu_check_fails_without_a_gpu_or_gpu_tests(tmp_path):
 @pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
 def test_gpu_check_test_stage_timeout_keeps_the_xml(tmp_path):
     # a test stage cut off by its timeout is stopped with SIGINT, on which pytest still writes the
-    # junit XML of what ran (SIGTERM would leave none, and the run would look like a crash). The
-    # budget leaves the tests about 45 s to start before SRT_TEST_DEADLINE (the stage's timeout
-    # less SRT_TEST_START_MARGIN_S): with 15 s, a loaded machine once took longer, and both
-    # planted tests were skipped as NOT RUN. The margin is 15 s instead of the script's 60 s, so
+    # junit XML of what ran (SIGTERM would leave none, and the run would look like a crash).
+    # A budget of 85 s with a margin of 15 s leaves the tests about 45 s to start before
+    # SRT_TEST_DEADLINE (the stage's timeout less SRT_TEST_START_MARGIN_S). An earlier setting
+    # left them only 15 s to start; a loaded machine once took longer, and both planted tests
+    # were skipped as NOT RUN. The margin is 15 s rather than the script's default of 60 s so
     # that the planted slow test is cut off after about a minute, not two.
     planted = _planted(tmp_path, "import time\n\ndef test_quick():\n    pass\n\n"
                                  "def test_slow():\n    time.sleep(600)\n")

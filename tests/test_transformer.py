@@ -504,8 +504,9 @@ def test_torch_compile_fullgraph_matches_eager(stop_grad):
 @pytest.mark.parametrize("stop_grad", MODES, ids=MODE_IDS)
 def test_per_sample_gradients_with_torch_func(stop_grad):
     """vmap(grad(loss)) over the batch through torch.func.functional_call: each sample's parameter
-    gradients equal those of that sample's loss in eager autograd (the kernel's vmap rule and the
-    token check's skip under vmap; an ignored target included)."""
+    gradients equal those of that sample's loss in eager autograd (the kernel's vmap rule, and the
+    token check, which under vmap cannot raise and leaves valid ids alone; an ignored target
+    included)."""
     from torch.func import functional_call, grad, vmap
 
     model = small_model(stop_grad)
