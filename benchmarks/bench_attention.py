@@ -13,7 +13,8 @@ the call allocates, the n x n matrices of the reference included, but not the in
     python benchmarks/bench_attention.py                 # n = 1024, 4096, 8192
     python benchmarks/bench_attention.py --n 1024 --repeats 2 --out /tmp/a.json
 
-The JSON goes to runs/bench/attention_cpu.json unless --out says otherwise; the committed
+The JSON goes to runs/bench/attention_cpu.json unless --out says otherwise, with its plot
+(time and peak memory against n, benchmarks/plot_bench.py) beside it as .png; the committed
 results the README's tables come from are regenerated with
 --out benchmarks/results/attention_cpu.json (and --heads 1 --out .../attention_cpu_1head.json).
 """
@@ -39,6 +40,7 @@ from self_reasoning_tokens.reference import reference_attention  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _machine import cpu_name  # noqa: E402
 from _memory import proc_status_bytes, reset_peak_rss, return_freed_memory_to_os  # noqa: E402
+from plot_bench import plot_after_benchmark  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(ROOT, "runs", "bench", "attention_cpu.json")  # not the committed results
@@ -159,6 +161,7 @@ def main(argv=None):
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)
     print(f"\nwrote {args.out}")
+    plot_after_benchmark(args.out)
 
 
 if __name__ == "__main__":

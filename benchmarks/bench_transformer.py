@@ -19,8 +19,9 @@ timeout or the time budget), it is skipped at larger N.
     python benchmarks/bench_transformer.py --quick          # N = 256, 512, 1024
     python benchmarks/bench_transformer.py --n 1024 4096 --impls kernel dense --out /tmp/t.json
 
-The JSON goes to runs/bench/transformer_cpu.json unless --out says otherwise; the committed
-results the README's table comes from are regenerated with
+The JSON goes to runs/bench/transformer_cpu.json unless --out says otherwise, with its plot
+(seconds per step and peak memory against N, benchmarks/plot_bench.py) beside it as .png; the
+committed results the README's table comes from are regenerated with
 --out benchmarks/results/transformer_cpu.json.
 """
 from __future__ import annotations
@@ -39,6 +40,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _machine import cpu_name  # noqa: E402
 from _memory import proc_status_bytes, reset_peak_rss, ru_maxrss_bytes  # noqa: E402
+from plot_bench import plot_after_benchmark  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -245,6 +247,7 @@ def main(argv=None):
     with open(args.out, "w") as f:
         json.dump(out, f, indent=2)
     print(f"\nwrote {args.out} ({out['wall_s']:.0f} s)")
+    plot_after_benchmark(args.out)
     return 0
 
 

@@ -20,10 +20,11 @@
 # longest-sequence search, the other shapes, FlexAttention's per-shape compiles last), stops
 # cleanly at its budget and records what it skipped; bench.json is also
 # rewritten after every measurement, so even a killed benchmark leaves its numbers.
-# OUTDIR gets at most 6 flat files (the device tool brings back at most 8): summary.txt (written
-# as the run goes, printed last), tests.xml, bench.json, bench_table.txt, profile.txt (the table
-# of ncu's CSV, benchmarks/profile_gpu.py) and logs.tar.gz, rewritten after each stage, with
-# env.log, build.log, tests.log, bench.log, profile.log and profile_raw.csv (ncu's CSV).
+# OUTDIR gets at most 7 flat files (the device tool brings back at most 8): summary.txt (written
+# as the run goes, printed last), tests.xml, bench.json, bench_table.txt, bench.png (the plot of
+# bench.json, benchmarks/plot_bench.py), profile.txt (the table of ncu's CSV,
+# benchmarks/profile_gpu.py) and logs.tar.gz, rewritten after each stage, with env.log,
+# build.log, tests.log, bench.log, plot.log, profile.log and profile_raw.csv (ncu's CSV).
 # Environment: PYTHON (python3), SRT_GPU_CHECK_BUDGET_S (450), TORCH_CUDA_ARCH_LIST (9.0),
 # MAX_JOBS (16), SRT_TEST_WORKERS (8, with pytest-xdist; each gets nproc/workers CPU threads
 # through OMP_NUM_THREADS unless that is set), SRT_TEST_ARGS (pytest's paths and
@@ -297,6 +298,20 @@ sys.exit(0 if s.cuda_kernels_available() and all(reg) and torch.cuda.is_availabl
     # shellcheck disable=SC2086
     stage bench "$bench_left" "$PY" benchmarks/bench_gpu.py --out "$OUTDIR/bench.json" \
           --table-out "$OUTDIR/bench_table.txt" --budget-s $(( bench_left - 40 )) ${BENCH_ARGS:-}
+  fi
+  # The benchmark as a picture (benchmarks/plot_bench.py, a few seconds on the CPU, taken from
+  # the 40 s the benchmark leaves of its stage): bench.png; a failed plot is noted, not counted.
+  if [[ -s "$OUTDIR/bench.json" ]]; then
+    plot_left=$(( DEADLINE - $(date +%s) - 15 )); (( plot_left > 60 )) && plot_left=60
+    if (( plot_left < 5 )); then
+      note "bench: no plot (no time left in the budget)"
+    elif timeout "$plot_left" "$PY" benchmarks/plot_bench.py "$OUTDIR/bench.json" --out "$OUTDIR/bench.png" \
+         >>"$LOGS/plot.log" 2>&1; then
+      note "bench: plot in bench.png"
+    else
+      note "bench: no plot (plot.log in logs.tar.gz)"
+    fi
+    pack_logs
   fi
 
   # Why the numbers are what they are: Nsight Compute on one fwd+bwd of (a), (a2), (a3), (b) and

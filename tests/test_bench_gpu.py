@@ -319,3 +319,29 @@ def test_allocation_failures_count_as_out_of_memory(monkeypatch):
     monkeypatch.setattr(bench_gpu, "cuda_context_error", lambda: "an illegal memory access")
     for text in alloc:
         assert not bench_gpu.is_oom(RuntimeError(text)), text
+
+
+def test_dry_run_plot(dry_run, tmp_path):
+    # benchmarks/plot_bench.py on the GPU benchmark's JSON (gpu_check.sh's bench.png): one
+    # TFLOP/s panel per head dim holding every measured row's fwd+bwd TFLOP/s, the rows without
+    # a backward (FlexAttention on the CPU) marked as not run, and the longest-sequence bars
+    import plot_bench
+
+    _, data, _ = dry_run
+    title, panels = plot_bench.panels_of(data)
+    assert data["meta"]["device"] in title
+    by_title = {p.title: p for p in panels}
+    for d in sorted({r["head_dim"] for r in data["results"]}):
+        p = by_title[f"fwd+bwd TFLOP/s, head dim {d}"]
+        for r in (r for r in data["results"] if r["head_dim"] == d):
+            label = f"({r['letter']}) {r['contender']}"
+            if r["contender"] == "flex-stopgrad":
+                assert (r["seq"], "forward only") in p.missing[label]
+            else:
+                assert (r["seq"], r["fwd_bwd_tflops"]) in p.series[label]
+    bars = by_title["longest sequence that ran (b=1, h=2, d=32)"].bars
+    assert bars == {f"({v['letter']}) {k}": v["longest"] for k, v in data["longest_seq"].items()}
+    png = tmp_path / "bench.png"
+    (tmp_path / "bench.json").write_text(json.dumps(data))
+    assert plot_bench.main([str(tmp_path / "bench.json"), "--out", str(png)]) == 0
+    assert png.read_bytes().startswith(b"\x89PNG")

@@ -63,6 +63,7 @@ def test_attention_benchmark_writes_its_json(tmp_path):
     assert {r["contender"] for r in data["results"]} == {"ours", "ours+kv-mask", "reference", "sdpa"}
     assert data["meta"]["heads"] == 1 and data["meta"]["head_dim"] == 16
     assert data["meta"]["processor"]  # times depend on it (AVX2 or AVX-512 loops)
+    assert (tmp_path / "a.png").read_bytes().startswith(b"\x89PNG")  # its plot, beside it
 
 
 def test_transformer_benchmark_writes_its_json(tmp_path):
@@ -72,3 +73,4 @@ def test_transformer_benchmark_writes_its_json(tmp_path):
     data = json.loads(out.read_text())
     assert [(r["impl"], r["n_positions"]) for r in data["results"]] == [("kernel", 64)]
     assert data["machine"]["processor"] and data["longest_ok"] == {"kernel": 64}
+    assert (tmp_path / "t.png").read_bytes().startswith(b"\x89PNG")

@@ -123,9 +123,11 @@ def test_gpu_check_runs_every_stage_and_writes_its_files(tmp_path):
     assert f"tests: 1 pytest worker(s), {threads} CPU thread(s) each" in summary, summary
     # the device tool brings back at most 8 files from $OUT: the logs travel as one archive
     assert {p.name for p in out.iterdir()} == {
-        "summary.txt", "tests.xml", "bench.json", "bench_table.txt", "profile.txt", "logs.tar.gz"}
+        "summary.txt", "tests.xml", "bench.json", "bench_table.txt", "bench.png", "profile.txt", "logs.tar.gz"}
+    assert (out / "bench.png").read_bytes().startswith(b"\x89PNG") and "bench: plot in bench.png" in summary
     logs = _logs(out)
-    assert set(logs) == {"env.log", "build.log", "tests.log", "bench.log", "profile.log", "profile_raw.csv"}
+    assert set(logs) == {"env.log", "build.log", "tests.log", "bench.log", "plot.log", "profile.log",
+                         "profile_raw.csv"}
     assert "3 passed" in logs["tests.log"] and "(CUDA build stood in for)" in logs["build.log"]
     # the profile table attributes the stand-in CSV's kernels to the contenders, in launch order
     assert "attn_fwd_tc_kernel" in (out / "profile.txt").read_text()

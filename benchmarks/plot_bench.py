@@ -1,0 +1,252 @@
+"""Plots of the benchmarks' JSON, for when a picture says it faster than the table: time and
+peak memory against sequence length, one line per contender, on log-log axes (so O(n) and
+O(n^2) growth are straight lines of slope 1 and 2).
+
+    python benchmarks/plot_bench.py benchmarks/results/attention_cpu_avx2.json   # writes ..._avx2.png
+    python benchmarks/plot_bench.py OUT/bench.json --out OUT/bench.png             # the GPU run
+
+It reads the three kinds of JSON the benchmarks write:
+- bench_attention.py (the CPU op): fwd+bwd time and peak memory against n;
+- bench_transformer.py (a CPU training step): seconds per step and peak memory against N;
+- bench_gpu.py (the GPU op): fwd+bwd TFLOP/s against n, one panel per head dim, then peak memory
+  and the longest sequence each contender ran.
+A size a contender did not run (skipped, out of memory, failed) is marked with an x on the top
+edge of its panel, in the contender's colour, and named in the legend. bench_attention.py and
+bench_transformer.py call this after writing their JSON; gpu_check.sh calls it on bench.json.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import sys
+
+MIB = 2**20
+
+
+class Panel:
+    """One plot: series[label] = [(x, y)], missing[label] = [(x, why)] (sizes that did not run)."""
+
+    def __init__(self, title, xlabel, ylabel, xticks=None, yscale="log"):
+        self.title, self.xlabel, self.ylabel, self.yscale = title, xlabel, ylabel, yscale
+        self.xticks = xticks  # {x: tick label}, or None for plain numbers
+        self.series: dict[str, list] = {}
+        self.missing: dict[str, list] = {}
+        self.bars: dict[str, float] | None = None  # a bar chart instead of lines (label -> value)
+        self.bar_notes: dict[str, str] = {}
+
+    def add(self, label, x, y):
+        self.series.setdefault(label, []).append((x, y))
+
+    def miss(self, label, x, why):
+        self.missing.setdefault(label, []).append((x, why))
+
+    def empty(self):
+        return not self.series and not self.missing and not self.bars
+
+
+def kind_of(data):
+    if data.get("benchmark") == "transformer_train_step_cpu":
+        return "transformer"
+    rows = data.get("results") or []
+    if "meta" in data and rows and "seq" in rows[0]:
+        return "gpu"
+    if "meta" in data and rows and "n" in rows[0]:
+        return "attention"
+    raise ValueError("not a benchmark JSON this script knows (bench_attention.py, bench_transformer.py "
+                     "or bench_gpu.py)")
+
+
+def attention_panels(data):
+    m = data["meta"]
+    title = (f"Attention fwd+bwd on the CPU: {m.get('processor', '?')}, {m.get('threads', '?')} threads, "
+             f"torch {m.get('torch', '?')}; b={m.get('batch')}, h={m.get('heads')}, d={m.get('head_dim')}, "
+             f"{m.get('dtype', '')}, causal")
+    time_p = Panel("fwd+bwd time", "sequence length n", "seconds (median)")
+    mem_p = Panel("peak memory of one fwd+bwd", "sequence length n", "MiB")
+    for r in data["results"]:
+        name, n = r["contender"], r["n"]
+        if "skipped" in r:
+            time_p.miss(name, n, r["skipped"])
+            mem_p.miss(name, n, r["skipped"])
+            continue
+        time_p.add(name, n, r["fwd_bwd_s"])
+        if r.get("peak_mem_bytes") is not None:
+            mem_p.add(name, n, r["peak_mem_bytes"] / MIB)
+    return title, [time_p, mem_p]
+
+
+def transformer_panels(data):
+    mod, mach = data["model"], data["machine"]
+    title = (f"Transformer training step on the CPU: {mach.get('processor', '?')}, {mach.get('threads', '?')} "
+             f"threads, torch {mach.get('torch', '?')}; dim {mod['dim']}, depth {mod['depth']}, heads "
+             f"{mod['heads']}, R={mod['num_reason_tokens']}, W={mod['num_steps_future_can_use_reason']}")
+    time_p = Panel("seconds per training step", "positions N (tokens and reasoning steps)", "seconds (median)")
+    mem_p = Panel("peak memory of the step", "positions N (tokens and reasoning steps)", "MiB")
+    for r in data["results"]:
+        name, n = r["impl"], r["n_positions"]
+        if r.get("status") != "ok":
+            why = r.get("status", "failed") + (f": {r['error']}" if r.get("error") else "")
+            time_p.miss(name, n, why)
+            mem_p.miss(name, n, why)
+            continue
+        time_p.add(name, n, r["time_s"])
+        mem_p.add(name, n, r["peak_bytes"] / MIB)
+    return title, [time_p, mem_p]
+
+
+def gpu_panels(data):
+    m = data["meta"]
+    title = (f"Attention fwd+bwd on {m.get('device', '?')}: torch {m.get('torch', '?')}, CUDA {m.get('cuda')}, "
+             f"{m.get('dtype', '')}, causal, hidden {m.get('hidden')} (heads = hidden / d)")
+    rows = data["results"]
+    ticks = {r["seq"]: f"{r['batch']}x{r['seq']}" for r in rows if "batch" in r}
+    panels = []
+    for d in sorted({r["head_dim"] for r in rows}):
+        p = Panel(f"fwd+bwd TFLOP/s, head dim {d}", "batch x sequence length", "TFLOP/s (FlashAttention count)",
+                  xticks=ticks, yscale="linear")
+        for r in rows:
+            if r["head_dim"] != d:
+                continue
+            label = f"({r.get('letter', '?')}) {r['contender']}"
+            if r.get("fwd_bwd_tflops"):
+                p.add(label, r["seq"], r["fwd_bwd_tflops"])
+            else:
+                why = r.get("skipped") or r.get("error") or ("forward only" if r.get("note_forward_only")
+                                                            else "not measured")
+                p.miss(label, r["seq"], why)
+        panels.append(p)
+    mem_rows = [r for r in rows if r.get("peak_mem_bytes")]
+    if mem_rows:
+        d = max(r["head_dim"] for r in mem_rows)
+        p = Panel(f"peak memory of one fwd+bwd, head dim {d}", "batch x sequence length", "MiB", xticks=ticks)
+        for r in mem_rows:
+            if r["head_dim"] == d:
+                p.add(f"({r.get('letter', '?')}) {r['contender']}", r["seq"], r["peak_mem_bytes"] / MIB)
+        panels.append(p)
+    longest = {k: v for k, v in (data.get("longest_seq") or {}).items() if v.get("longest")}
+    if longest:
+        a = m.get("args", {})
+        p = Panel(f"longest sequence that ran (b=1, h={a.get('longest_heads', '?')}, "
+                  f"d={a.get('longest_head_dim', '?')})", "", "n")
+        by_letter = sorted(longest.items(), key=lambda kv: kv[1].get("letter", "?"))
+        p.bars = {f"({v.get('letter', '?')}) {k}": v["longest"] for k, v in by_letter}
+        p.bar_notes = {f"({v.get('letter', '?')}) {k}": ("at least" if v.get("lower_bound") else "")
+                       for k, v in by_letter}
+        panels.append(p)
+    return title, panels
+
+
+PANELS = {"attention": attention_panels, "transformer": transformer_panels, "gpu": gpu_panels}
+
+
+def panels_of(data):
+    """(title, [Panel]) for a benchmark's JSON (as loaded)."""
+    return PANELS[kind_of(data)](data)
+
+
+def render(title, panels):
+    """PNG bytes: the panels side by side (three per row at most)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [p for p in panels if not p.empty()]
+    if not any(p.series or p.bars for p in panels):
+        raise ValueError("nothing to plot: no size in this JSON was measured")
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 4.6 * rows), constrained_layout=True, squeeze=False)
+    labels = sorted({lab for p in panels for lab in [*p.series, *p.missing, *(p.bars or {})]})
+    colors = {lab: plt.cm.tab10(i % 10) for i, lab in enumerate(labels)}
+    for ax, p in zip(axes.flat, panels):
+        ax.set_title(p.title, fontsize=10)
+        ax.set_ylabel(p.ylabel)
+        if p.bars is not None:
+            names = list(p.bars)
+            ax.bar(range(len(names)), [p.bars[k] for k in names], color=[colors[k] for k in names])
+            ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+            ax.set_yscale("log", base=2)
+            for i, k in enumerate(names):
+                ax.annotate(f"{p.bar_notes.get(k, '')} {p.bars[k]}".strip(), (i, p.bars[k]), ha="center",
+                            va="bottom", fontsize=8)
+            continue
+        ax.set_xlabel(p.xlabel)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale(p.yscale)
+        if p.yscale == "linear":
+            ax.set_ylim(bottom=0)
+        for lab, pts in sorted(p.series.items()):
+            pts = sorted(pts)
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", markersize=4, linewidth=1.6,
+                    color=colors[lab], label=lab)
+        if p.missing:
+            ys = [y for pts in p.series.values() for _, y in pts]
+            top = (max(ys) * (1.6 if p.yscale == "log" else 1.1)) if ys else 1.0
+            for lab, pts in sorted(p.missing.items()):
+                why = sorted({w.split(":")[0] for _, w in pts})
+                ax.scatter([x for x, _ in pts], [top] * len(pts), marker="x", s=50, color=colors[lab],
+                           label=f"{lab}: did not run ({', '.join(why)})", clip_on=False, zorder=3)
+        xs = sorted({x for pts in [*p.series.values(), *p.missing.values()] for x, *_ in pts})
+        if xs:
+            ax.set_xticks(xs, [p.xticks.get(x, str(x)) if p.xticks else str(x) for x in xs], fontsize=8)
+            ax.minorticks_off()
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def default_png(json_path):
+    root, ext = os.path.splitext(json_path)
+    return (root if ext == ".json" else json_path) + ".png"
+
+
+def plot_file(json_path, out=None):
+    """Reads a benchmark JSON and writes its plot (default: the same path with .png); returns
+    the PNG's path."""
+    with open(json_path) as f:
+        data = json.load(f)
+    png = render(*panels_of(data))
+    out = out or default_png(json_path)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "wb") as f:
+        f.write(png)
+    return out
+
+
+def plot_after_benchmark(json_path):
+    """For the benchmark scripts: plot what they just wrote; a plot that fails (no matplotlib,
+    nothing measured) is reported and costs nothing else: the JSON and the table stand."""
+    try:
+        print(f"wrote {plot_file(json_path)}")
+    except Exception as e:  # noqa: BLE001 - the plot is an extra; the results are already saved
+        print(f"no plot: {type(e).__name__}: {e}", file=sys.stderr)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("json", nargs="+", help="benchmark JSON files")
+    ap.add_argument("--out", help="PNG to write (one JSON only; default: the JSON's path with .png)")
+    args = ap.parse_args(argv)
+    if args.out and len(args.json) > 1:
+        ap.error("--out names one PNG: give one JSON with it")
+    for path in args.json:
+        try:
+            print(f"wrote {plot_file(path, args.out)}")
+        except (OSError, ValueError, KeyError) as e:
+            print(f"plot_bench.py: {path}: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""benchmarks/plot_bench.py: what it plots is what the benchmark JSON says (every measured point,
+in its panel, and every size that did not run, marked as such), for the committed CPU results;
+the GPU benchmark's JSON is covered in tests/test_bench_gpu.py (its dry run)."""
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+sys.path.insert(0, str(REPO / "benchmarks"))
+import plot_bench  # noqa: E402
+
+MIB = 2**20
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def load(name):
+    return json.loads((RESULTS / name).read_text())
+
+
+def as_dict(panel):
+    return {lab: sorted(pts) for lab, pts in panel.series.items()}
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in RESULTS.glob("attention_cpu*.json")))
+def test_attention_results_are_plotted_point_for_point(name):
+    data = load(name)
+    title, (time_p, mem_p) = plot_bench.panels_of(data)
+    assert data["meta"]["processor"] in title
+    want_t, want_m, want_missing = {}, {}, {}
+    for r in data["results"]:
+        if "skipped" in r:
+            want_missing.setdefault(r["contender"], []).append((r["n"], r["skipped"]))
+        else:
+            want_t.setdefault(r["contender"], []).append((r["n"], r["fwd_bwd_s"]))
+            want_m.setdefault(r["contender"], []).append((r["n"], r["peak_mem_bytes"] / MIB))
+    assert as_dict(time_p) == {k: sorted(v) for k, v in want_t.items()}
+    assert as_dict(mem_p) == {k: sorted(v) for k, v in want_m.items()}
+    assert time_p.missing == mem_p.missing == want_missing
+    assert plot_bench.render(title, [time_p, mem_p]).startswith(PNG)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in RESULTS.glob("transformer_cpu*.json")))
+def test_transformer_results_are_plotted_point_for_point(name):
+    data = load(name)
+    title, (time_p, mem_p) = plot_bench.panels_of(data)
+    ok = [r for r in data["results"] if r["status"] == "ok"]
+    for r in ok:
+        assert (r["n_positions"], r["time_s"]) in time_p.series[r["impl"]]
+        assert (r["n_positions"], r["peak_bytes"] / MIB) in mem_p.series[r["impl"]]
+    assert sum(map(len, time_p.series.values())) == len(ok)
+    # the reference's out-of-memory and skipped sizes are marked, with the reason, in both panels
+    not_ok = [r for r in data["results"] if r["status"] != "ok"]
+    assert not_ok, "the committed results have sizes the reference could not run"
+    for r in not_ok:
+        assert any(x == r["n_positions"] and why.startswith(r["status"]) for x, why in time_p.missing[r["impl"]])
+    assert time_p.missing == mem_p.missing
+    assert plot_bench.render(title, [time_p, mem_p]).startswith(PNG)
+
+
+def test_the_command_line_writes_a_png_beside_the_json(tmp_path):
+    src = tmp_path / "a.json"
+    src.write_text((RESULTS / "attention_cpu.json").read_text())
+    assert plot_bench.main([str(src)]) == 0
+    assert (tmp_path / "a.png").read_bytes().startswith(PNG)
+    assert plot_bench.main([str(src), "--out", str(tmp_path / "sub" / "b.png")]) == 0
+    assert (tmp_path / "sub" / "b.png").read_bytes().startswith(PNG)
+
+
+def test_the_command_line_refuses_what_it_cannot_plot(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"results": [{"x": 1}]}))
+    assert plot_bench.main([str(bad)]) == 1
+    assert "not a benchmark JSON" in capsys.readouterr().err and not (tmp_path / "bad.png").exists()
+    assert plot_bench.main([str(tmp_path / "missing.json")]) == 1
+    assert "missing.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        plot_bench.main([str(bad), str(bad), "--out", str(tmp_path / "x.png")])
+    assert e.value.code == 2
+
+
+def test_a_json_with_nothing_measured_gives_no_plot_but_a_reason(tmp_path, capsys):
+    data = {"meta": {}, "results": [{"n": 64, "contender": "reference", "skipped": "estimated 20 GB"}]}
+    src = tmp_path / "nothing.json"
+    src.write_text(json.dumps(data))
+    # the benchmarks' own call: a plot that cannot be made is reported, never raised
+    plot_bench.plot_after_benchmark(str(src))
+    assert "no plot" in capsys.readouterr().err and not os.path.exists(tmp_path / "nothing.png")
