@@ -79,7 +79,7 @@ from self_reasoning_tokens.reference import reference_attention  # noqa: E402
 from _variants import (AB_VARIANTS, TILE_VARIANTS, R, W, clear_inherited_settings,  # noqa: E402
                        close_stale_settings)
 from flex_stopgrad import (build_block_mask, evaluate_mask_mod, flex_stopgrad_attention,  # noqa: E402
-                           reasoning_stopped, stopgrad_mask_mod)
+                           flex_unavailable_reason, reasoning_stopped, stopgrad_mask_mod)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 HIDDEN = 2048  # FlashAttention's benchmark setting: heads = HIDDEN / head_dim
@@ -261,10 +261,10 @@ class Bench:
 
     # ---------------------------------------------------------------- setup
     def _setup_flex(self):
-        try:
-            from torch.nn.attention.flex_attention import flex_attention
-        except ImportError as e:
-            return None, f"torch.nn.attention.flex_attention unavailable: {e}"
+        reason = flex_unavailable_reason()
+        if reason:
+            return None, reason
+        from torch.nn.attention.flex_attention import flex_attention
         if not self.dev.cuda:
             def eager_forward(q, k, v, bm):
                 with warnings.catch_warnings():

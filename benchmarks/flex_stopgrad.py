@@ -82,6 +82,22 @@ def detached_kv(k: torch.Tensor, v: torch.Tensor):
     return torch.cat([k, k.detach()], dim=-2), torch.cat([v, v.detach()], dim=-2)
 
 
+def flex_unavailable_reason() -> Optional[str]:
+    """None when this torch's FlexAttention has what this construction uses, else why not:
+    torch.nn.attention.flex_attention (torch 2.5 on), and BlockMask.from_kv_blocks taking
+    seq_lengths, which build_block_mask passes (torch 2.5.1 has no such argument)."""
+    import inspect
+
+    try:
+        from torch.nn.attention.flex_attention import BlockMask
+    except ImportError as e:
+        return f"torch {torch.__version__} has no FlexAttention ({e})"
+    if "seq_lengths" not in inspect.signature(BlockMask.from_kv_blocks).parameters:
+        return (f"torch {torch.__version__}'s FlexAttention is too old for this construction "
+                "(BlockMask.from_kv_blocks takes no seq_lengths)")
+    return None
+
+
 def flex_stopgrad_attention(q, k, v, block_mask, scale: Optional[float] = None, attention=None):
     """flex_attention on the doubled keys/values with ``block_mask`` (from :func:`build_block_mask`
     over :func:`stopgrad_mask_mod`). Wrap in ``torch.compile`` for the fused kernels; ``attention``
