@@ -290,3 +290,15 @@ if torch.cuda.is_available():  # the same claim for the CUDA kernels, where a GP
         growth_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
         assert torch.isfinite(q.grad).all()
         assert growth_mb < 64, f"peak CUDA memory grew by {growth_mb:.1f} MiB (n x n fp16 = 512 MiB)"
+
+
+def test_too_old_a_torch_is_named_on_import():
+    # torch 2.4 has no torch.library.register_vmap (measured with 2.4.1): the import says which
+    # torch the package needs instead of failing inside the registration
+    code = ("import torch\ndel torch.library.register_vmap\n"
+            "import self_reasoning_tokens\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 1
+    assert f"self_reasoning_tokens needs torch >= 2.5 (this is torch {torch.__version__})" in proc.stderr
