@@ -6,12 +6,13 @@ VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
 PY := $(VENV)/bin/python
 # what the venv gets besides torch; the stamp's name follows this list and the torch version, so
-# that a venv made by an older Makefile is brought up to date by the next `make`
+# that a venv made by an older Makefile is brought up to date by the next `make` (which then
+# also rebuilds the extension)
 DEV_PACKAGES := ninja pybind11 setuptools wheel pytest pytest-xdist hypothesis
 STAMP := $(VENV)/.srt-installed-$(shell echo '$(TORCH_VERSION) $(DEV_PACKAGES)' | cksum | cut -d' ' -f1)
 # test processes (pytest-xdist): the machine's cores, at most 4 (each one imports torch; the CUDA
 # emulator is built once for all of them); TEST_WORKERS=0 runs the suite in one process
-TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py pyproject.toml
 
 .PHONY: install build compare test bench clean

@@ -50,7 +50,10 @@ class Panel:
 def kind_of(data):
     if data.get("benchmark") == "transformer_train_step_cpu":
         return "transformer"
-    rows = data.get("results") or []
+    rows = data.get("results")
+    if ("meta" in data or "benchmark" in data) and rows == []:
+        raise ValueError("nothing to plot: this benchmark JSON has no results yet")
+    rows = rows or []
     if "meta" in data and rows and "seq" in rows[0]:
         return "gpu"
     if "meta" in data and rows and "n" in rows[0]:
@@ -80,7 +83,8 @@ def attention_panels(data):
 
 def transformer_panels(data):
     mod, mach = data["model"], data["machine"]
-    title = (f"Transformer training step on the CPU: {mach.get('processor', '?')}, {mach.get('threads', '?')} "
+    title = (f"Transformer training step on the CPU: {mach.get('processor') or mach.get('platform', '?')}, "
+             f"{mach.get('threads', '?')} "
              f"threads, torch {mach.get('torch', '?')}; dim {mod['dim']}, depth {mod['depth']}, heads "
              f"{mod['heads']}, R={mod['num_reason_tokens']}, W={mod['num_steps_future_can_use_reason']}")
     time_p = Panel("seconds per training step", "positions N (tokens and reasoning steps)", "seconds (median)")
@@ -114,7 +118,7 @@ def gpu_panels(data):
             if r.get("fwd_bwd_tflops"):
                 p.add(label, r["seq"], r["fwd_bwd_tflops"])
             else:
-                why = r.get("skipped") or r.get("error") or ("forward only" if r.get("note_forward_only")
+                why = r.get("skipped") or r.get("error") or ("no fwd+bwd: forward only" if r.get("note_forward_only")
                                                             else "not measured")
                 p.miss(label, r["seq"], why)
         panels.append(p)
@@ -147,8 +151,31 @@ def panels_of(data):
     return PANELS[kind_of(data)](data)
 
 
-def render(title, panels):
-    """PNG bytes: the panels side by side (three per row at most)."""
+def _missing_label(lab, pts, xticks):
+    """'ref: did not run at 8192 (OOM); 16384, 32768 (skipped)': sizes grouped by reason."""
+    by_why = {}
+    for x, why in sorted(pts):
+        by_why.setdefault(why.split(":")[0], []).append(xticks.get(x, str(x)) if xticks else str(x))
+    return f"{lab}: did not run at " + "; ".join(f"{', '.join(xs)} ({why})" for why, xs in by_why.items())
+
+
+def _guides(ax, p):
+    """Faint lines growing as n and as n^2 from the panel's lowest first point, so that a reader
+    can tell linear from quadratic growth on log-log axes."""
+    firsts = [min(pts) for pts in p.series.values() if len(pts) > 1]
+    xs = sorted({x for pts in p.series.values() for x, _ in pts})
+    if not firsts or len(xs) < 2:
+        return
+    x0, y0 = min(firsts, key=lambda xy: xy[1])
+    x1 = xs[-1]
+    for power, text in ((1, "\u221d n"), (2, "\u221d n\u00b2")):
+        ax.plot([x0, x1], [y0, y0 * (x1 / x0) ** power], linestyle=":", color="0.55", linewidth=1, zorder=0)
+        ax.annotate(text, (x1, y0 * (x1 / x0) ** power), fontsize=8, color="0.4", ha="left", va="center",
+                    xytext=(3, 0), textcoords="offset points", annotation_clip=True)
+
+
+def figure(title, panels):
+    """A matplotlib Figure with the panels side by side (three per row at most)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,28 +204,39 @@ def render(title, panels):
         ax.set_xlabel(p.xlabel)
         ax.set_xscale("log", base=2)
         ax.set_yscale(p.yscale)
-        if p.yscale == "linear":
-            ax.set_ylim(bottom=0)
         for lab, pts in sorted(p.series.items()):
             pts = sorted(pts)
             ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", markersize=4, linewidth=1.6,
                     color=colors[lab], label=lab)
-        if p.missing:
-            ys = [y for pts in p.series.values() for _, y in pts]
-            top = (max(ys) * (1.6 if p.yscale == "log" else 1.1)) if ys else 1.0
-            for lab, pts in sorted(p.missing.items()):
-                why = sorted({w.split(":")[0] for _, w in pts})
-                ax.scatter([x for x, _ in pts], [top] * len(pts), marker="x", s=50, color=colors[lab],
-                           label=f"{lab}: did not run ({', '.join(why)})", clip_on=False, zorder=3)
+        if p.yscale == "log":
+            limits = ax.get_ylim()  # the data's; the guides are clipped to them
+            _guides(ax, p)
+            ax.set_ylim(*limits)
+        else:
+            ax.set_ylim(bottom=0, top=ax.get_ylim()[1])  # from 0 to the autoscaled top (the data are in)
+        # sizes that did not run: crosses on the panel's top edge (axes coordinates, so they
+        # cannot be read as values), with their reasons in the legend
+        top_edge = ax.get_xaxis_transform()
+        for lab, pts in sorted(p.missing.items()):
+            ax.scatter([x for x, _ in pts], [1.0] * len(pts), marker="x", s=50, color=colors[lab],
+                       transform=top_edge, clip_on=False, zorder=3, label=_missing_label(lab, pts, p.xticks))
         xs = sorted({x for pts in [*p.series.values(), *p.missing.values()] for x, *_ in pts})
         if xs:
             ax.set_xticks(xs, [p.xticks.get(x, str(x)) if p.xticks else str(x) for x in xs], fontsize=8)
             ax.minorticks_off()
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncols=2, frameon=False)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def render(title, panels):
+    """PNG bytes of figure(title, panels)."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(title, panels)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)

@@ -89,3 +89,38 @@ def test_a_json_with_nothing_measured_gives_no_plot_but_a_reason(tmp_path, capsy
     # the benchmarks' own call: a plot that cannot be made is reported, never raised
     plot_bench.plot_after_benchmark(str(src))
     assert "no plot" in capsys.readouterr().err and not os.path.exists(tmp_path / "nothing.png")
+
+
+def test_the_axes_hold_every_point_and_the_crosses_sit_on_the_top_edge():
+    # a linear TFLOP/s panel (the GPU run's: hundreds of TFLOP/s) starts at 0 and still reaches
+    # its largest value; a log panel's missing sizes are drawn in axes coordinates (y = 1, the
+    # top edge), so they neither stretch the axis nor read as values
+    lin = plot_bench.Panel("tflops", "n", "TFLOP/s", yscale="linear")
+    for x, y in ((1024, 310.0), (2048, 455.0), (4096, 470.0)):
+        lin.add("(a) ours", x, y)
+    lin.miss("(e) flex", 4096, "out of memory")
+    log = plot_bench.Panel("time", "n", "s")
+    for x, y in ((1024, 0.01), (2048, 0.04)):
+        log.add("ours", x, y)
+    log.miss("reference", 4096, "OOM: cap")
+    fig = plot_bench.figure("t", [lin, log])
+    try:
+        ax_lin, ax_log = fig.axes[:2]
+        lo, hi = ax_lin.get_ylim()
+        assert lo == 0 and hi >= 470.0
+        lo, hi = ax_log.get_ylim()
+        assert lo <= 0.01 and 0.04 <= hi < 1.0  # the cross did not push the axis up
+        for ax in (ax_lin, ax_log):
+            crosses = [c for c in ax.collections if "did not run" in c.get_label()]
+            assert len(crosses) == 1 and crosses[0].get_offsets()[0][1] == 1.0
+        assert "did not run at 4096 (OOM)" in crosses[0].get_label()
+    finally:
+        import matplotlib.pyplot as plt
+        plt.close(fig)
+
+
+def test_a_json_with_no_results_says_so(tmp_path, capsys):
+    src = tmp_path / "bench.json"
+    src.write_text(json.dumps({"meta": {"device": "cuda"}, "results": []}))
+    assert plot_bench.main([str(src)]) == 1
+    assert "no results yet" in capsys.readouterr().err
