@@ -62,43 +62,50 @@ def kind_of(data):
                      "or bench_gpu.py)")
 
 
+def _time_and_memory(rows, point, xlabel, time_title, mem_title):
+    """The CPU benchmarks' two panels. point(row) -> (label, x, seconds, peak bytes or None,
+    why it did not run or None)."""
+    time_p = Panel(time_title, xlabel, "seconds (median)")
+    mem_p = Panel(mem_title, xlabel, "MiB")
+    for r in rows:
+        label, x, seconds, peak, why = point(r)
+        if why is not None:
+            time_p.miss(label, x, why)
+            mem_p.miss(label, x, why)
+            continue
+        time_p.add(label, x, seconds)
+        if peak is not None:
+            mem_p.add(label, x, peak / MIB)
+    return [time_p, mem_p]
+
+
 def attention_panels(data):
     m = data["meta"]
     title = (f"Attention fwd+bwd on the CPU: {m.get('processor', '?')}, {m.get('threads', '?')} threads, "
              f"torch {m.get('torch', '?')}; b={m.get('batch')}, h={m.get('heads')}, d={m.get('head_dim')}, "
              f"{m.get('dtype', '')}, causal")
-    time_p = Panel("fwd+bwd time", "sequence length n", "seconds (median)")
-    mem_p = Panel("peak memory of one fwd+bwd", "sequence length n", "MiB")
-    for r in data["results"]:
-        name, n = r["contender"], r["n"]
-        if "skipped" in r:
-            time_p.miss(name, n, r["skipped"])
-            mem_p.miss(name, n, r["skipped"])
-            continue
-        time_p.add(name, n, r["fwd_bwd_s"])
-        if r.get("peak_mem_bytes") is not None:
-            mem_p.add(name, n, r["peak_mem_bytes"] / MIB)
-    return title, [time_p, mem_p]
+
+    def point(r):
+        return r["contender"], r["n"], r.get("fwd_bwd_s"), r.get("peak_mem_bytes"), r.get("skipped")
+
+    return title, _time_and_memory(data["results"], point, "sequence length n", "fwd+bwd time",
+                                   "peak memory of one fwd+bwd")
 
 
 def transformer_panels(data):
     mod, mach = data["model"], data["machine"]
     title = (f"Transformer training step on the CPU: {mach.get('processor') or mach.get('platform', '?')}, "
-             f"{mach.get('threads', '?')} "
-             f"threads, torch {mach.get('torch', '?')}; dim {mod['dim']}, depth {mod['depth']}, heads "
-             f"{mod['heads']}, R={mod['num_reason_tokens']}, W={mod['num_steps_future_can_use_reason']}")
-    time_p = Panel("seconds per training step", "positions N (tokens and reasoning steps)", "seconds (median)")
-    mem_p = Panel("peak memory of the step", "positions N (tokens and reasoning steps)", "MiB")
-    for r in data["results"]:
-        name, n = r["impl"], r["n_positions"]
-        if r.get("status") != "ok":
-            why = r.get("status", "failed") + (f": {r['error']}" if r.get("error") else "")
-            time_p.miss(name, n, why)
-            mem_p.miss(name, n, why)
-            continue
-        time_p.add(name, n, r["time_s"])
-        mem_p.add(name, n, r["peak_bytes"] / MIB)
-    return title, [time_p, mem_p]
+             f"{mach.get('threads', '?')} threads, torch {mach.get('torch', '?')}; dim {mod['dim']}, depth "
+             f"{mod['depth']}, heads {mod['heads']}, R={mod['num_reason_tokens']}, "
+             f"W={mod['num_steps_future_can_use_reason']}")
+
+    def point(r):
+        status = r.get("status", "failed")
+        why = None if status == "ok" else status + (f": {r['error']}" if r.get("error") else "")
+        return r["impl"], r["n_positions"], r.get("time_s"), r.get("peak_bytes"), why
+
+    return title, _time_and_memory(data["results"], point, "positions N (tokens and reasoning steps)",
+                                   "seconds per training step", "peak memory of the step")
 
 
 def gpu_panels(data):
