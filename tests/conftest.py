@@ -12,7 +12,13 @@ which carries what differs between them:
   of PyTorch's own math path in bfloat16), other comparisons bounds of about 10x bfloat16's
   rounding;
 - "cpu-bf16" (not run by default; ``SRT_TEST_CONFIGS=cpu,cpu-bf16``): the CPU kernel's bfloat16 path
-  with the "cuda-bf16" tolerances.
+  with the "cuda-bf16" tolerances;
+- "cpu-fp32" (not run by default): the CPU kernel's float32 path with the "cuda" tolerances and
+  head_dim.
+
+tests/test_cuda_emulation_suite.py runs "cpu-bf16" and "cpu-fp32" with the op's CPU kernels
+replaced by the emulated CUDA kernels (tests/emulated_cuda_op.py), so that the tests a GPU runs in
+"cuda-bf16" and "cuda" meet the same kernels' source on the CPU.
 
 The reference always runs in float64 on the same (rounded) inputs. ``SRT_TEST_CONFIGS`` (a comma
 list) replaces the default set: "cpu", plus "cuda" and "cuda-bf16" when a GPU is there.
@@ -129,10 +135,11 @@ class DeviceConfig:
 
 
 def config_for(name: str) -> DeviceConfig:
-    """The configuration named "cpu", "cuda", "cuda-bf16" or "cpu-bf16" (see the module docstring)."""
-    if name == "cuda":
+    """The configuration named "cpu", "cuda", "cuda-bf16", "cpu-bf16" or "cpu-fp32" (see the module
+    docstring)."""
+    if name in ("cuda", "cpu-fp32"):
         # the float32 CUDA-core kernels (expf, fp32 sums in another order than the reference's)
-        return DeviceConfig("cuda", torch.float32, 64, atol=2e-3, rtol=5e-3, grad_atol=5e-3, grad_rtol=1e-2)
+        return DeviceConfig(name.split("-")[0], torch.float32, 64, atol=2e-3, rtol=5e-3, grad_atol=5e-3, grad_rtol=1e-2)
     if name in ("cuda-bf16", "cpu-bf16"):
         # bfloat16 keeps 8 significant bits (relative rounding 2^-9 = 2e-3): the output, P and dS
         # are rounded once each; sums stay in fp32. The bounds are about 10x those roundings,
@@ -141,7 +148,8 @@ def config_for(name: str) -> DeviceConfig:
                             grad_rtol=3e-2)
     if name == "cpu":
         return DeviceConfig("cpu", torch.float64, 16, atol=1e-10, rtol=1e-9, grad_atol=1e-10, grad_rtol=1e-9)
-    raise ValueError(f"unknown test configuration {name!r} (SRT_TEST_CONFIGS): cpu, cuda, cuda-bf16, cpu-bf16")
+    raise ValueError(f"unknown test configuration {name!r} (SRT_TEST_CONFIGS): cpu, cuda, cuda-bf16, cpu-bf16, "
+                     "cpu-fp32")
 
 
 def run_with_grads(fn, q, k, v, grad_out, **kwargs):

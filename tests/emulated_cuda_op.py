@@ -1,10 +1,11 @@
 """pytest plugin: the op's CPU kernels replaced by the CUDA kernels' source run on the CPU emulator.
 
 Loaded with ``-p emulated_cuda_op`` (tests/ on the path) by tests/test_cuda_emulation_suite.py,
-which runs the cfg-parametrised tests of tests/test_attention.py in a subprocess with
-``SRT_TEST_CONFIGS=cpu-bf16``: every mask kind, broadcast shape, reasoning mode, scale and layout
-that the suite checks against the float64 reference then runs through the tensor-core kernels'
-source (tests/cuda_emulation), not through the CPU kernel. float16/bfloat16/float32 calls go to the
+which runs the cfg-parametrised tests of tests/test_attention.py and tests/test_func_transforms.py
+in a subprocess with ``SRT_TEST_CONFIGS=cpu-bf16`` or ``cpu-fp32``: every mask kind, broadcast
+shape, reasoning mode, scale and layout that the suite checks against the float64 reference then
+runs through the tensor-core kernels' (bfloat16) or the CUDA-core kernels' (float32) source
+(tests/cuda_emulation), not through the CPU kernel. float16/bfloat16/float32 calls go to the
 emulated kernels; float64 (which has no CUDA kernel) raises. ``SRT_EMU_CP_ASYNC`` ("early" or
 "late", default "late") sets when cp.async copies land. At the end the number of emulated calls
 is printed, so that the caller can tell the plugin really ran.

@@ -102,8 +102,11 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads) attn_fwd_kernel(const 
                       forward_allows(b, h, i, j, p.causal, p.shift, p.attn_mask, p.key_padding, rs);
       const float x = ok ? s[r] * p.scale : kNegInf;
       const float m_new = fmaxf(row_max[r], warp_max(x));
-      // ok implies x and m_new >= x are finite for finite inputs: no inf - inf (a NaN input gives NaN, kept).
-      const float prob = ok ? expf(x - m_new) : 0.f;
+      // A -inf max (nothing allowed yet, or every allowed score -inf: an -inf in q or k) is
+      // replaced by 0, so that exp(-inf - 0) = 0 instead of exp(-inf + inf) = NaN: such a row
+      // stays empty, as in fwd_tc_kernel.cuh and the CPU kernel. A NaN score stays NaN.
+      const float base = m_new == kNegInf ? 0.f : m_new;
+      const float prob = ok ? expf(x - base) : 0.f;
       const float alpha = row_max[r] == kNegInf ? 0.f : expf(row_max[r] - m_new);
       row_sum[r] = row_sum[r] * alpha + warp_sum(prob);
       row_max[r] = m_new;
