@@ -294,28 +294,26 @@ sys.exit(0 if s.cuda_kernels_available() and all(reg) and torch.cuda.is_availabl
   if (( profile_reserve > 0 && bench_left < ${SRT_BENCH_MIN_S:-150} )) && ! skipped bench; then
     bench_left=$(( bench_left + profile_reserve )); profile_reserve=0; profile_given_up=1
   fi
-  bench_ran=0
   if wanted bench; then
-    bench_ran=1
     rm -f "$OUTDIR/bench.json" "$OUTDIR/bench.png"  # a reused OUTDIR: no old numbers in this run's plot
     # shellcheck disable=SC2086
     stage bench "$bench_left" "$PY" benchmarks/bench_gpu.py --out "$OUTDIR/bench.json" \
           --table-out "$OUTDIR/bench_table.txt" --budget-s $(( bench_left - 40 )) ${BENCH_ARGS:-}
-  fi
-  # The benchmark as a picture (benchmarks/plot_bench.py, a few seconds on the CPU, taken from
-  # the 40 s the benchmark leaves of its stage, never from the profile's reserve): bench.png; a
-  # failed plot is noted, not counted.
-  if (( bench_ran )) && [[ -s "$OUTDIR/bench.json" ]]; then
-    plot_left=$(( DEADLINE - $(date +%s) - 15 - profile_reserve )); (( plot_left > 60 )) && plot_left=60
-    if (( plot_left < 5 )); then
-      note "bench: no plot (no time left in the budget)"
-    elif timeout "$plot_left" "$PY" benchmarks/plot_bench.py "$OUTDIR/bench.json" --out "$OUTDIR/bench.png" \
-         >>"$LOGS/plot.log" 2>&1; then
-      note "bench: plot in bench.png"
-    else
-      note "bench: no plot (plot.log in logs.tar.gz)"
+    # The benchmark as a picture (benchmarks/plot_bench.py, a few seconds on the CPU, taken from
+    # the 40 s the benchmark leaves of its stage, never from the profile's reserve): bench.png; a
+    # failed plot is noted, not counted.
+    if [[ -s "$OUTDIR/bench.json" ]]; then
+      plot_left=$(( DEADLINE - $(date +%s) - 15 - profile_reserve )); (( plot_left > 60 )) && plot_left=60
+      if (( plot_left < 5 )); then
+        note "bench: no plot (no time left in the budget)"
+      elif timeout "$plot_left" "$PY" benchmarks/plot_bench.py "$OUTDIR/bench.json" --out "$OUTDIR/bench.png" \
+           >>"$LOGS/plot.log" 2>&1; then
+        note "bench: plot in bench.png"
+      else
+        note "bench: no plot (plot.log in logs.tar.gz)"
+      fi
+      pack_logs
     fi
-    pack_logs
   fi
 
   # Why the numbers are what they are: Nsight Compute on one fwd+bwd of (a), (a2), (a3), (b) and
