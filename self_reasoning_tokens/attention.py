@@ -44,6 +44,21 @@ def _check_dense_tensor(name: str, t, optional: bool = False) -> None:
                         "convert it with .to_dense()")
 
 
+def _autocast_inputs(q, k, v):
+    """q, k, v as the op computes them under ``torch.autocast``: like SDPA's (which autocast runs
+    in the lower-precision dtype on CPU and CUDA), every floating tensor other than float64 on the
+    autocast-enabled device type of q is cast to the autocast dtype, so that q, k and v of mixed
+    dtypes (e.g. float32 q and k from a rotary embedding, bfloat16 v) work as they do with SDPA.
+    Outside autocast nothing is cast (mixed dtypes then raise). The casts are differentiable:
+    the gradients come back in the inputs' own dtypes."""
+    if not isinstance(q, torch.Tensor) or not torch.is_autocast_enabled(q.device.type):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(q.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.device.type == q.device.type
+                 and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in (q, k, v))
+
+
 def _check_qkv(q, k, v) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_dense_tensor(name, t)
@@ -55,7 +70,9 @@ def _check_qkv(q, k, v) -> None:
             raise TypeError(f"{name} must be a floating tensor (float32, float64, bfloat16 or "
                             f"float16), got {t.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        after = (" (after torch.autocast's cast, which leaves float64 and other devices' tensors as they are)"
+                 if torch.is_autocast_enabled(q.device.type) else "")
+        raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}{after}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k and v must be on the same device, got {q.device}, {k.device}, {v.device}")
     b, h, n, d = q.shape
@@ -124,7 +141,9 @@ def stop_graddable_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     Args:
         q: (batch, heads, n, head_dim) queries.
-        k, v: (batch, heads, m, head_dim) keys and values (same dtype and device as q).
+        k, v: (batch, heads, m, head_dim) keys and values (same dtype and device as q; under
+            ``torch.autocast`` they and q are cast to the autocast dtype first, as SDPA's are:
+            float64 is not cast, gradients come back in the inputs' dtypes).
         mask: optional bool (batch, m) key padding, True = real key.
         attn_mask: optional bool mask broadcastable to (batch, heads, n, m), True = may attend.
         causal: bottom-right aligned causal masking, ``j <= i + (m - n)``.
@@ -153,6 +172,7 @@ def stop_graddable_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         stop_v = torch.zeros(6, 6, dtype=torch.bool); stop_v[:, 0] = True  # no dV for key 0
         out = stop_graddable_attn(q, k, v, causal=True, v_stop_grad_mask=stop_v)
     """
+    q, k, v = _autocast_inputs(q, k, v)
     _check_qkv(q, k, v)
     b, h, n, d = q.shape
     m = k.shape[2]
