@@ -267,6 +267,31 @@ def test_all_rows_masked_and_empty_keys(cfg):
             assert (t == 0).all()
 
 
+def test_grouped_query_attention_through_repeat_interleave(cfg, helpers):
+    """README: GQA/MQA by passing k, v repeated over each group's heads. The result equals SDPA's
+    own GQA (enable_gqa, in float64), and each shared head's gradient is the sum of its group's
+    gradients in the reference run on the repeated heads (a stop mask differs per query head)."""
+    b, h, h_kv, n = 2, 4, 2, 11
+    g = h // h_kv
+    q = cfg.randn(b, h, n, cfg.head_dim)
+    k, v = (cfg.randn(b, h_kv, n, cfg.head_dim) for _ in range(2))
+    grad_out = cfg.randn(b, h, n, cfg.head_dim)
+    stop = (torch.rand(h, n, n) < 0.4).to(cfg.device)
+
+    def gqa(q, k, v, **kw):
+        return stop_graddable_attn(q, k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1), **kw)
+
+    out, dq, dk, dv = helpers.run_with_grads(gqa, q, k, v, grad_out, causal=True, k_stop_grad_mask=stop)
+    assert dk.shape == k.shape and dv.shape == v.shape
+    sdpa = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True, enable_gqa=True)
+    exp = helpers.reference64(q, k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1), grad_out,
+                              causal=True, k_stop_grad_mask=stop)
+    grouped = [exp[0], exp[1]] + [t.unflatten(1, (h_kv, g)).sum(2) for t in exp[2:]]
+    cfg.assert_close(out, sdpa, what="out vs SDPA's GQA")
+    for name, a, e in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), grouped):
+        cfg.assert_close(a, e, grad=name != "out", what=name)
+
+
 def test_head_dim_zero_on_cpu():
     """head_dim 0: all scores are 0, the outputs and gradients are empty; the op and the reference
     (whose default scale divided by zero) both accept it, and the log-sum-exp counts the allowed keys."""
