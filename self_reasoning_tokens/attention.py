@@ -44,6 +44,11 @@ def _check_dense_tensor(name: str, t, optional: bool = False) -> None:
                         "convert it with .to_dense()")
 
 
+def _autocast_on(device_type: str) -> bool:
+    """Whether torch.autocast is on for one of the op's device types (torch raises for some others)."""
+    return device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
+
+
 def _autocast_inputs(q, k, v):
     """q, k, v as the op computes them under ``torch.autocast``: like SDPA's (which autocast runs
     in the lower-precision dtype on CPU and CUDA), every floating tensor other than float64 on the
@@ -51,7 +56,7 @@ def _autocast_inputs(q, k, v):
     dtypes (e.g. float32 q and k from a rotary embedding, bfloat16 v) work as they do with SDPA.
     Outside autocast nothing is cast (mixed dtypes then raise). The casts are differentiable:
     the gradients come back in the inputs' own dtypes."""
-    if not isinstance(q, torch.Tensor) or not torch.is_autocast_enabled(q.device.type):
+    if not isinstance(q, torch.Tensor) or not _autocast_on(q.device.type):
         return q, k, v
     dtype = torch.get_autocast_dtype(q.device.type)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.device.type == q.device.type
@@ -71,7 +76,7 @@ def _check_qkv(q, k, v) -> None:
                             f"float16), got {t.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
         after = (" (after torch.autocast's cast, which leaves float64 and other devices' tensors as they are)"
-                 if torch.is_autocast_enabled(q.device.type) else "")
+                 if _autocast_on(q.device.type) else "")
         raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}{after}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k and v must be on the same device, got {q.device}, {k.device}, {v.device}")

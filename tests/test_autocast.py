@@ -121,3 +121,13 @@ def test_torch_compile_under_autocast(device):
     assert out.dtype == torch.bfloat16 and torch.equal(out, exp_out)
     for got, exp in zip(grads, exp_grads):
         assert got.dtype == torch.float32 and torch.equal(got, exp.float())
+
+
+def test_other_devices_still_get_the_devices_error():
+    """Autocast is asked about q's device only for the op's devices: a meta tensor gets the
+    "supported devices" error, not autocast's "unknown device type"."""
+    q = torch.randn(1, 1, 4, 16, device="meta")
+    with pytest.raises(ValueError, match="supported devices: cpu, cuda"):
+        stop_graddable_attn(q, q, q)
+    with pytest.raises(TypeError, match="same dtype, got torch.float32, torch.float32, torch.float16$"):
+        stop_graddable_attn(q, q, q.half())
