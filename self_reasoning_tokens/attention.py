@@ -74,12 +74,11 @@ def _check_qkv(q, k, v) -> None:
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor (float32, float64, bfloat16 or "
                             f"float16), got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        after = (" (after torch.autocast's cast, which leaves float64 and other devices' tensors as they are)"
-                 if _autocast_on(q.device.type) else "")
-        raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}{after}")
-    if not (q.device == k.device == v.device):
+    if not (q.device == k.device == v.device):  # (first: autocast casts only q's device type)
         raise ValueError(f"q, k and v must be on the same device, got {q.device}, {k.device}, {v.device}")
+    if not (q.dtype == k.dtype == v.dtype):
+        after = " (after torch.autocast's cast, which leaves float64 as it is)" if _autocast_on(q.device.type) else ""
+        raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}{after}")
     b, h, n, d = q.shape
     if k.shape[0] != b or v.shape[0] != b:
         raise ValueError(f"k and v must have q's batch size {b}, got k {tuple(k.shape)}, v {tuple(v.shape)}")

@@ -131,3 +131,8 @@ def test_other_devices_still_get_the_devices_error():
         stop_graddable_attn(q, q, q)
     with pytest.raises(TypeError, match="same dtype, got torch.float32, torch.float32, torch.float16$"):
         stop_graddable_attn(q, q, q.half())
+    # k on another device under a CPU region: the devices error, not a dtype error (only q's
+    # device type is cast)
+    q_cpu = torch.randn(1, 1, 4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="same device"):
+        stop_graddable_attn(q_cpu, q, q_cpu)
