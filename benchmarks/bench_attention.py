@@ -12,11 +12,13 @@ the call allocates, the n x n matrices of the reference included, but not the in
 
     python benchmarks/bench_attention.py                 # n = 1024, 4096, 8192
     python benchmarks/bench_attention.py --n 1024 --repeats 2 --out /tmp/a.json
+    python benchmarks/bench_attention.py --dtype bfloat16   # q, k, v and the output in bfloat16
 
 The JSON goes to runs/bench/attention_cpu.json unless --out says otherwise, with its plot
 (time and peak memory against n, benchmarks/plot_bench.py) beside it as .png; the committed
 results the README's tables come from are regenerated with
---out benchmarks/results/attention_cpu.json (and --heads 1 --out .../attention_cpu_1head.json).
+--out benchmarks/results/attention_cpu.json (and --heads 1 --out .../attention_cpu_1head.json,
+--dtype bfloat16 --out .../attention_cpu_bf16_avx2.json).
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ from plot_bench import plot_after_benchmark  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(ROOT, "runs", "bench", "attention_cpu.json")  # not the committed results
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def make_contenders(b, h, n, d, dtype):
@@ -70,8 +73,9 @@ def make_contenders(b, h, n, d, dtype):
 
 
 def reference_bytes_estimate(b, h, n, d, itemsize):
-    # the reference keeps about ten (b, h, n, n) matrices alive at its peak
-    return 10 * b * h * n * n * itemsize
+    # the reference keeps about ten (b, h, n, n) matrices alive at its peak (counted at 4 bytes
+    # each for half inputs too: a bound on the safe side)
+    return 10 * b * h * n * n * max(itemsize, 4)
 
 
 def measure(step, clear_grads, can_reset):
@@ -95,6 +99,8 @@ def main(argv=None):
     ap.add_argument("--heads", type=_positive_int, default=8, help="heads (default 8)")
     ap.add_argument("--head-dim", type=_positive_int, default=64, help="head dim (default 64)")
     ap.add_argument("--repeats", type=_positive_int, default=3, help="timed rounds per size (median reported)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                    help="dtype of q, k, v for every contender (default float32)")
     ap.add_argument("--max-reference-gb", type=float, default=12.0,
                     help="skip the reference where its estimated memory exceeds this")
     ap.add_argument("--out", default=DEFAULT_OUT,
@@ -103,13 +109,13 @@ def main(argv=None):
                     "written only when named here)")
     args = ap.parse_args(argv)
 
-    dtype = torch.float32
+    dtype = DTYPES[args.dtype]
     return_freed_memory_to_os()
     can_reset = reset_peak_rss()
     results = []
     for n in args.n:
         clear_grads, contenders = make_contenders(args.batch, args.heads, n, args.head_dim, dtype)
-        est = reference_bytes_estimate(args.batch, args.heads, n, args.head_dim, 4)
+        est = reference_bytes_estimate(args.batch, args.heads, n, args.head_dim, dtype.itemsize)
         skip = {}
         if est > args.max_reference_gb * 2**30:
             skip["reference"] = f"estimated {est / 2**30:.0f} GB > --max-reference-gb {args.max_reference_gb:g}"
@@ -143,7 +149,7 @@ def main(argv=None):
         gc.collect()
 
     print()
-    print(f"fwd+bwd, b={args.batch}, h={args.heads}, d={args.head_dim}, float32, causal, "
+    print(f"fwd+bwd, b={args.batch}, h={args.heads}, d={args.head_dim}, {args.dtype}, causal, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"{'n':>6}  {'contender':<13} {'time (s)':>9} {'x sdpa':>7} {'peak mem (MiB)':>15} {'x sdpa':>7}")
     for r in results:
@@ -155,7 +161,7 @@ def main(argv=None):
                   f"{r['peak_mem_bytes'] / 2**20:>15.1f} {mv:>7}")
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
             "processor": cpu_name(), "batch": args.batch, "heads": args.heads, "head_dim": args.head_dim,
-            "dtype": "float32", "causal": True, "repeats": args.repeats,
+            "dtype": args.dtype, "causal": True, "repeats": args.repeats,
             "memory": "peak RSS during one fwd+bwd minus RSS before it" if can_reset else "unavailable"}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

@@ -64,6 +64,17 @@ def test_attention_benchmark_writes_its_json(tmp_path):
     assert data["meta"]["heads"] == 1 and data["meta"]["head_dim"] == 16
     assert data["meta"]["processor"]  # times depend on it (AVX2 or AVX-512 loops)
     assert (tmp_path / "a.png").read_bytes().startswith(b"\x89PNG")  # its plot, beside it
+    assert data["meta"]["dtype"] == "float32"
+
+
+def test_attention_benchmark_in_bfloat16(tmp_path):
+    out = tmp_path / "b.json"
+    proc = run("bench_attention.py", "--n", 32, "--repeats", 1, "--heads", 1, "--head-dim", 16,
+               "--dtype", "bfloat16", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert data["meta"]["dtype"] == "bfloat16" and "bfloat16, causal" in proc.stdout
+    assert all("fwd_bwd_s" in r for r in data["results"])
 
 
 def test_transformer_benchmark_writes_its_json(tmp_path):
