@@ -67,13 +67,13 @@ def test_attention_benchmark_writes_its_json(tmp_path):
     assert data["meta"]["dtype"] == "float32"
 
 
-def test_attention_benchmark_in_bfloat16(tmp_path):
+def test_attention_benchmark_in_bfloat16(tmp_path, capsys):
+    # in this process, as the bad-argument tests (the float32 test above covers the command line)
     out = tmp_path / "b.json"
-    proc = run("bench_attention.py", "--n", 32, "--repeats", 1, "--heads", 1, "--head-dim", 16,
-               "--dtype", "bfloat16", "--out", out)
-    assert proc.returncode == 0, proc.stderr
+    import_script("bench_attention.py").main(["--n", "32", "--repeats", "1", "--heads", "1", "--head-dim", "16",
+                                              "--dtype", "bfloat16", "--out", str(out)])
     data = json.loads(out.read_text())
-    assert data["meta"]["dtype"] == "bfloat16" and "bfloat16, causal" in proc.stdout
+    assert data["meta"]["dtype"] == "bfloat16" and "bfloat16, causal" in capsys.readouterr().out
     assert all("fwd_bwd_s" in r for r in data["results"])
 
 
