@@ -115,6 +115,41 @@ def test_backward_op_matches_autograd(cfg):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("bh", [(1, 1), (2, 3)])
+def test_cpu_half_precision_is_the_float32_computation_rounded(dtype, threads, bh):
+    """The CPU kernels compute bfloat16/float16 in float32: out, lse, dQ, dK and dV are bit for
+    bit the float32 op's on the upcast tensors, rounded to the input dtype. One head (2 threads
+    then split its key tiles into two groups with their own dQ rows) and six heads; key tiles of
+    256, so 600 keys make three; non-contiguous q and dO; causal, masks, reasoning tokens."""
+    b, h = bh
+    n, m, d = 300, 600, 32
+    torch.manual_seed(3)
+    q = torch.randn(b, n, h, d).to(dtype).transpose(1, 2)  # a strided view
+    k, v = (torch.randn(b, h, m, d).to(dtype) for _ in range(2))
+    g = torch.randn(b, h, d, n).to(dtype).transpose(-1, -2)
+    pad = torch.rand(b, m) < 0.9
+    pad[:, 0] = True
+    masks = (pad, torch.rand(n, m) < 0.8, torch.rand(h, n, m) < 0.2, torch.rand(n, m), None)
+    rest = (True, 0.3, 2, 3, True, None)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out, lse = ops.attn_fwd(q, k, v, *masks, *rest)
+        out32, lse32 = ops.attn_fwd(q.float(), k.float(), v.float(), *masks, *rest)
+        grads = ops.attn_bwd(g, q, k, v, out, lse, *masks, *rest)
+        grads32 = ops.attn_bwd(g.float(), q.float(), k.float(), v.float(), out.float(), lse, *masks, *rest)
+    finally:
+        torch.set_num_threads(old)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert torch.equal(out, out32.to(dtype)) and torch.equal(lse, lse32)
+    for name, got, want in zip(("dq", "dk", "dv"), grads, grads32):
+        assert got.dtype == dtype, name
+        assert torch.equal(got, want.to(dtype)), name
+        assert got.abs().max() > 0, name
+
+
 def test_double_backward_is_refused():
     q, k, v = (torch.randn(1, 1, 4, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     out = stop_graddable_attn(q, k, v)
@@ -198,7 +233,7 @@ def test_torch_compile_fullgraph_with_a_scale_that_varies(device):
 # memory: O(n), never an n x n matrix
 # --------------------------------------------------------------------------------------------
 
-MEMORY_SCRIPT = textwrap.dedent("""
+RSS_HELPERS = textwrap.dedent("""
     import resource, sys, time
     import torch
     import self_reasoning_tokens as srt
@@ -223,7 +258,9 @@ MEMORY_SCRIPT = textwrap.dedent("""
         how, base = token
         peak = status_kb("VmHWM") if how == "proc" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return (peak - base) / 1024.0
+""")
 
+MEMORY_SCRIPT = RSS_HELPERS + textwrap.dedent("""
     n, d = int(sys.argv[1]), 32
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 1, n, d, requires_grad=True) for _ in range(3))
@@ -251,25 +288,55 @@ MEMORY_SCRIPT = textwrap.dedent("""
 
 
 
-def test_memory_is_linear_in_n():
-    """Forward + backward at n = 16384 (an n x n float32 matrix would be 1 GiB): the peak RSS of
-    the process grows by far less than that."""
-    n = 16384
+def _run_one_thread(script, *args):
+    """Runs `script` in a fresh one-thread python (the claims do not depend on the thread count,
+    and the time stays predictable on a busy machine); returns its stdout."""
     env = dict(os.environ)
-    # one thread: the claim does not depend on it, and the time stays predictable on a busy machine
     env["OMP_NUM_THREADS"] = "1"
     # import the package from wherever this process imported it (installed or a checkout)
     pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(srt.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH")) if p)
-    res = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(n)], capture_output=True, text=True,
-                         env=env, timeout=300)
+    res = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True,
+                         text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    growth_mb, control_mb, seconds = map(float, res.stdout.split()[-3:])
+    return res.stdout
+
+
+def test_memory_is_linear_in_n():
+    """Forward + backward at n = 16384 (an n x n float32 matrix would be 1 GiB): the peak RSS of
+    the process grows by far less than that."""
+    n = 16384
+    growth_mb, control_mb, seconds = map(float, _run_one_thread(MEMORY_SCRIPT, n).split()[-3:])
     nxn_mb = n * n * 4 / 2**20
     print(f"peak RSS growth {growth_mb:.1f} MiB at n={n} ({seconds:.2f} s); n x n float32 = {nxn_mb:.0f} MiB; "
           f"control {control_mb:.0f} MiB")
     assert control_mb > 0.8 * nxn_mb / 4, f"the RSS measurement missed a {nxn_mb / 4:.0f} MiB tensor"
     assert growth_mb < 64, f"peak RSS grew by {growth_mb:.1f} MiB (n x n would be {nxn_mb:.0f} MiB)"
+
+
+HALF_MEMORY_SCRIPT = RSS_HELPERS + textwrap.dedent("""
+    b, h, n, d = 1, int(sys.argv[1]), int(sys.argv[2]), 64
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(b, h, n, d, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    x = [t.detach()[:, :, :512].clone().requires_grad_() for t in (q, k, v)]  # warm-up
+    srt.stop_graddable_attn(*x, causal=True).sum().backward()
+    g = torch.randn_like(q)
+    token = start()
+    srt.stop_graddable_attn(q, k, v, causal=True).backward(g)
+    print(f"{growth_mb(token):.1f}")
+""")
+
+
+def test_cpu_half_precision_works_on_one_heads_float32_copy_per_thread():
+    """bfloat16/float16 compute in float32 through per-thread copies of one (batch, head), so
+    forward + backward of 16 heads on one thread allocate the results (the bfloat16 output and
+    dQ, dK, dV: 4 tensors of q's size) plus a few heads in float32, not float32 copies of the
+    whole tensors (five inputs and three gradients: about 12 more of q's size)."""
+    heads, n = 16, 4096
+    q_mb = heads * n * 64 * 2 / 2**20  # one bfloat16 tensor of q's shape: 8 MiB
+    growth_mb = float(_run_one_thread(HALF_MEMORY_SCRIPT, heads, n).split()[-1])
+    print(f"peak RSS growth {growth_mb:.1f} MiB; q is {q_mb:.0f} MiB")
+    assert growth_mb < 7 * q_mb, f"peak RSS grew by {growth_mb:.1f} MiB = {growth_mb / q_mb:.1f}x q's size"
 
 
 

@@ -6,8 +6,11 @@
 // N x M matrix. Block products run on the BLAS behind at::cpu::mm_out; masks are read through
 // their strides (csrc/mask_semantics.h) one tile at a time.
 //
-// float32 and float64 compute in their own precision; bfloat16/float16 inputs are converted to
-// float32 once (O(N) memory) and the results converted back, so accumulation is always fp32+.
+// float32 and float64 compute in their own precision. bfloat16/float16 compute in float32: each
+// thread converts the (batch, head) it works on into a float32 buffer of that head only, and
+// writes its results back converted, so accumulation is always fp32+ and the float32 working
+// memory is a few heads per thread (O(N)), never a float32 copy of the whole tensors.
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/addmm_cpu_dispatch.h>
 #include <ATen/ops/mm_cpu_dispatch.h>
@@ -16,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../attn_params.h"
@@ -176,20 +180,70 @@ bool apply_factor_tile(const MaskView& mv, bool with_region, const AttnParams& p
   return true;
 }
 
-template <typename T>
-void forward_kernel(const AttnParams& p, const T* Q, const T* K, const T* V, T* O, T* LSE) {
+// One (batch, head)'s rows of an input in the compute type T. When the input already holds T
+// this is its own memory; otherwise (bfloat16/float16 inputs) the head is converted into a
+// buffer owned by the calling thread, once per head in a row of calls for the same head.
+template <typename T, typename In>
+class HeadRows {
+ public:
+  HeadRows(const In* data, int64_t rows_per_head, int64_t D) : data_(data), size_(rows_per_head * D) {}
+
+  const T* head(int64_t bh) {
+    const In* src = data_ + bh * size_;
+    if constexpr (std::is_same_v<T, In>) {
+      return src;
+    } else {
+      if (bh != cached_) {
+        buf_.resize(size_);
+        for (int64_t i = 0; i < size_; ++i) buf_[i] = static_cast<T>(src[i]);
+        cached_ = bh;
+      }
+      return buf_.data();
+    }
+  }
+
+ private:
+  const In* data_;
+  int64_t size_;
+  int64_t cached_ = -1;
+  std::vector<T> buf_;
+};
+
+// Where a head's gradient rows accumulate in T: the output itself when it holds T, else a
+// per-thread buffer of `size` elements that store_rows later converts into the output.
+template <typename T, typename In>
+T* accumulator(In* out, std::vector<T>& buf, int64_t size) {
+  if constexpr (std::is_same_v<T, In>) {
+    return out;
+  } else {
+    buf.resize(size);
+    return buf.data();
+  }
+}
+
+// dst[i] = src[i] converted, when accumulator() gave a buffer (nothing to do otherwise).
+template <typename T, typename In>
+void store_rows(const T* src, In* dst, int64_t n) {
+  if constexpr (!std::is_same_v<T, In>) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<In>(src[i]);
+  }
+}
+
+// T: the compute type; In: the tensors' type (T, or bfloat16/float16 with T = float).
+template <typename T, typename In>
+void forward_kernel(const AttnParams& p, const In* Q, const In* K, const In* V, In* O, T* LSE) {
   const int64_t B = p.B, H = p.H, N = p.N, M = p.M, D = p.D;
   const int64_t nqb = (N + kBlockQ - 1) / kBlockQ;
   at::parallel_for(0, B * H * nqb, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> s_buf(kBlockQ * kBlockK), acc_buf(kBlockQ * D), m_buf(kBlockQ), l_buf(kBlockQ);
-    at::Tensor s_t = wrap(s_buf.data(), kBlockQ, kBlockK, kBlockK);
+    HeadRows<T, In> q_rows(Q, N, D), k_rows(K, M, D), v_rows(V, M, D);
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t bh = idx / nqb, qb = idx % nqb;
       const int64_t b = bh / H, h = bh % H;
       const int64_t i0 = qb * kBlockQ, rows = std::min(kBlockQ, N - i0);
-      const T* q = Q + (bh * N + i0) * D;
-      const T* k = K + bh * M * D;
-      const T* v = V + bh * M * D;
+      const T* q = q_rows.head(bh) + i0 * D;
+      const T* k = k_rows.head(bh);
+      const T* v = v_rows.head(bh);
       std::fill(acc_buf.begin(), acc_buf.end(), T(0));
       std::fill(m_buf.begin(), m_buf.end(), neg_inf<T>());
       std::fill(l_buf.begin(), l_buf.end(), T(0));
@@ -223,15 +277,15 @@ void forward_kernel(const AttnParams& p, const T* Q, const T* K, const T* V, T* 
         }
         matmul_into(acc_t, s, wrap(v + j0 * D, cols, D, D), true);
       }
-      T* o = O + (bh * N + i0) * D;
+      In* o = O + (bh * N + i0) * D;
       T* lse = LSE + bh * N + i0;
       for (int64_t r = 0; r < rows; ++r) {
         if (l_buf[r] == T(0)) {  // a row with no allowed key: zero output, lse = -inf
-          std::fill(o + r * D, o + (r + 1) * D, T(0));
+          std::fill(o + r * D, o + (r + 1) * D, In(0));
           lse[r] = neg_inf<T>();
         } else {
           const T inv = T(1) / l_buf[r];
-          for (int64_t d = 0; d < D; ++d) o[r * D + d] = acc_buf[r * D + d] * inv;
+          for (int64_t d = 0; d < D; ++d) o[r * D + d] = static_cast<In>(acc_buf[r * D + d] * inv);
           lse[r] = m_buf[r] + std::log(l_buf[r]);
         }
       }
@@ -256,9 +310,10 @@ int64_t backward_key_groups(const AttnParams& p) {
   return best;
 }
 
-template <typename T>
-void backward_kernel(const AttnParams& p, const T* Q, const T* K, const T* V, const T* O,
-                     const T* dO, const T* LSE, T* dQ, T* dK, T* dV) {
+// T: the compute type; In: the tensors' type (T, or bfloat16/float16 with T = float).
+template <typename T, typename In>
+void backward_kernel(const AttnParams& p, const In* Q, const In* K, const In* V, const In* O,
+                     const In* dO, const T* LSE, In* dQ, In* dK, In* dV) {
   const int64_t B = p.B, H = p.H, N = p.N, M = p.M, D = p.D;
   const T scale = static_cast<T>(p.scale);
   const int64_t tile = kBlockQ * kBlockK;
@@ -267,22 +322,26 @@ void backward_kernel(const AttnParams& p, const T* Q, const T* K, const T* V, co
   // With one group the task also owns the head's dQ rows; with several, each task adds its dQ
   // terms into its own N x D buffer (at most one per thread: O(N) memory), and the buffers are
   // summed in group order afterwards, so the result does not depend on the schedule.
+  // Reduced-precision tensors are read through per-thread float32 copies of one head
+  // (HeadRows), and gradients accumulate in per-thread float32 rows converted at the end.
   const int64_t G = backward_key_groups(p);
   std::vector<T> dq_parts(G > 1 ? B * H * G * N * D : 0);
   at::parallel_for(0, B * H * G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> P(tile), dS(tile), tmp(tile), Drow(N);
+    std::vector<T> P(tile), dS(tile), tmp(tile), Drow(N), dq_buf, dk_buf, dv_buf;
+    HeadRows<T, In> q_rows(Q, N, D), k_rows(K, M, D), v_rows(V, M, D), o_rows(O, N, D),
+        do_rows(dO, N, D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / G, g = task % G;
       const int64_t b = bh / H, h = bh % H;
-      const T* q = Q + bh * N * D;
-      const T* k = K + bh * M * D;
-      const T* v = V + bh * M * D;
-      const T* o = O + bh * N * D;
-      const T* dout = dO + bh * N * D;
+      const T* q = q_rows.head(bh);
+      const T* k = k_rows.head(bh);
+      const T* v = v_rows.head(bh);
+      const T* o = o_rows.head(bh);
+      const T* dout = do_rows.head(bh);
       const T* lse = LSE + bh * N;
-      T* dq = G > 1 ? dq_parts.data() + task * N * D : dQ + bh * N * D;
-      T* dk = dK + bh * M * D;
-      T* dv = dV + bh * M * D;
+      T* dq = G > 1 ? dq_parts.data() + task * N * D : accumulator(dQ + bh * N * D, dq_buf, N * D);
+      T* dk = accumulator(dK + bh * M * D, dk_buf, M * D);
+      T* dv = accumulator(dV + bh * M * D, dv_buf, M * D);
       std::fill(dq, dq + N * D, T(0));
       for (int64_t j0 = g * kBlockK; j0 < M; j0 += G * kBlockK) {  // this group's dK, dV rows
         const int64_t rows = std::min(kBlockK, M - j0);
@@ -347,32 +406,34 @@ void backward_kernel(const AttnParams& p, const T* Q, const T* K, const T* V, co
           }
         }
       }
-      if (G == 1) scale_row(dq, N * D, scale);
-      for (int64_t j0 = g * kBlockK; j0 < M; j0 += G * kBlockK)
-        scale_row(dk + j0 * D, std::min(kBlockK, M - j0) * D, scale);
+      if (G == 1) {
+        scale_row(dq, N * D, scale);
+        store_rows(dq, dQ + bh * N * D, N * D);
+      }
+      for (int64_t j0 = g * kBlockK; j0 < M; j0 += G * kBlockK) {
+        const int64_t n = std::min(kBlockK, M - j0) * D;
+        scale_row(dk + j0 * D, n, scale);
+        store_rows(dk + j0 * D, dK + (bh * M + j0) * D, n);
+        store_rows(dv + j0 * D, dV + (bh * M + j0) * D, n);
+      }
     }
   });
   if (G > 1) {  // dQ = scale * (sum of the groups' terms, in group order)
     at::parallel_for(0, B * H * N, 64, [&](int64_t begin, int64_t end) {
+      std::vector<T> out(D);
       for (int64_t row = begin; row < end; ++row) {
         const int64_t bh = row / N, i = row % N;
-        T* out = dQ + row * D;
-        std::fill(out, out + D, T(0));
+        std::fill(out.begin(), out.end(), T(0));
         for (int64_t g = 0; g < G; ++g) {
           const T* part = dq_parts.data() + ((bh * G + g) * N + i) * D;
           for (int64_t d = 0; d < D; ++d) out[d] += part[d];
         }
-        scale_row(out, D, scale);
+        scale_row(out.data(), D, scale);
+        In* dst = dQ + row * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<In>(out[d]);
       }
     });
   }
-}
-
-// Float32 working copy for reduced-precision inputs; the tensor itself otherwise.
-at::Tensor working(const at::Tensor& t) {
-  if (t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf)
-    return t.to(at::kFloat).contiguous();
-  return t.contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor> attn_fwd_cpu(
@@ -384,20 +445,21 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_cpu(
   AttnParams p = make_params(q, k, v, key_padding, attn_mask, q_stop, k_stop, v_stop, causal,
                              scale, num_reason_tokens, reason_window, reason_stop_grad,
                              reason_heads);
-  at::Tensor qw = working(q), kw = working(k), vw = working(v);
-  at::Tensor out = at::empty_like(qw);
-  at::Tensor lse = at::empty({p.B, p.H, p.N}, qw.options().dtype(lse_dtype(q.scalar_type())));
+  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  at::Tensor out = at::empty_like(qc);
+  at::Tensor lse = at::empty({p.B, p.H, p.N}, qc.options().dtype(lse_dtype(q.scalar_type())));
   if (lse.numel() > 0 && p.M > 0) {  // head_dim 0 included: its scores are 0, its lse log(#allowed)
-    AT_DISPATCH_FLOATING_TYPES(qw.scalar_type(), "attn_fwd_cpu", [&] {
-      forward_kernel<scalar_t>(p, qw.data_ptr<scalar_t>(), kw.data_ptr<scalar_t>(),
-                               vw.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                               lse.data_ptr<scalar_t>());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attn_fwd_cpu", [&] {
+      using T = at::opmath_type<scalar_t>;
+      forward_kernel<T, scalar_t>(p, qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(),
+                                  vc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                  lse.data_ptr<T>());
     });
   } else {  // no keys at all: every row is fully masked
     out.zero_();
     lse.fill_(-std::numeric_limits<double>::infinity());
   }
-  return {out.to(q.scalar_type()), lse};
+  return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_cpu(
@@ -410,23 +472,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_cpu(
   AttnParams p = make_backward_params(grad_out, q, k, v, out, lse, key_padding, attn_mask,
                                       q_stop, k_stop, v_stop, causal, scale, num_reason_tokens,
                                       reason_window, reason_stop_grad, reason_heads);
-  at::Tensor qw = working(q), kw = working(k), vw = working(v), ow = working(out),
-             dow = working(grad_out), lw = lse.contiguous();
-  at::Tensor dq = at::empty_like(qw), dk = at::empty_like(kw), dv = at::empty_like(vw);
-  if (qw.numel() > 0 && kw.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES(qw.scalar_type(), "attn_bwd_cpu", [&] {
-      backward_kernel<scalar_t>(p, qw.data_ptr<scalar_t>(), kw.data_ptr<scalar_t>(),
-                                vw.data_ptr<scalar_t>(), ow.data_ptr<scalar_t>(),
-                                dow.data_ptr<scalar_t>(), lw.data_ptr<scalar_t>(),
-                                dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
-                                dv.data_ptr<scalar_t>());
+  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(),
+                   oc = out.contiguous(), doc = grad_out.contiguous(), lc = lse.contiguous();
+  at::Tensor dq = at::empty_like(qc), dk = at::empty_like(kc), dv = at::empty_like(vc);
+  if (qc.numel() > 0 && kc.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attn_bwd_cpu", [&] {
+      using T = at::opmath_type<scalar_t>;
+      backward_kernel<T, scalar_t>(p, qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(),
+                                   vc.data_ptr<scalar_t>(), oc.data_ptr<scalar_t>(),
+                                   doc.data_ptr<scalar_t>(), lc.data_ptr<T>(),
+                                   dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
+                                   dv.data_ptr<scalar_t>());
     });
   } else {
     dq.zero_();
     dk.zero_();
     dv.zero_();
   }
-  return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
+  return {dq, dk, dv};
 }
 
 }  // namespace
