@@ -6,10 +6,10 @@
 // N x M matrix. Block products run on the BLAS behind at::cpu::mm_out; masks are read through
 // their strides (csrc/mask_semantics.h) one tile at a time.
 //
-// float32 and float64 compute in their own precision. bfloat16/float16 compute in float32: each
-// thread converts the (batch, head) it works on into a float32 buffer of that head only, and
-// writes its results back converted, so accumulation is always fp32+ and the float32 working
-// memory is a few heads per thread (O(N)), never a float32 copy of the whole tensors.
+// float32 and float64 compute in their own precision. bfloat16/float16 compute in float32, so
+// accumulation is always fp32+: with more (batch, head)s than threads each thread converts the
+// head it works on into float32 buffers of that head only and writes its results back converted
+// (a few heads per thread); otherwise whole float32 copies are made (half_types_per_thread).
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/addmm_cpu_dispatch.h>
@@ -180,6 +180,29 @@ bool apply_factor_tile(const MaskView& mv, bool with_region, const AttnParams& p
   return true;
 }
 
+// A buffer of n T's from PyTorch's CPU allocator, 64-byte aligned like tensor memory: the block
+// products then see the same operand alignment whether they read a tensor or a buffer, so a BLAS
+// whose results depend on alignment (MKL outside its reproducibility mode) gives the half types'
+// float32 computation exactly the numbers of the float32 op.
+template <typename T>
+class Buffer {
+ public:
+  Buffer() = default;
+  explicit Buffer(int64_t n) { resize(n); }
+  void resize(int64_t n) {
+    if (!t_.defined() || t_.numel() != n) {
+      t_ = at::empty({n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+      ptr_ = t_.data_ptr<T>();
+    }
+  }
+  T* data() const { return ptr_; }
+  T& operator[](int64_t i) const { return ptr_[i]; }
+
+ private:
+  at::Tensor t_;
+  T* ptr_ = nullptr;
+};
+
 // One (batch, head)'s rows of an input in the compute type T. When the input already holds T
 // this is its own memory; otherwise (bfloat16/float16 inputs) the head is converted into a
 // buffer owned by the calling thread, once per head in a row of calls for the same head.
@@ -195,7 +218,8 @@ class HeadRows {
     } else {
       if (bh != cached_) {
         buf_.resize(size_);
-        for (int64_t i = 0; i < size_; ++i) buf_[i] = static_cast<T>(src[i]);
+        T* dst = buf_.data();
+        for (int64_t i = 0; i < size_; ++i) dst[i] = static_cast<T>(src[i]);
         cached_ = bh;
       }
       return buf_.data();
@@ -206,13 +230,13 @@ class HeadRows {
   const In* data_;
   int64_t size_;
   int64_t cached_ = -1;
-  std::vector<T> buf_;
+  Buffer<T> buf_;
 };
 
 // Where a head's gradient rows accumulate in T: the output itself when it holds T, else a
 // per-thread buffer of `size` elements that store_rows later converts into the output.
 template <typename T, typename In>
-T* accumulator(In* out, std::vector<T>& buf, int64_t size) {
+T* accumulator(In* out, Buffer<T>& buf, int64_t size) {
   if constexpr (std::is_same_v<T, In>) {
     return out;
   } else {
@@ -235,7 +259,8 @@ void forward_kernel(const AttnParams& p, const In* Q, const In* K, const In* V, 
   const int64_t B = p.B, H = p.H, N = p.N, M = p.M, D = p.D;
   const int64_t nqb = (N + kBlockQ - 1) / kBlockQ;
   at::parallel_for(0, B * H * nqb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> s_buf(kBlockQ * kBlockK), acc_buf(kBlockQ * D), m_buf(kBlockQ), l_buf(kBlockQ);
+    Buffer<T> s_buf(kBlockQ * kBlockK), acc_buf(kBlockQ * D);
+    std::vector<T> m_buf(kBlockQ), l_buf(kBlockQ);
     HeadRows<T, In> q_rows(Q, N, D), k_rows(K, M, D), v_rows(V, M, D);
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t bh = idx / nqb, qb = idx % nqb;
@@ -244,7 +269,7 @@ void forward_kernel(const AttnParams& p, const In* Q, const In* K, const In* V, 
       const T* q = q_rows.head(bh) + i0 * D;
       const T* k = k_rows.head(bh);
       const T* v = v_rows.head(bh);
-      std::fill(acc_buf.begin(), acc_buf.end(), T(0));
+      std::fill(acc_buf.data(), acc_buf.data() + kBlockQ * D, T(0));
       std::fill(m_buf.begin(), m_buf.end(), neg_inf<T>());
       std::fill(l_buf.begin(), l_buf.end(), T(0));
       at::Tensor acc_t = wrap(acc_buf.data(), rows, D, D);
@@ -325,9 +350,10 @@ void backward_kernel(const AttnParams& p, const In* Q, const In* K, const In* V,
   // Reduced-precision tensors are read through per-thread float32 copies of one head
   // (HeadRows), and gradients accumulate in per-thread float32 rows converted at the end.
   const int64_t G = backward_key_groups(p);
-  std::vector<T> dq_parts(G > 1 ? B * H * G * N * D : 0);
+  Buffer<T> dq_parts(G > 1 ? B * H * G * N * D : 0);
   at::parallel_for(0, B * H * G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> P(tile), dS(tile), tmp(tile), Drow(N), dq_buf, dk_buf, dv_buf;
+    Buffer<T> P(tile), dS(tile), tmp(tile), dq_buf, dk_buf, dv_buf;
+    std::vector<T> Drow(N);
     HeadRows<T, In> q_rows(Q, N, D), k_rows(K, M, D), v_rows(V, M, D), o_rows(O, N, D),
         do_rows(dO, N, D);
     for (int64_t task = begin; task < end; ++task) {
@@ -436,6 +462,17 @@ void backward_kernel(const AttnParams& p, const In* Q, const In* K, const In* V,
   }
 }
 
+// bfloat16/float16 compute in float32, in one of two ways that give the same numbers: with more
+// (batch, head)s than threads, each thread converts the one head it works on (HeadRows,
+// accumulator: a few heads per thread); otherwise those per-thread copies would outnumber the
+// heads themselves, and whole float32 copies of the tensors cost less.
+bool half_types_per_thread(const AttnParams& p) {
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  return threads < p.B * p.H;
+}
+
+at::Tensor as_float(const at::Tensor& t) { return t.to(at::kFloat); }
+
 std::tuple<at::Tensor, at::Tensor> attn_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding, const std::optional<at::Tensor>& attn_mask,
@@ -448,17 +485,26 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_cpu(
   const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
   at::Tensor out = at::empty_like(qc);
   at::Tensor lse = at::empty({p.B, p.H, p.N}, qc.options().dtype(lse_dtype(q.scalar_type())));
-  if (lse.numel() > 0 && p.M > 0) {  // head_dim 0 included: its scores are 0, its lse log(#allowed)
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attn_fwd_cpu", [&] {
-      using T = at::opmath_type<scalar_t>;
+  if (lse.numel() == 0 || p.M == 0) {  // no keys at all: every row is fully masked
+    out.zero_();
+    lse.fill_(-std::numeric_limits<double>::infinity());
+    return {out, lse};
+  }
+  // head_dim 0 runs too: its scores are 0, its lse log(#allowed)
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attn_fwd_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    if (std::is_same_v<T, scalar_t> || half_types_per_thread(p)) {
       forward_kernel<T, scalar_t>(p, qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(),
                                   vc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                                   lse.data_ptr<T>());
-    });
-  } else {  // no keys at all: every row is fully masked
-    out.zero_();
-    lse.fill_(-std::numeric_limits<double>::infinity());
-  }
+    } else {
+      const at::Tensor q32 = as_float(qc), k32 = as_float(kc), v32 = as_float(vc);
+      at::Tensor out32 = at::empty_like(q32);
+      forward_kernel<T, T>(p, q32.data_ptr<T>(), k32.data_ptr<T>(), v32.data_ptr<T>(),
+                           out32.data_ptr<T>(), lse.data_ptr<T>());
+      out.copy_(out32);
+    }
+  });
   return {out, lse};
 }
 
@@ -475,20 +521,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_cpu(
   const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(),
                    oc = out.contiguous(), doc = grad_out.contiguous(), lc = lse.contiguous();
   at::Tensor dq = at::empty_like(qc), dk = at::empty_like(kc), dv = at::empty_like(vc);
-  if (qc.numel() > 0 && kc.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attn_bwd_cpu", [&] {
-      using T = at::opmath_type<scalar_t>;
+  if (qc.numel() == 0 || kc.numel() == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attn_bwd_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    if (std::is_same_v<T, scalar_t> || half_types_per_thread(p)) {
       backward_kernel<T, scalar_t>(p, qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(),
                                    vc.data_ptr<scalar_t>(), oc.data_ptr<scalar_t>(),
                                    doc.data_ptr<scalar_t>(), lc.data_ptr<T>(),
                                    dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
                                    dv.data_ptr<scalar_t>());
-    });
-  } else {
-    dq.zero_();
-    dk.zero_();
-    dv.zero_();
-  }
+    } else {
+      const at::Tensor q32 = as_float(qc), k32 = as_float(kc), v32 = as_float(vc),
+                       o32 = as_float(oc), do32 = as_float(doc);
+      at::Tensor dq32 = at::empty_like(q32), dk32 = at::empty_like(k32), dv32 = at::empty_like(v32);
+      backward_kernel<T, T>(p, q32.data_ptr<T>(), k32.data_ptr<T>(), v32.data_ptr<T>(),
+                            o32.data_ptr<T>(), do32.data_ptr<T>(), lc.data_ptr<T>(),
+                            dq32.data_ptr<T>(), dk32.data_ptr<T>(), dv32.data_ptr<T>());
+      dq.copy_(dq32);
+      dk.copy_(dk32);
+      dv.copy_(dv32);
+    }
+  });
   return {dq, dk, dv};
 }
 
