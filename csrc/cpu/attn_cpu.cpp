@@ -485,7 +485,7 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_cpu(
   const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
   at::Tensor out = at::empty_like(qc);
   at::Tensor lse = at::empty({p.B, p.H, p.N}, qc.options().dtype(lse_dtype(q.scalar_type())));
-  if (lse.numel() == 0 || p.M == 0) {  // no keys at all: every row is fully masked
+  if (lse.numel() == 0 || p.M == 0) {  // no query rows, or no keys: every row is fully masked
     out.zero_();
     lse.fill_(-std::numeric_limits<double>::infinity());
     return {out, lse};
