@@ -290,7 +290,7 @@ MEMORY_SCRIPT = RSS_HELPERS + textwrap.dedent("""
 
 
 
-def _run_one_thread(script, *args):
+def _run_in_fresh_python(script, *args):
     """Runs `script` in a fresh python with OMP_NUM_THREADS=1 (one thread unless the script
     says otherwise: the time stays predictable on a busy machine); returns its stdout."""
     env = dict(os.environ)
@@ -308,7 +308,7 @@ def test_memory_is_linear_in_n():
     """Forward + backward at n = 16384 (an n x n float32 matrix would be 1 GiB): the peak RSS of
     the process grows by far less than that."""
     n = 16384
-    growth_mb, control_mb, seconds = map(float, _run_one_thread(MEMORY_SCRIPT, n).split()[-3:])
+    growth_mb, control_mb, seconds = map(float, _run_in_fresh_python(MEMORY_SCRIPT, n).split()[-3:])
     nxn_mb = n * n * 4 / 2**20
     print(f"peak RSS growth {growth_mb:.1f} MiB at n={n} ({seconds:.2f} s); n x n float32 = {nxn_mb:.0f} MiB; "
           f"control {control_mb:.0f} MiB")
@@ -340,7 +340,7 @@ def test_cpu_half_precision_memory(threads, heads, n, bound):
     (16 q's) and the 8 key groups' dQ buffers (16 q's), not 8 threads' copies of the head (262 MiB,
     131 q's, measured with per-thread copies there)."""
     q_mb = heads * n * 64 * 2 / 2**20  # one bfloat16 tensor of q's shape
-    growth_mb = float(_run_one_thread(HALF_MEMORY_SCRIPT, threads, heads, n).split()[-1])
+    growth_mb = float(_run_in_fresh_python(HALF_MEMORY_SCRIPT, threads, heads, n).split()[-1])
     print(f"peak RSS growth {growth_mb:.1f} MiB; q is {q_mb:.0f} MiB")
     assert growth_mb < bound * q_mb, f"peak RSS grew by {growth_mb:.1f} MiB = {growth_mb / q_mb:.1f}x q's size"
 

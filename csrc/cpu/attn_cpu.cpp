@@ -446,17 +446,17 @@ void backward_kernel(const AttnParams& p, const In* Q, const In* K, const In* V,
   });
   if (G > 1) {  // dQ = scale * (sum of the groups' terms, in group order)
     at::parallel_for(0, B * H * N, 64, [&](int64_t begin, int64_t end) {
-      std::vector<T> out(D);
+      Buffer<T> row_buf;
       for (int64_t row = begin; row < end; ++row) {
         const int64_t bh = row / N, i = row % N;
-        std::fill(out.begin(), out.end(), T(0));
+        T* out = accumulator(dQ + row * D, row_buf, D);
+        std::fill(out, out + D, T(0));
         for (int64_t g = 0; g < G; ++g) {
           const T* part = dq_parts.data() + ((bh * G + g) * N + i) * D;
           for (int64_t d = 0; d < D; ++d) out[d] += part[d];
         }
-        scale_row(out.data(), D, scale);
-        In* dst = dQ + row * D;
-        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<In>(out[d]);
+        scale_row(out, D, scale);
+        store_rows(out, dQ + row * D, D);
       }
     });
   }
