@@ -38,7 +38,7 @@ sys.path.insert(0, HERE)
 import self_reasoning_tokens as srt  # noqa: E402
 from _variants import bwd_block_n, clear_inherited_settings, fwd_block_m  # noqa: E402
 
-HEAD_DIMS = (32, 64, 96, 128)
+HEAD_DIMS = srt.attention.CUDA_HEAD_DIMS  # every head dim with kernels
 QUICK_HEAD_DIMS = (64, 128)
 # Largest error allowed, relative to the largest reference magnitude of that tensor. Loose on
 # purpose (a few times what rounding P and dS to 8 or 11 bits gives): a missing key tile, a missed

@@ -306,6 +306,37 @@ def test_tile_settings_are_checked(emu, monkeypatch):
         monkeypatch.delenv(var)
 
 
+def test_kernel_head_dims_are_one_list():
+    """The head dims with kernels (kernel_params.h's kSupportedHeadDims, which the C++ error names)
+    are the ones the Python wrapper accepts on CUDA and the GPU tests cover."""
+    with open(os.path.join(CUDA_DIR, "kernel_params.h")) as fh:
+        m = re.search(r"kSupportedHeadDims\[\]\s*=\s*\{([^}]*)\}", fh.read())
+    assert m, "kSupportedHeadDims not found in csrc/cuda/kernel_params.h"
+    compiled = tuple(int(d) for d in m.group(1).split(","))
+    assert compiled == srt.attention.CUDA_HEAD_DIMS == gpu_cases.HEAD_DIMS
+
+
+def test_emulated_ops_reject_unsupported_head_dim_and_dtype(emu):
+    """The raw ops' own check (host_glue.h, which attn_cuda.cu calls too): a head dim or dtype
+    without kernels is an error naming what is supported, in the forward and the backward,
+    before anything runs."""
+    a = (False, 1.0, 0, 0, True, None)
+    for d in (16, 48, 256):
+        q = torch.randn(1, 1, 8, d, dtype=torch.float16)
+        with pytest.raises(RuntimeError, match=f"attn_fwd on CUDA: head_dim {d} is not supported; "
+                                               "supported head dims: 32, 64, 96, 128"):
+            emu.fwd(q, q, q, None, None, None, None, None, *a)
+        lse = torch.zeros(1, 1, 8)
+        with pytest.raises(RuntimeError, match=f"attn_bwd on CUDA: head_dim {d} is not supported"):
+            emu.bwd(q, q, q, q, q, lse, None, None, None, None, None, *a)
+    q = torch.randn(1, 1, 8, 64, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="attn_fwd on CUDA: q, k and v must be float16, bfloat16 or float32; "
+                                           "got Double"):
+        emu.fwd(q, q, q, None, None, None, None, None, *a)
+    with pytest.raises(RuntimeError, match="attn_bwd on CUDA: q, k and v must be float16, bfloat16 or float32"):
+        emu.bwd(q, q, q, q, q, torch.zeros(1, 1, 8, dtype=torch.float64), None, None, None, None, None, *a)
+
+
 def test_emulated_cuda_edge_shapes(emu):
     a = (True, 0.125, 0, 0, True, None)
     for dt in (torch.float32, torch.bfloat16):

@@ -32,18 +32,12 @@ namespace {
 
 void check_cuda_inputs(const char* op, const at::Tensor& q, int64_t head_dim) {
   TORCH_CHECK(q.is_cuda(), op, " (CUDA kernel): q must be a CUDA tensor, got ", q.device());
-  const at::ScalarType t = q.scalar_type();
-  TORCH_CHECK(t == at::kHalf || t == at::kBFloat16 || t == at::kFloat, op,
-              " on CUDA: q, k and v must be float16, bfloat16 or float32; got ", t);
+  check_kernel_dtype_head_dim(op, q.scalar_type(), head_dim);
   int major = 0, minor = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()));
   TORCH_CHECK(major >= 8, op, " on CUDA: device ", q.get_device(), " has compute capability ", major, ".",
               minor, "; the kernels need 8.0 or newer (tensor-core mma.sync, cp.async)");
-  bool supported = false;
-  for (int d : kSupportedHeadDims) supported = supported || d == head_dim;
-  TORCH_CHECK(supported, op, " on CUDA: head_dim ", head_dim,
-              " is not supported; supported head dims: 32, 64, 96, 128");
 }
 
 // The shared memory a kernel needs must fit the device's per-block opt-in limit; `hint` is

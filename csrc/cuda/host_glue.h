@@ -31,8 +31,23 @@ struct TypeTag {
   using type = T;
 };
 
+// The element types and head dims the kernels are compiled for: anything else is an error naming
+// the supported set. Checked before anything is allocated, by the CUDA ops (attn_cuda.cu, with
+// the device checks) and by the emulated ones alike.
+inline void check_kernel_dtype_head_dim(const char* op, at::ScalarType dtype, int64_t head_dim) {
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat, op,
+              " on CUDA: q, k and v must be float16, bfloat16 or float32; got ", dtype);
+  bool supported = false;
+  std::string names;
+  for (int d : kSupportedHeadDims) {
+    supported = supported || d == head_dim;
+    names += (names.empty() ? "" : ", ") + std::to_string(d);
+  }
+  TORCH_CHECK(supported, op, " on CUDA: head_dim ", head_dim, " is not supported; supported head dims: ", names);
+}
+
 // Calls f(TypeTag<T>{}, std::integral_constant<int, D>{}) for the kernel element type of
-// `dtype` and the head dim D (both checked by the caller).
+// `dtype` and the head dim D (both checked by the caller: check_kernel_dtype_head_dim).
 template <typename F>
 void dispatch_dtype_head_dim(at::ScalarType dtype, int64_t head_dim, const F& f) {
   auto with_head_dim = [&](auto tag) {

@@ -1,7 +1,7 @@
 // attn_fwd / attn_bwd through the emulated CUDA kernels, on CPU tensors, registered as the torch
 // ops srt_cuda_emulation::fwd / bwd (plus the emulator's controls). The host steps are those of
-// csrc/cuda/attn_cuda.cu itself (csrc/cuda/host_glue.h; minus the device checks, guard and
-// stream), so the kernels see exactly the tensors and KernelParams they would see on a GPU. The
+// csrc/cuda/attn_cuda.cu itself (its dtype and head-dim check and csrc/cuda/host_glue.h; minus
+// the device checks, guard and stream), so the kernels see exactly the tensors and KernelParams they would see on a GPU. The
 // launchers are instantiated in emu_kernels_*.cpp (no torch headers there, and the three compile
 // in parallel with this file).
 #include <ATen/Context.h>
@@ -46,6 +46,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
   const TrackedBuffers tracked;
   AttnParams a = make_params(q, k, v, key_padding, attn_mask, q_stop, k_stop, v_stop, causal, scale,
                              R, W, stop, heads);
+  check_kernel_dtype_head_dim("attn_fwd", q.scalar_type(), a.D);
   return attn_fwd_host(a, q, k, v, &alloc_poisoned, [](auto tag, auto head_dim, const KernelParams& p) {
     const int err = launch_attn_fwd<typename decltype(tag)::type, decltype(head_dim)::value>(p, nullptr);
     TORCH_CHECK(err == cudaSuccess);  // launches on the emulator: no device, no stream
@@ -61,6 +62,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& grad_out, c
   const TrackedBuffers tracked;
   AttnParams a = make_backward_params(grad_out, q, k, v, out, lse, key_padding, attn_mask, q_stop,
                                       k_stop, v_stop, causal, scale, R, W, stop, heads);
+  check_kernel_dtype_head_dim("attn_bwd", q.scalar_type(), a.D);
   // torch.use_deterministic_algorithms(True) selects the deterministic schedule, as on the GPU
   // (attn_cuda.cu), sized for the emulated device's multiprocessor count (set_sm_count).
   return attn_bwd_host(a, grad_out, q, k, v, out, lse, at::globalContext().deterministicAlgorithms(),
