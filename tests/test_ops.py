@@ -120,11 +120,13 @@ def test_backward_op_matches_autograd(cfg):
 @pytest.mark.parametrize("bh", [(1, 1), (1, 3), (2, 3)])
 def test_cpu_half_precision_is_the_float32_computation_rounded(dtype, threads, bh):
     """The CPU kernels compute bfloat16/float16 in float32: out, lse, dQ, dK and dV are bit for
-    bit the float32 op's on the upcast tensors, rounded to the input dtype. One head (whole float32
-    copies; on 2 threads its key tiles split into two groups with their own dQ rows), three heads
-    (per-thread copies of one head; on 2 threads in two key groups, so a thread goes through
-    (head, group) tasks of several heads) and six; key tiles of 256, so 600 keys make three;
-    non-contiguous q and dO; causal, masks, reasoning tokens."""
+    bit the float32 op's on the upcast tensors, rounded to the input dtype. One head (the forward
+    through one float32 copy of k and v; on 2 threads the backward's key tiles split into two
+    groups, each converting its own tiles, packed, with their own dQ rows), three heads (the
+    forward through per-thread copies of one head's k and v; on 2 threads in two key groups, so a
+    thread goes through (head, group) tasks of several heads) and six; key tiles of 256, so 600
+    keys make three (group 0 packs tiles 0 and 2, the partial one); query blocks of 128, so 300
+    queries make three; non-contiguous q and dO; causal, masks, reasoning tokens."""
     b, h = bh
     n, m, d = 300, 600, 32
     torch.manual_seed(3)
@@ -330,15 +332,19 @@ HALF_MEMORY_SCRIPT = RSS_HELPERS + textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("threads, heads, n, bound", [(1, 16, 4096, 7), (8, 1, 16384, 50)])
+@pytest.mark.parametrize("threads, heads, n, bound", [(1, 16, 4096, 7), (1, 1, 16384, 15), (8, 1, 16384, 50)])
 def test_cpu_half_precision_memory(threads, heads, n, bound):
     """bfloat16 forward + backward allocate the results (the bfloat16 output and dQ, dK, dV: 4
     tensors of q's size) plus float32 working memory, bounded here in multiples of q's size.
-    16 heads on one thread: each thread converts one head at a time, so a few heads' float32
-    rows, not float32 copies of the whole tensors (five inputs and three gradients: 16 more q's;
-    152 MiB, 19 q's, measured with such copies). One head on 8 threads: whole float32 copies
-    (16 q's) and the 8 key groups' dQ buffers (16 q's), not 8 threads' copies of the head (262 MiB,
-    131 q's, measured with per-thread copies there)."""
+    - 16 heads on one thread: each thread converts what it works on (a query block; one head's k
+      and v in the forward, its key tiles in the backward), not float32 copies of the whole
+      tensors (five inputs and three gradients: 16 more q's; 152 MiB, 19 q's, measured with such
+      copies; 4.6 q's measured with per-thread ones).
+    - One head on one thread: the backward's float32 rows of k, v, dK and dV (8 q's), never whole
+      float32 copies of its inputs and gradients (20 q's measured with them; 12 q's now).
+    - One head on 8 threads: one float32 copy of k and v shared by the forward's threads (4 q's)
+      and the 8 key groups' dQ buffers (16 q's), not 8 threads' copies of the head (262 MiB, 131
+      q's, measured with per-thread head copies in the forward and backward; 30 q's now)."""
     q_mb = heads * n * 64 * 2 / 2**20  # one bfloat16 tensor of q's shape
     growth_mb = float(_run_in_fresh_python(HALF_MEMORY_SCRIPT, threads, heads, n).split()[-1])
     print(f"peak RSS growth {growth_mb:.1f} MiB; q is {q_mb:.0f} MiB")

@@ -7,9 +7,11 @@
 // their strides (csrc/mask_semantics.h) one tile at a time.
 //
 // float32 and float64 compute in their own precision. bfloat16/float16 compute in float32, so
-// accumulation is always fp32+: with more (batch, head)s than threads each thread converts the
-// head it works on into float32 buffers of that head only and writes its results back converted
-// (a few heads per thread); otherwise whole float32 copies are made (half_types_per_thread).
+// accumulation is always fp32+: each thread converts the query block it works on, and (backward)
+// the key tiles of its task, into float32 buffers and writes its results back converted. The
+// forward reads every key of a head for each query block: it converts a whole head of k and v
+// per thread when there are more (batch, head)s than threads, else one float32 copy of k and v
+// that the threads share (half_types_per_thread).
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/addmm_cpu_dispatch.h>
@@ -189,8 +191,8 @@ class Buffer {
  public:
   Buffer() = default;
   explicit Buffer(int64_t n) { resize(n); }
-  void resize(int64_t n) {
-    if (!t_.defined() || t_.numel() != n) {
+  void resize(int64_t n) {  // at least n elements
+    if (!t_.defined() || t_.numel() < n) {
       t_ = at::empty({n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
       ptr_ = t_.data_ptr<T>();
     }
@@ -202,6 +204,12 @@ class Buffer {
   at::Tensor t_;
   T* ptr_ = nullptr;
 };
+
+// dst[i] = src[i] converted to T.
+template <typename T, typename In>
+void convert_rows(const In* src, int64_t n, T* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
 
 // One (batch, head)'s rows of an input in the compute type T. When the input already holds T
 // this is its own memory; otherwise (bfloat16/float16 inputs) the head is converted into a
@@ -218,8 +226,7 @@ class HeadRows {
     } else {
       if (bh != cached_) {
         buf_.resize(size_);
-        T* dst = buf_.data();
-        for (int64_t i = 0; i < size_; ++i) dst[i] = static_cast<T>(src[i]);
+        convert_rows(src, size_, buf_.data());
         cached_ = bh;
       }
       return buf_.data();
@@ -253,20 +260,33 @@ void store_rows(const T* src, In* dst, int64_t n) {
   }
 }
 
-// T: the compute type; In: the tensors' type (T, or bfloat16/float16 with T = float).
+// n elements of an input in T: its own memory when it holds T, else converted into buf.
 template <typename T, typename In>
-void forward_kernel(const AttnParams& p, const In* Q, const In* K, const In* V, In* O, T* LSE) {
+const T* in_compute_type(const In* src, int64_t n, Buffer<T>& buf) {
+  if constexpr (std::is_same_v<T, In>) {
+    return src;
+  } else {
+    buf.resize(n);
+    convert_rows(src, n, buf.data());
+    return buf.data();
+  }
+}
+
+// T: the compute type; In: the type of q and out (T, or bfloat16/float16 with T = float); KV: the
+// type of k and v (In, or T when the caller converted them).
+template <typename T, typename In, typename KV>
+void forward_kernel(const AttnParams& p, const In* Q, const KV* K, const KV* V, In* O, T* LSE) {
   const int64_t B = p.B, H = p.H, N = p.N, M = p.M, D = p.D;
   const int64_t nqb = (N + kBlockQ - 1) / kBlockQ;
   at::parallel_for(0, B * H * nqb, 1, [&](int64_t begin, int64_t end) {
-    Buffer<T> s_buf(kBlockQ * kBlockK), acc_buf(kBlockQ * D);
+    Buffer<T> s_buf(kBlockQ * kBlockK), acc_buf(kBlockQ * D), q_buf;
     std::vector<T> m_buf(kBlockQ), l_buf(kBlockQ);
-    HeadRows<T, In> q_rows(Q, N, D), k_rows(K, M, D), v_rows(V, M, D);
+    HeadRows<T, KV> k_rows(K, M, D), v_rows(V, M, D);
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t bh = idx / nqb, qb = idx % nqb;
       const int64_t b = bh / H, h = bh % H;
       const int64_t i0 = qb * kBlockQ, rows = std::min(kBlockQ, N - i0);
-      const T* q = q_rows.head(bh) + i0 * D;
+      const T* q = in_compute_type(Q + (bh * N + i0) * D, rows * D, q_buf);
       const T* k = k_rows.head(bh);
       const T* v = v_rows.head(bh);
       std::fill(acc_buf.data(), acc_buf.data() + kBlockQ * D, T(0));
@@ -347,46 +367,68 @@ void backward_kernel(const AttnParams& p, const In* Q, const In* K, const In* V,
   // With one group the task also owns the head's dQ rows; with several, each task adds its dQ
   // terms into its own N x D buffer (at most one per thread: O(N) memory), and the buffers are
   // summed in group order afterwards, so the result does not depend on the schedule.
-  // Reduced-precision tensors are read through per-thread float32 copies of one head
-  // (HeadRows), and gradients accumulate in per-thread float32 rows converted at the end.
+  // Reduced-precision tensors are read through per-thread float32 copies of the query block
+  // (q, dO, a row of O at a time) and of the task's own key tiles (k, v, packed: tile t of the
+  // group at row t * kBlockK), and gradients accumulate in per-thread float32 rows converted
+  // when they are complete: a query block's dQ after its key tiles, the group's dK and dV at
+  // the end of the task.
+  constexpr bool kConvert = !std::is_same_v<T, In>;
   const int64_t G = backward_key_groups(p);
   Buffer<T> dq_parts(G > 1 ? B * H * G * N * D : 0);
   at::parallel_for(0, B * H * G, 1, [&](int64_t begin, int64_t end) {
-    Buffer<T> P(tile), dS(tile), tmp(tile), dq_buf, dk_buf, dv_buf;
-    std::vector<T> Drow(N);
-    HeadRows<T, In> q_rows(Q, N, D), k_rows(K, M, D), v_rows(V, M, D), o_rows(O, N, D),
-        do_rows(dO, N, D);
+    Buffer<T> P(tile), dS(tile), tmp(tile), q_buf, do_buf, o_row, dq_buf, k_buf, v_buf, dk_buf, dv_buf;
+    std::vector<T> Drow(kBlockQ);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / G, g = task % G;
       const int64_t b = bh / H, h = bh % H;
-      const T* q = q_rows.head(bh);
-      const T* k = k_rows.head(bh);
-      const T* v = v_rows.head(bh);
-      const T* o = o_rows.head(bh);
-      const T* dout = do_rows.head(bh);
       const T* lse = LSE + bh * N;
-      T* dq = G > 1 ? dq_parts.data() + task * N * D : accumulator(dQ + bh * N * D, dq_buf, N * D);
-      T* dk = accumulator(dK + bh * M * D, dk_buf, M * D);
-      T* dv = accumulator(dV + bh * M * D, dv_buf, M * D);
-      std::fill(dq, dq + N * D, T(0));
-      for (int64_t j0 = g * kBlockK; j0 < M; j0 += G * kBlockK) {  // this group's dK, dV rows
-        const int64_t rows = std::min(kBlockK, M - j0);
-        std::fill(dk + j0 * D, dk + (j0 + rows) * D, T(0));
-        std::fill(dv + j0 * D, dv + (j0 + rows) * D, T(0));
+      // Row of key j0 (the first of one of this group's tiles) in k, v, dk and dv below: the
+      // head's own rows, or the packed per-thread copies.
+      auto slot = [&](int64_t j0) { return kConvert ? (j0 / kBlockK - g) / G * kBlockK : j0; };
+      const int64_t packed_rows = kConvert ? ((M + kBlockK - 1) / kBlockK - g + G - 1) / G * kBlockK : M;
+      const T* k = nullptr;
+      const T* v = nullptr;
+      if constexpr (kConvert) {
+        k_buf.resize(packed_rows * D);
+        v_buf.resize(packed_rows * D);
+        k = k_buf.data();
+        v = v_buf.data();
+      } else {
+        k = K + bh * M * D;
+        v = V + bh * M * D;
       }
-      for (int64_t i = 0; i < N; ++i) Drow[i] = dot_row(dout + i * D, o + i * D, D);
+      T* dk = accumulator(dK + bh * M * D, dk_buf, packed_rows * D);
+      T* dv = accumulator(dV + bh * M * D, dv_buf, packed_rows * D);
+      for (int64_t j0 = g * kBlockK; j0 < M; j0 += G * kBlockK) {  // this group's k, v, dK, dV rows
+        const int64_t n = std::min(kBlockK, M - j0) * D, off = slot(j0) * D;
+        if constexpr (kConvert) {
+          convert_rows(K + (bh * M + j0) * D, n, k_buf.data() + off);
+          convert_rows(V + (bh * M + j0) * D, n, v_buf.data() + off);
+        }
+        std::fill(dk + off, dk + off + n, T(0));
+        std::fill(dv + off, dv + off + n, T(0));
+      }
 
       for (int64_t i0 = 0; i0 < N; i0 += kBlockQ) {
         const int64_t rows = std::min(kBlockQ, N - i0);
-        at::Tensor q_t = wrap(q + i0 * D, rows, D, D);
-        at::Tensor do_t = wrap(dout + i0 * D, rows, D, D);
-        at::Tensor dq_t = wrap(dq + i0 * D, rows, D, D);
+        const T* q = in_compute_type(Q + (bh * N + i0) * D, rows * D, q_buf);
+        const T* dout = in_compute_type(dO + (bh * N + i0) * D, rows * D, do_buf);
+        for (int64_t r = 0; r < rows; ++r)
+          Drow[r] = dot_row(dout + r * D, in_compute_type(O + (bh * N + i0 + r) * D, D, o_row), D);
+        T* dq = G > 1 ? dq_parts.data() + (task * N + i0) * D
+                      : accumulator(dQ + (bh * N + i0) * D, dq_buf, rows * D);
+        std::fill(dq, dq + rows * D, T(0));
+        at::Tensor q_t = wrap(q, rows, D, D);
+        at::Tensor do_t = wrap(dout, rows, D, D);
+        at::Tensor dq_t = wrap(dq, rows, D, D);
         const int64_t jend = key_end(p, i0, rows);
         for (int64_t j0 = g * kBlockK; j0 < jend; j0 += G * kBlockK) {
-          const int64_t cols = std::min(kBlockK, jend - j0);
+          const int64_t cols = std::min(kBlockK, jend - j0), off = slot(j0) * D;
           if (tile_hidden_by_region(p, h, i0, rows, j0, cols)) continue;
-          at::Tensor k_t = wrap(k + j0 * D, cols, D, D);
-          at::Tensor v_t = wrap(v + j0 * D, cols, D, D);
+          at::Tensor k_t = wrap(k + off, cols, D, D);
+          at::Tensor v_t = wrap(v + off, cols, D, D);
+          at::Tensor dk_t = wrap(dk + off, cols, D, D);
+          at::Tensor dv_t = wrap(dv + off, cols, D, D);
           at::Tensor p_t = wrap(P.data(), rows, cols, cols);
           at::Tensor ds_t = wrap(dS.data(), rows, cols, cols);
 
@@ -406,16 +448,16 @@ void backward_kernel(const AttnParams& p, const In* Q, const In* K, const In* V,
 
           // dV += (Fv * P)^T dO
           if (apply_factor_tile(p.v_stop, true, p, b, h, i0, rows, j0, cols, pp, tmp.data())) {
-            matmul_into(wrap(dv + j0 * D, cols, D, D), wrap(tmp.data(), rows, cols, cols).t(), do_t, true);
+            matmul_into(dv_t, wrap(tmp.data(), rows, cols, cols).t(), do_t, true);
           } else {
-            matmul_into(wrap(dv + j0 * D, cols, D, D), p_t.t(), do_t, true);
+            matmul_into(dv_t, p_t.t(), do_t, true);
           }
 
           // dS = P * (dO v^T - D)
           matmul_into(ds_t, do_t, v_t.t(), false);
           T* dsp = dS.data();
           for (int64_t r = 0; r < rows; ++r)
-            softmax_grad_row(dsp + r * cols, pp + r * cols, dsp + r * cols, Drow[i0 + r], cols);
+            softmax_grad_row(dsp + r * cols, pp + r * cols, dsp + r * cols, Drow[r], cols);
 
           // dQ += (Fq * dS) k      (scale applied once at the end)
           if (apply_factor_tile(p.q_stop, false, p, b, h, i0, rows, j0, cols, dsp, tmp.data())) {
@@ -426,21 +468,21 @@ void backward_kernel(const AttnParams& p, const In* Q, const In* K, const In* V,
 
           // dK += (Fk * dS)^T q
           if (apply_factor_tile(p.k_stop, true, p, b, h, i0, rows, j0, cols, dsp, tmp.data())) {
-            matmul_into(wrap(dk + j0 * D, cols, D, D), wrap(tmp.data(), rows, cols, cols).t(), q_t, true);
+            matmul_into(dk_t, wrap(tmp.data(), rows, cols, cols).t(), q_t, true);
           } else {
-            matmul_into(wrap(dk + j0 * D, cols, D, D), ds_t.t(), q_t, true);
+            matmul_into(dk_t, ds_t.t(), q_t, true);
           }
         }
-      }
-      if (G == 1) {
-        scale_row(dq, N * D, scale);
-        store_rows(dq, dQ + bh * N * D, N * D);
+        if (G == 1) {  // this block's dQ rows are complete
+          scale_row(dq, rows * D, scale);
+          store_rows(dq, dQ + (bh * N + i0) * D, rows * D);
+        }
       }
       for (int64_t j0 = g * kBlockK; j0 < M; j0 += G * kBlockK) {
-        const int64_t n = std::min(kBlockK, M - j0) * D;
-        scale_row(dk + j0 * D, n, scale);
-        store_rows(dk + j0 * D, dK + (bh * M + j0) * D, n);
-        store_rows(dv + j0 * D, dV + (bh * M + j0) * D, n);
+        const int64_t n = std::min(kBlockK, M - j0) * D, off = slot(j0) * D;
+        scale_row(dk + off, n, scale);
+        store_rows(dk + off, dK + (bh * M + j0) * D, n);
+        store_rows(dv + off, dV + (bh * M + j0) * D, n);
       }
     }
   });
@@ -462,16 +504,14 @@ void backward_kernel(const AttnParams& p, const In* Q, const In* K, const In* V,
   }
 }
 
-// bfloat16/float16 compute in float32, in one of two ways that give the same numbers: with more
-// (batch, head)s than threads, each thread converts the one head it works on (HeadRows,
-// accumulator: a few heads per thread); otherwise those per-thread copies would outnumber the
-// heads themselves, and whole float32 copies of the tensors cost less.
+// The bfloat16/float16 forward reads k and v in float32 in one of two ways that give the same
+// numbers: with more (batch, head)s than threads, each thread converts the head it works on
+// (HeadRows: a few heads per thread); otherwise those per-thread copies would outnumber the heads
+// themselves, and one float32 copy of k and v, shared by the threads, costs less.
 bool half_types_per_thread(const AttnParams& p) {
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   return threads < p.B * p.H;
 }
-
-at::Tensor as_float(const at::Tensor& t) { return t.to(at::kFloat); }
 
 std::tuple<at::Tensor, at::Tensor> attn_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -494,15 +534,13 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attn_fwd_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     if (std::is_same_v<T, scalar_t> || half_types_per_thread(p)) {
-      forward_kernel<T, scalar_t>(p, qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(),
-                                  vc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                                  lse.data_ptr<T>());
+      forward_kernel<T, scalar_t, scalar_t>(p, qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(),
+                                            vc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                            lse.data_ptr<T>());
     } else {
-      const at::Tensor q32 = as_float(qc), k32 = as_float(kc), v32 = as_float(vc);
-      at::Tensor out32 = at::empty_like(q32);
-      forward_kernel<T, T>(p, q32.data_ptr<T>(), k32.data_ptr<T>(), v32.data_ptr<T>(),
-                           out32.data_ptr<T>(), lse.data_ptr<T>());
-      out.copy_(out32);
+      const at::Tensor k32 = kc.to(at::kFloat), v32 = vc.to(at::kFloat);
+      forward_kernel<T, scalar_t, T>(p, qc.data_ptr<scalar_t>(), k32.data_ptr<T>(), v32.data_ptr<T>(),
+                                     out.data_ptr<scalar_t>(), lse.data_ptr<T>());
     }
   });
   return {out, lse};
@@ -529,23 +567,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_cpu(
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attn_bwd_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
-    if (std::is_same_v<T, scalar_t> || half_types_per_thread(p)) {
-      backward_kernel<T, scalar_t>(p, qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(),
-                                   vc.data_ptr<scalar_t>(), oc.data_ptr<scalar_t>(),
-                                   doc.data_ptr<scalar_t>(), lc.data_ptr<T>(),
-                                   dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
-                                   dv.data_ptr<scalar_t>());
-    } else {
-      const at::Tensor q32 = as_float(qc), k32 = as_float(kc), v32 = as_float(vc),
-                       o32 = as_float(oc), do32 = as_float(doc);
-      at::Tensor dq32 = at::empty_like(q32), dk32 = at::empty_like(k32), dv32 = at::empty_like(v32);
-      backward_kernel<T, T>(p, q32.data_ptr<T>(), k32.data_ptr<T>(), v32.data_ptr<T>(),
-                            o32.data_ptr<T>(), do32.data_ptr<T>(), lc.data_ptr<T>(),
-                            dq32.data_ptr<T>(), dk32.data_ptr<T>(), dv32.data_ptr<T>());
-      dq.copy_(dq32);
-      dk.copy_(dk32);
-      dv.copy_(dv32);
-    }
+    backward_kernel<T, scalar_t>(p, qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(),
+                                 vc.data_ptr<scalar_t>(), oc.data_ptr<scalar_t>(),
+                                 doc.data_ptr<scalar_t>(), lc.data_ptr<T>(), dq.data_ptr<scalar_t>(),
+                                 dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
   });
   return {dq, dk, dv};
 }
