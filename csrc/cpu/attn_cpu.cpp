@@ -240,8 +240,9 @@ class HeadRows {
   Buffer<T> buf_;
 };
 
-// Where a head's gradient rows accumulate in T: the output itself when it holds T, else a
-// per-thread buffer of `size` elements that store_rows later converts into the output.
+// Where gradient rows (a query block's dQ, a key group's packed dK/dV, a row of the G > 1 dQ sum)
+// accumulate in T: the output itself when it holds T, else a per-thread buffer of at least
+// `size` elements that store_rows later converts into the output.
 template <typename T, typename In>
 T* accumulator(In* out, Buffer<T>& buf, int64_t size) {
   if constexpr (std::is_same_v<T, In>) {
