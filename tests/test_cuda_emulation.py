@@ -47,7 +47,7 @@ def kernel_headers():
     return sorted(f for f in os.listdir(CUDA_DIR) if f.endswith((".h", ".cuh")) and f != "ptx.cuh")
 
 
-EMU_SOURCES = ("emu_ops.cpp", "emu_runtime.cpp", "emu_racecheck.cpp", "emu_kernels_fp16.cpp",
+EMU_SOURCES = ("emu_ops.cpp", "emu_runtime.cpp", "emu_racecheck.cpp", "emu_banks.cpp", "emu_kernels_fp16.cpp",
                "emu_kernels_bf16.cpp", "emu_kernels_fp32.cpp")
 
 

@@ -46,7 +46,7 @@ def build_ptx_lib(work, name="srt_ptx_emulation", extra_cflags=()):
     from torch.utils.cpp_extension import load
 
     shutil.copytree(os.path.join(EMU, "stubs"), work / "stubs")
-    sources = ("ptx_unit.cpp", "emu_runtime.cpp", "emu_racecheck.cpp")
+    sources = ("ptx_unit.cpp", "emu_runtime.cpp", "emu_racecheck.cpp", "emu_banks.cpp")
     for f in ("ptx.cuh", *sources):
         shutil.copy(os.path.join(EMU, f), work / f)
     os.makedirs(work / "build")

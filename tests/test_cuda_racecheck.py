@@ -29,7 +29,7 @@ import test_cuda_build as gpu_cases  # noqa: E402
 import test_cuda_emulation as emulation  # noqa: E402
 import test_cuda_emulation_ptx as ptx  # noqa: E402
 
-RACECHECK_CFLAGS = ("-fsanitize=thread", "-DEMU_RACECHECK")
+RACECHECK_CFLAGS = ("-fsanitize=thread", "-DEMU_RACECHECK", "-g1", "-fno-tree-vectorize")
 
 pytestmark = [
     pytest.mark.skipif(platform.system() != "Linux", reason="the fiber emulator uses Linux ucontext"),

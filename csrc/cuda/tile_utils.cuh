@@ -80,7 +80,17 @@ __device__ __forceinline__ void load_tile_async(T* dst, const T* src, int64_t va
   if constexpr (kThreads % kChunksPerRow == 0) {
     constexpr int kRowsPerPass = kThreads / kChunksPerRow;
     constexpr int kPasses = (kRows + kRowsPerPass - 1) / kRowsPerPass;
-    const int r0 = tid / kChunksPerRow, col = (tid % kChunksPerRow) * 8;
+    int r0 = tid / kChunksPerRow;
+    const int col = (tid % kChunksPerRow) * 8;
+    // Rows of 4 chunks (head dim 32): the 8 lanes that shared memory serves together for 16-byte
+    // writes would cover two consecutive rows, whose padded stride (80 bytes) puts a chunk of each
+    // in the same 4 banks (two wavefronts instead of one). Lanes 4-7 of each such group take the
+    // row 4 further on instead (4 strides = 64 bytes modulo 128: the other half of the banks);
+    // each warp still copies the same 8 consecutive rows (one stretch of global memory).
+    if constexpr (kChunksPerRow == 4 && kRowsPerPass % 8 == 0 && kStride * sizeof(T) * 4 % 128 == 64) {
+      const int lane = tid % 32;
+      r0 = tid / 32 * 8 + lane / 8 + lane / 4 % 2 * 4;
+    }
     T* d = dst + r0 * kStride + col;
     const T* s = src + r0 * D + col;
     if (rows == kRows) {

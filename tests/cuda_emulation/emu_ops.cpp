@@ -107,4 +107,10 @@ EMU_TORCH_LIBRARY(EMU_OPS_NAMESPACE, m) {
   m.def("racecheck_instrumented", []() -> bool { return emu::race::instrumented(); });
   // racecheck build: report atomicAdds to the same bytes whose order is not fixed (set_ordered_atomics)
   m.def("set_ordered_atomics", [](bool on) { emu::race::set_ordered_atomics(on); });
+  // shared-memory bank conflicts (emu_banks.cpp): on/off, reset, and the table since the reset,
+  // six numbers a code address: its offset in this module, kind, bytes, instructions, wavefronts,
+  // conflict-free wavefronts (plain loads and stores only in the racecheck build)
+  m.def("set_bank_count", [](bool on) { emu::banks::enable(on); });
+  m.def("reset_bank_count", [] { emu::banks::reset(); });
+  m.def("bank_table", [] { return emu::banks::table(); });
 }

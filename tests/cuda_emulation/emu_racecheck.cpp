@@ -297,6 +297,8 @@ EMU_NO_TSAN void on_access(const void* addr, size_t size, bool write, const void
   if (gs.first == gs.end) return;
   const int t = g_actor >= 0 ? g_actor : current_thread();
   if (t < 0) return;  // the scheduler itself (poisoning shared memory between blocks)
+  // a plain shared-memory access of the kernel's code (not a collective's read for a lane)
+  if (tr == nullptr && g_actor < 0 && banks::enabled()) banks::record(t, a - g_lo, size, write ? banks::kStore : banks::kLoad, pc);
   for (size_t g = gs.first; g < gs.end; ++g)
     if (tr == nullptr) on_granule(g, t, write, pc);
     else on_global_granule(*tr, g, t, write, atomic, pc);

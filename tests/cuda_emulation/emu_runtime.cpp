@@ -273,6 +273,7 @@ void syncthreads() {
   if (++arrived_block == nthreads) {
     arrived_block = 0;
     race::block_sync();
+    banks::block_done();
     for (int i = 0; i < nthreads; ++i)
       if (fibers[i].state == kWaitBlock) fibers[i].state = kRunnable;
     // the releasing thread yields too, so that the next phase starts with the first warp in
@@ -308,6 +309,7 @@ const WarpSlots& warp_collective(const char* op, const void* in, size_t bytes, W
   }
   count_op(op);
   race::warp_sync(w);  // before `complete`: an ldmatrix reads after its warp's barrier
+  banks::warp_done(w);  // the lanes' accesses since the last barrier are complete
   if (complete) complete(s, w);
   for (int i = w * 32; i < w * 32 + 32; ++i)
     if (fibers[i].state == kWaitWarp) fibers[i].state = kRunnable;
@@ -357,12 +359,15 @@ void cp_async_16(void* smem, const void* gmem, bool valid) {
     fail("cp_async_16: the source %p is in shared memory (cp.async copies global -> shared)", gmem);
   count_op("cp_async_16");
   CpCopy c{static_cast<unsigned char*>(smem), src, valid, false, -1};
+  banks::record(cur, static_cast<size_t>(c.dst - b), 16, banks::kCpAsync, __builtin_return_address(0));
+  banks::mute(true);  // the emulator's own writes below are that access, already counted
   if (cp_mode == kCpAsyncEarly) {
     perform(c);
     c.done = true;
   } else {  // contents undefined until the wait: make an early reader see NaN
     for (int i = 0; i < 4; ++i) std::memcpy(c.dst + 4 * i, &kPoison, 4);
   }
+  banks::mute(false);
   race::copy_issued(c.dst, 16, __builtin_return_address(0));
   fibers[cur].cp.push_back(c);
 }
@@ -383,7 +388,9 @@ void cp_async_wait(int newest_groups_left) {
     CpCopy& c = f.cp[i];
     if (c.group >= 0 && c.group < limit) {
       race::copy_waited(c.dst, 16);
+      banks::mute(true);
       if (!c.done) perform(c);
+      banks::mute(false);
     } else {
       f.cp[keep++] = c;
     }
@@ -426,6 +433,7 @@ void run_grid(unsigned grid, int block, size_t smem, void (*body)(void*), void* 
     block_idx.x = b;
     for (size_t i = 0; i < sizeof(smem_storage) / 4; ++i) words[i] = kPoison;
     race::block_begin(b);
+    banks::block_done();
     arrived_block = 0;
     std::memset(arrived_warp, 0, sizeof(arrived_warp));
     for (int i = 0; i < block; ++i) init_fiber(i);
@@ -471,6 +479,7 @@ void run_grid(unsigned grid, int block, size_t smem, void (*body)(void*), void* 
     }
   }
   race_off.done = true;
+  banks::block_done();
   const std::string hazards = race::launch_end();
   if (!hazards.empty()) {
     std::fprintf(stderr, "%s\n", hazards.c_str());

@@ -120,6 +120,7 @@ void mma_complete(emu::WarpSlots& s, int warp) {
 
 struct LdmSlot {
   const unsigned char* row;
+  const void* pc;  // the kernel's code address of the ldmatrix (for the bank-conflict count)
 };
 
 // Runs once per warp-wide ldmatrix: checks the 32 row addresses, then gathers every lane's 4
@@ -141,6 +142,9 @@ void ldmatrix_complete(emu::WarpSlots& s, int warp) {
       emu::fail("%s: lane %d of warp %d passed a row address at shared offset %td, not 16-byte aligned", op,
                 lane, warp, p - base);
   }
+  size_t offsets[32];
+  for (int lane = 0; lane < 32; ++lane) offsets[lane] = static_cast<size_t>(rows[lane] - base);
+  emu::banks::ldmatrix(offsets, kTrans, reinterpret_cast<const LdmSlot*>(s.lane[0])->pc);
   // each row read whole, as the lane that addressed it (the racecheck build attributes the read)
   uint16_t data[32][8];
   for (int lane = 0; lane < 32; ++lane) {
@@ -166,9 +170,10 @@ void ldmatrix_complete(emu::WarpSlots& s, int warp) {
   for (int lane = 0; lane < 32; ++lane) std::memcpy(s.lane[lane], regs[lane], sizeof regs[lane]);
 }
 
+// Not inlined, so that its return address is the kernel's ldmatrix (each call site its own).
 template <bool kTrans>
-inline void ldmatrix(uint32_t (&r)[4], const void* smem_row) {
-  const LdmSlot in{static_cast<const unsigned char*>(smem_row)};
+__attribute__((noinline)) void ldmatrix(uint32_t (&r)[4], const void* smem_row) {
+  const LdmSlot in{static_cast<const unsigned char*>(smem_row), __builtin_return_address(0)};
   const emu::WarpSlots& s =
       emu::warp_collective(kTrans ? "ldmatrix_x4_trans" : "ldmatrix_x4", &in, sizeof in, &ldmatrix_complete<kTrans>);
   std::memcpy(r, s.lane[emu::lane_id()], sizeof r);
@@ -189,17 +194,17 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 }
 
 // ldmatrix.sync.aligned.m8n8.x4.shared.b16 (see the layout above).
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
+__device__ __forceinline__ __attribute__((always_inline)) void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
   ptx_emu::ldmatrix<false>(r, smem_row);
 }
 
 // ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16.
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) {
+__device__ __forceinline__ __attribute__((always_inline)) void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) {
   ptx_emu::ldmatrix<true>(r, smem_row);
 }
 
 // cp.async.cg.shared.global, 16 bytes; when !valid nothing is read and 16 zero bytes are written.
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+__device__ __forceinline__ __attribute__((always_inline)) void cp_async_16(void* smem, const void* gmem, bool valid) {
   emu::cp_async_16(smem, gmem, valid);
 }
 

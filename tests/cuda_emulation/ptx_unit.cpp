@@ -364,6 +364,60 @@ __global__ void global_race_kernel(const GlobalRaceArgs p) {
   }
 }
 
+// Shared-memory bank conflicts (emu_banks.cpp) of known access patterns: two warps (8 KiB of shared
+// memory each), each lane doing the scenario's access twice (the second time 4 KiB further on, same
+// banks), so each warp
+// issues two instructions per access site. Loads go to `out` so that they are kept.
+//  0 float, lane l word l          1 float, word 32 l (one bank)    2 float, word 33 l
+//  3 float, every lane word 0      4 8 bytes, words 2l, 2l + 1        5 16 bytes, chunk l
+//  6 16 bytes, chunk 4 l (64-byte stride)                               7 ldmatrix, rows 64 bytes apart
+//  8 ldmatrix, rows 80 bytes apart (padded)                           9 cp.async, chunk l
+// 10 cp.async, chunk 8 l (128-byte stride)   11 float store, word 2 l   12 float store by even lanes, word 32 l
+struct BankArgs {
+  int scenario;
+  const float* src;  // 64 x 4 floats (cp.async source)
+  float* out;        // 64 floats
+};
+constexpr size_t kBankSmem = 2 * 4096 * 4;
+
+__global__ void bank_kernel(const BankArgs p) {
+  extern __shared__ float4 smem_f4[];
+  const int tid = static_cast<int>(threadIdx.x), lane = tid % 32;
+  float acc = 0.f;
+  for (int it = 0; it < 2; ++it) {
+    const int at = 2048 * (tid / 32) + 1024 * it;  // word: 8 KiB per warp, 4 KiB per iteration
+    float* words = reinterpret_cast<float*>(smem_f4) + at;
+    float4* chunks = reinterpret_cast<float4*>(words);
+    switch (p.scenario) {
+      case 0: acc += words[lane]; break;
+      case 1: acc += words[32 * lane]; break;
+      case 2: acc += words[33 * lane]; break;
+      case 3: acc += words[0]; break;
+      // 8- and 16-byte loads: told to the count directly (how wide the host compiler makes a
+      // plain access of a struct is its own choice), so these check the phase rule itself
+      case 4: emu::banks::record(tid, (at + 2 * lane) * 4, 8, emu::banks::kLoad, p.out); break;
+      case 5: emu::banks::record(tid, (at + 4 * lane) * 4, 16, emu::banks::kLoad, p.out); break;
+      case 6: emu::banks::record(tid, (at + 16 * lane) * 4, 16, emu::banks::kLoad, p.out); break;
+      case 7:
+      case 8: {
+        uint32_t r[4];
+        ldmatrix_x4(r, reinterpret_cast<unsigned char*>(words) + (p.scenario == 7 ? 64 : 80) * lane);
+        acc += static_cast<float>(r[0] & 1u);
+        break;
+      }
+      case 9:
+      case 10:
+        cp_async_16(chunks + (p.scenario == 9 ? lane : 8 * lane), reinterpret_cast<const float4*>(p.src) + lane, true);
+        cp_async_commit();
+        cp_async_wait<0>();
+        break;
+      case 11: words[2 * lane] = 1.f; break;
+      case 12: if (lane % 2 == 0) words[32 * lane] = 1.f; break;
+    }
+  }
+  p.out[tid] = acc;
+}
+
 int run(char* err, int errlen, void (*f)(void*), void* arg) {
   try {
     f(arg);
@@ -436,6 +490,25 @@ int ptx_global_race(int scenario, float* buf, char* err, int errlen) {
     emu::launch(global_race_kernel, 2, 64, 0, nullptr, *static_cast<const GlobalRaceArgs*>(v));
   }, &p);
   emu::race::untrack_globals();
+  return rc;
+}
+
+// Runs bank_kernel's scenario with the bank count on; writes up to `cap` rows of emu::banks::table()
+// (6 numbers each) into `rows` and their number into `nrows`.
+int ptx_banks(int scenario, const float* src, float* out, int64_t* rows, int cap, int* nrows, char* err, int errlen) {
+  BankArgs p{scenario, src, out};
+  emu::set_cp_async_mode(emu::kCpAsyncEarly);
+  emu::banks::reset();
+  emu::banks::enable(true);
+  const int rc = run(err, errlen, [](void* v) {
+    emu::launch(bank_kernel, 1, 64, kBankSmem, nullptr, *static_cast<const BankArgs*>(v));
+  }, &p);
+  emu::banks::enable(false);
+  const std::vector<int64_t> t = emu::banks::table();
+  const int n = static_cast<int>(t.size() / 6);
+  *nrows = n;
+  for (int i = 0; i < n && i < cap; ++i)
+    for (int j = 0; j < 6; ++j) rows[6 * i + j] = t[6 * static_cast<size_t>(i) + j];
   return rc;
 }
 

@@ -129,6 +129,24 @@ void copy_waited(const void* dst, size_t bytes);
 // Until act_as(-1), accesses count as thread `thread`'s (a collective reading a lane's data).
 void act_as(int thread);
 }  // namespace race
+
+// Shared-memory bank conflicts (emu_banks.cpp): off until enable(true). The runtime reports
+// cp.async writes and every barrier, ptx.cuh each ldmatrix, and the racecheck build's
+// instrumentation every plain shared-memory access; table() gives per code address (as an
+// offset in its module) and kind: size in bytes, warp-wide instructions, wavefronts, and the
+// wavefronts they would take without conflicts, six numbers a row.
+namespace banks {
+enum Kind { kLoad = 0, kStore = 1, kCpAsync = 2, kLdmatrix = 3, kLdmatrixTrans = 4 };
+void enable(bool on);
+bool enabled();
+void reset();
+void record(int thread, size_t offset, size_t size, int kind, const void* pc);
+void ldmatrix(const size_t (&row_offsets)[32], bool trans, const void* pc);
+void mute(bool on);  // nested: accesses of the emulator itself (cp.async's copies) are not the kernel's
+void warp_done(int warp);
+void block_done();
+std::vector<int64_t> table();
+}  // namespace banks
 }  // namespace emu
 
 #define threadIdx (*emu::cur_tid)
