@@ -13,7 +13,8 @@ The model is checked on known patterns first (tests/cuda_emulation/ptx_unit.cpp'
 then every kernel runs the GPU test's cases with the count on: every access of the tensor-core
 and float32 kernels must be conflict-free, except the 16-byte cp.async writes at head dim 96 (rows
 of 12 chunks: one phase in three covers the end of one row and the start of the next, two
-wavefronts; no padding that keeps the ldmatrix reads conflict-free avoids it). A build without the
+wavefronts, so 5 or 6 per write instead of 4; no padding that keeps the ldmatrix reads
+conflict-free avoids it). A build without the
 rows' padding (kernel_traits.h's kTcPad = 0) must show ldmatrix conflicts.
 
 `python tests/test_cuda_bank_conflicts.py [--tiles T] [--dtype D] [--head-dims 32,64]` prints the
@@ -99,7 +100,9 @@ def bank_sites(ops, module):
     """The bank table since the last reset, one dict per (kernel, source line, kind)."""
     t = ops.bank_table()
     raw = [t[i:i + 6] for i in range(0, len(t), 6)]
-    lines = subprocess.run(["addr2line", "-a", "-i", "-f", "-C", "-e", module, *(hex(r[0]) for r in raw)],
+    # the counts are keyed by return addresses (the instruction after the call or access): one
+    # byte back is still inside the access's own instruction, so its line and inline chain
+    lines = subprocess.run(["addr2line", "-a", "-i", "-f", "-C", "-e", module, *(hex(r[0] - 1) for r in raw)],
                            capture_output=True, text=True, check=True).stdout.splitlines()
     chains, i = [], 0
     for _ in raw:  # "0xADDR", then (function, file:line) per inline level
@@ -152,8 +155,8 @@ def emu_race():
 
 def _known_conflict(site, head_dim):
     # head dim 96: rows of 12 16-byte chunks, 8 consecutive chunks per phase, so one phase in three
-    # spans two rows and takes two wavefronts: 16/3 per instruction instead of 4
-    return site["kind"] == "cp.async" and head_dim == 96 and 3 * site["wavefronts"] <= 4 * site["ideal"]
+    # spans two rows and takes two wavefronts: 5 or 6 per instruction instead of 4 (16/3 on average)
+    return site["kind"] == "cp.async" and head_dim == 96 and 2 * site["wavefronts"] <= 3 * site["ideal"]
 
 
 # (dtype, tiles, head dims): the tensor-core kernels' three tile settings (the 128-row forward and
@@ -175,7 +178,7 @@ def test_kernels_have_no_bank_conflicts(emu_race, dtype, tiles, head_dim, monkey
     # cp.async, read them with ldmatrix and store the P/dS tiles; the float32 ones load and store
     expected = {"load", "store"} if dtype == torch.float32 else {"cp.async", "ldmatrix", "ldmatrix.trans", "store"}
     assert expected <= kinds, table
-    assert all(s["kernel"].startswith(("attn_fwd", "attn_bwd", "load_tile")) for s in sites), table
+    assert all(s["kernel"].startswith(("attn_fwd", "attn_bwd", "load_tile", "load_rows")) for s in sites), table
     conflicts = [s for s in sites if s["wavefronts"] != s["ideal"] and not _known_conflict(s, head_dim)]
     assert not conflicts, "bank conflicts:\n" + format_sites(conflicts) + "\n\nall sites:\n" + table
 

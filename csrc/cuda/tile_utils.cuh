@@ -87,7 +87,7 @@ __device__ __forceinline__ void load_tile_async(T* dst, const T* src, int64_t va
     // in the same 4 banks (two wavefronts instead of one). Lanes 4-7 of each such group take the
     // row 4 further on instead (4 strides = 64 bytes modulo 128: the other half of the banks);
     // each warp still copies the same 8 consecutive rows (one stretch of global memory).
-    if constexpr (kChunksPerRow == 4 && kRowsPerPass % 8 == 0 && kStride * sizeof(T) * 4 % 128 == 64) {
+    if constexpr (kChunksPerRow == 4 && kRowsPerPass % 8 == 0 && (kStride * sizeof(T) * 4) % 128 == 64) {
       const int lane = tid % 32;
       r0 = tid / 32 * 8 + lane / 8 + lane / 4 % 2 * 4;
     }

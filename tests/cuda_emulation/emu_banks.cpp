@@ -13,14 +13,19 @@
 // - ldmatrix: exactly, from the 32 row addresses the lanes give (ptx.cuh calls `ldmatrix`);
 // - cp.async: its 16-byte shared-memory write (emu_runtime.cpp calls `record`);
 // - plain loads and stores of shared memory: only in the racecheck build, whose instrumented
-//   code reports every access (emu_racecheck.cpp calls `record`). Their widths are those of the
-//   host compiler's code for the same source (the build turns off GCC's auto-vectorisation, so
-//   explicit vector types, as in the CUDA source, are what makes an access wide), which nvcc's
-//   may not match exactly.
+//   code reports every access (emu_racecheck.cpp calls `record`). Their widths are whatever the
+//   host compiler makes of the same source (its auto-vectorisation is off in that build; it may
+//   still split a struct copy into 4-byte accesses), which nvcc's may not match; the kernels'
+//   wide shared-memory accesses are ldmatrix and cp.async, counted exactly. Sizes other than 1,
+//   2, 4, 8 and 16 bytes (no kernel has them) count as 16-byte accesses, larger ones as several.
 // The lanes of a warp run one after another between two warp barriers (emu_runtime.cpp), so an
 // instruction is the n-th execution of one code address by each lane since the warp's last
 // collective operation or __syncthreads: the accesses with the same (code address, n) form one
-// warp-wide access. Lanes that skip an access (divergence) simply do not take part in it.
+// warp-wide access. Lanes that skip an access (divergence) do not take part in it; this is exact
+// when a lane skips its last executions of a code address before the barrier, not when it skips
+// one in the middle of a loop (its later executions are then grouped with the other lanes'
+// earlier ones: the float32 backward's `if (ok)` read of sDsum in its row loop is such a site;
+// its words stay in different banks either way, only its instruction count is off).
 //
 // Off unless `enable(true)`; `table()` gives, per code address, the instructions, wavefronts and
 // ideal wavefronts since `reset()`.
@@ -45,6 +50,7 @@ constexpr int kMaxWarps = 64;
 constexpr int kBanks = 32;
 constexpr int kMaxAddresses = 64;  // distinct code addresses a lane runs between two barriers
 constexpr int kMaxSites = 4096;    // distinct (code address, kind) of a table
+constexpr int kMaxWordsPerBank = 32;  // distinct words one bank serves in one phase (32 lanes at most)
 
 // One warp-wide access, filled in lane by lane.
 struct Instr {
@@ -99,7 +105,7 @@ EMU_NO_TSAN Site* site(const void* pc, int kind) {
 
 // Wavefronts of one phase: the most distinct words any one bank serves (0 for no word).
 struct Phase {
-  uint32_t words[kBanks][kMaxAddresses];  // distinct words per bank
+  uint32_t words[kBanks][kMaxWordsPerBank];  // distinct words per bank
   int n[kBanks];
   int most;
 };
@@ -113,7 +119,7 @@ EMU_NO_TSAN void phase_add(Phase& p, uint32_t word) {
   const int b = static_cast<int>(word % kBanks);
   for (int i = 0; i < p.n[b]; ++i)
     if (p.words[b][i] == word) return;
-  if (p.n[b] < kMaxAddresses) p.words[b][p.n[b]++] = word;
+  if (p.n[b] < kMaxWordsPerBank) p.words[b][p.n[b]++] = word;
   if (p.n[b] > p.most) p.most = p.n[b];
 }
 
@@ -195,9 +201,18 @@ EMU_NO_TSAN void reset() {
   block_done();
   for (Site& s : g_sites) s.pc = nullptr;
   g_nsites = 0;
+  g_muted = 0;
 }
 
 EMU_NO_TSAN void mute(bool on) { g_muted += on ? 1 : -1; }
+
+EMU_NO_TSAN void discard() {
+  for (Warp& w : g_warps) {
+    w.n = 0;
+    std::memset(w.cursor, 0, sizeof w.cursor);
+    for (Occurrences& o : w.occ) o.n = 0;
+  }
+}
 
 EMU_NO_TSAN void record(int thread, size_t offset, size_t size, int kind, const void* pc) {
   if (!g_enabled || g_muted > 0 || thread < 0 || size == 0 || thread / 32 >= kMaxWarps) return;

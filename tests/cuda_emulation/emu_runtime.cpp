@@ -360,14 +360,15 @@ void cp_async_16(void* smem, const void* gmem, bool valid) {
   count_op("cp_async_16");
   CpCopy c{static_cast<unsigned char*>(smem), src, valid, false, -1};
   banks::record(cur, static_cast<size_t>(c.dst - b), 16, banks::kCpAsync, __builtin_return_address(0));
-  banks::mute(true);  // the emulator's own writes below are that access, already counted
-  if (cp_mode == kCpAsyncEarly) {
-    perform(c);
-    c.done = true;
-  } else {  // contents undefined until the wait: make an early reader see NaN
-    for (int i = 0; i < 4; ++i) std::memcpy(c.dst + 4 * i, &kPoison, 4);
+  {
+    const banks::Muted muted;  // the emulator's own writes below are that access, already counted
+    if (cp_mode == kCpAsyncEarly) {
+      perform(c);
+      c.done = true;
+    } else {  // contents undefined until the wait: make an early reader see NaN
+      for (int i = 0; i < 4; ++i) std::memcpy(c.dst + 4 * i, &kPoison, 4);
+    }
   }
-  banks::mute(false);
   race::copy_issued(c.dst, 16, __builtin_return_address(0));
   fibers[cur].cp.push_back(c);
 }
@@ -388,9 +389,8 @@ void cp_async_wait(int newest_groups_left) {
     CpCopy& c = f.cp[i];
     if (c.group >= 0 && c.group < limit) {
       race::copy_waited(c.dst, 16);
-      banks::mute(true);
+      const banks::Muted muted;
       if (!c.done) perform(c);
-      banks::mute(false);
     } else {
       f.cp[keep++] = c;
     }
@@ -425,8 +425,13 @@ void run_grid(unsigned grid, int block, size_t smem, void (*body)(void*), void* 
   if (static_cast<int>(fibers.size()) < block) fibers.resize(block);
   auto* words = reinterpret_cast<uint32_t*>(smem_storage);
   race::launch_begin(smem_begin(), smem, kernel);
-  struct RaceOff {  // an error ends the launch: stop checking
-    ~RaceOff() { if (!done) race::launch_end(); }
+  banks::discard();  // (left over from a launch that failed)
+  struct RaceOff {  // an error ends the launch: stop checking, count nothing of it
+    ~RaceOff() {
+      if (done) return;
+      race::launch_end();
+      banks::discard();
+    }
     bool done = false;
   } race_off;
   for (unsigned b = 0; b < grid; ++b) {

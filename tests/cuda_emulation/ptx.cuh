@@ -170,9 +170,10 @@ void ldmatrix_complete(emu::WarpSlots& s, int warp) {
   for (int lane = 0; lane < 32; ++lane) std::memcpy(s.lane[lane], regs[lane], sizeof regs[lane]);
 }
 
-// Not inlined, so that its return address is the kernel's ldmatrix (each call site its own).
+// Not inlined nor tail-called, so that its return address is the kernel's ldmatrix (each call
+// site its own).
 template <bool kTrans>
-__attribute__((noinline)) void ldmatrix(uint32_t (&r)[4], const void* smem_row) {
+__attribute__((noipa)) void ldmatrix(uint32_t (&r)[4], const void* smem_row) {
   const LdmSlot in{static_cast<const unsigned char*>(smem_row), __builtin_return_address(0)};
   const emu::WarpSlots& s =
       emu::warp_collective(kTrans ? "ldmatrix_x4_trans" : "ldmatrix_x4", &in, sizeof in, &ldmatrix_complete<kTrans>);

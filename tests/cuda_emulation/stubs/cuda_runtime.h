@@ -143,6 +143,13 @@ void reset();
 void record(int thread, size_t offset, size_t size, int kind, const void* pc);
 void ldmatrix(const size_t (&row_offsets)[32], bool trans, const void* pc);
 void mute(bool on);  // nested: accesses of the emulator itself (cp.async's copies) are not the kernel's
+struct Muted {       // mute(true) for its lifetime
+  Muted() { mute(true); }
+  ~Muted() { mute(false); }
+  Muted(const Muted&) = delete;
+  Muted& operator=(const Muted&) = delete;
+};
+void discard();      // drops the accesses not yet counted (a launch that failed part-way)
 void warp_done(int warp);
 void block_done();
 std::vector<int64_t> table();
