@@ -111,11 +111,25 @@ __device__ __forceinline__ void load_tile_async(T* dst, const T* src, int64_t va
   } else {
     constexpr int kChunks = kRows * kChunksPerRow;
     constexpr int kPasses = (kChunks + kThreads - 1) / kThreads;
+    // Head dim 96 (12 chunks a row): taken row by row, one phase of 8 lanes in three would cover
+    // the end of one row and the start of the next, and share banks (two wavefronts). So the
+    // chunks go in groups of 8 rows, column by column: the 8 lanes of a phase take one column of
+    // 8 consecutive rows, which an odd row stride in 16-byte units puts in 8 different bank
+    // groups; a warp reads 4 columns of 8 rows (64 contiguous bytes of each row).
+    constexpr bool kColumns = kRows % 8 == 0 && (kStride / 8) % 2 == 1;  // (8 elements: 16 bytes)
 #pragma unroll
     for (int i = 0; i < kPasses; ++i) {
       const int c = tid + i * kThreads;
       if (kChunks % kThreads == 0 || c < kChunks) {
-        const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
+        int r, col;
+        if constexpr (kColumns) {
+          const int in_group = c % (8 * kChunksPerRow);
+          r = c / (8 * kChunksPerRow) * 8 + in_group % 8;
+          col = in_group / 8 * 8;
+        } else {
+          r = c / kChunksPerRow;
+          col = (c % kChunksPerRow) * 8;
+        }
         const bool valid = r < rows;
         cp_async_16(dst + r * kStride + col, valid ? src + r * D + col : src, valid);
       }
