@@ -10,11 +10,13 @@ plain loads and stores through the racecheck build's instrumentation (there, acc
 host compiler's for the same source; the kernels' wide accesses are ldmatrix and cp.async).
 
 The model is checked on known patterns first (tests/cuda_emulation/ptx_unit.cpp's bank_kernel),
-then every kernel runs the GPU test's cases with the count on: every access of the tensor-core
-and float32 kernels must be conflict-free. (It found two: the 16-byte cp.async tile writes at head
-dims 32 and 96, where 8 lanes' chunks straddled two rows; csrc/cuda/tile_utils.cuh's
-load_tile_async now orders the chunks so that they do not.) A build without the rows' padding
-(kernel_traits.h's kTcPad = 0) must show ldmatrix conflicts.
+then every kernel runs the GPU test's cases with the count on (here at head dims 64 and 96; every
+variant at 32 and 128 in tests/test_cuda_racecheck.py's runs, which execute them in the racecheck
+build anyway): every access of the tensor-core and float32 kernels must be conflict-free. (It
+found two: the 16-byte cp.async tile writes at head dims 32 and 96, where 8 lanes' chunks
+straddled two rows; csrc/cuda/tile_utils.cuh's load_tile_async now orders the chunks so that they
+do not.) A build without the rows' padding (kernel_traits.h's kTcPad = 0) must show ldmatrix
+conflicts.
 
 `python tests/test_cuda_bank_conflicts.py [--tiles T] [--dtype D] [--head-dims 32,64]` prints the
 table per source line (needs the compiled extension, as the tests do).
@@ -34,7 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import test_cuda_build as gpu_cases  # noqa: E402
 import test_cuda_emulation as emulation  # noqa: E402
 import test_cuda_emulation_ptx as ptx  # noqa: E402
-from test_cuda_racecheck import RACECHECK_CFLAGS  # noqa: E402
+
+RACECHECK_CFLAGS = emulation.RACECHECK_CFLAGS
 
 KINDS = {0: "load", 1: "store", 2: "cp.async", 3: "ldmatrix", 4: "ldmatrix.trans"}
 RACE_BUILD = "srt_cuda_emulation_race"  # the build test_cuda_racecheck.py uses (shared on disk)
@@ -70,8 +73,8 @@ PATTERNS = {
 
 
 @pytest.fixture(scope="module")
-def bank_lib(tmp_path_factory):
-    return ptx.build_ptx_lib(tmp_path_factory.mktemp("ptx_banks"), "srt_ptx_banks", RACECHECK_CFLAGS)
+def bank_lib():
+    return ptx.shared_ptx_lib("srt_ptx_racecheck", RACECHECK_CFLAGS)  # (test_cuda_racecheck.py's too)
 
 
 @pytest.mark.parametrize("scenario", sorted(PATTERNS))
@@ -134,7 +137,9 @@ def format_sites(sites):
     return "\n".join(out)
 
 
-def count_banks(ops, module, dtype, head_dims):
+def count_banks(ops, module, dtype, head_dims, table=True):
+    """Runs the GPU test's cases (results checked against the CPU op) with the count on; returns
+    bank_sites() unless `table` is False (the counts stay for the caller to read)."""
     ops.reset_bank_count()
     ops.set_bank_count(True)
     try:
@@ -142,7 +147,7 @@ def count_banks(ops, module, dtype, head_dims):
             emulation._check_cases_against_cpu(ops, dtype, head_dim, "bank count")
     finally:
         ops.set_bank_count(False)
-    return bank_sites(ops, module)
+    return bank_sites(ops, module) if table else None
 
 
 @pytest.fixture(scope="module")
@@ -152,20 +157,13 @@ def emu_race():
     return emulation.shared_emulation(RACE_BUILD, RACECHECK_CFLAGS)
 
 
-# (dtype, tiles, head dims): the tensor-core kernels' three tile settings (the 128-row forward and
-# the 128-key backward at the smallest and largest head dim) and the float32 CUDA-core kernels
-KERNEL_RUNS = [(torch.bfloat16, "default", head_dim) for head_dim in gpu_cases.HEAD_DIMS] + [
-    (torch.float16, "fwd128", 32), (torch.float16, "fwd128", 128),
-    (torch.bfloat16, "bwd128", 32), (torch.bfloat16, "bwd128", 128),
-    (torch.float32, "default", 32)]  # (its strides are the same modulo 32 banks at every head dim)
 
-
-@pytest.mark.parametrize("dtype,tiles,head_dim", KERNEL_RUNS, ids=lambda v: str(v).replace("torch.", ""))
-def test_kernels_have_no_bank_conflicts(emu_race, dtype, tiles, head_dim, monkeypatch):
-    gpu_cases.use_tiles(monkeypatch, tiles)
-    sites = count_banks(emu_race, module_path(RACE_BUILD), dtype, (head_dim,))
+def assert_no_bank_conflicts(ops, module, dtype, label):
+    """The bank table since the last reset (the count on) must show the kernels' accesses, all
+    conflict-free."""
+    sites = bank_sites(ops, module)
     table = format_sites(sites)
-    print(f"\n{dtype} {tiles} d={head_dim}\n{table}")
+    print(f"\n{label}\n{table}")
     kinds = {s["kind"] for s in sites}
     # the count saw what the kernels do (not vacuous): the tensor-core kernels stage tiles with
     # cp.async, read them with ldmatrix and store the P/dS tiles; the float32 ones load and store
@@ -174,6 +172,19 @@ def test_kernels_have_no_bank_conflicts(emu_race, dtype, tiles, head_dim, monkey
     assert all(s["kernel"].startswith(("attn_fwd", "attn_bwd", "load_tile", "load_rows")) for s in sites), table
     conflicts = [s for s in sites if s["wavefronts"] != s["ideal"]]
     assert not conflicts, "bank conflicts:\n" + format_sites(conflicts) + "\n\nall sites:\n" + table
+
+
+# Every tensor-core kernel variant at head dims 32 and 128 is counted by tests/test_cuda_racecheck.py's
+# test_kernels_have_no_hazards (its runs in the early cp.async mode: bf16 and fp16 default tiles,
+# the 128-row forward, the 128-key backward) with the same assertion; here the head dims in
+# between, whose rows are 64 and 96 elements (12 chunks at 96: the tile loads' chunk order), and
+# the float32 kernels (their row strides are the same modulo 32 banks at every head dim).
+@pytest.mark.parametrize("dtype,head_dim", [(torch.bfloat16, 64), (torch.bfloat16, 96), (torch.float32, 32)],
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_kernels_have_no_bank_conflicts(emu_race, dtype, head_dim, monkeypatch):
+    gpu_cases.use_tiles(monkeypatch, "default")
+    count_banks(emu_race, module_path(RACE_BUILD), dtype, (head_dim,), table=False)
+    assert_no_bank_conflicts(emu_race, module_path(RACE_BUILD), dtype, f"{dtype} default d={head_dim}")
 
 
 UNPADDED = ("constexpr int kTcPad = 8;", "constexpr int kTcPad = 0;")

@@ -47,6 +47,10 @@ def kernel_headers():
     return sorted(f for f in os.listdir(CUDA_DIR) if f.endswith((".h", ".cuh")) and f != "ptx.cuh")
 
 
+# The racecheck build's flags (tests/test_cuda_racecheck.py; tests/test_cuda_bank_conflicts.py counts
+# plain shared-memory accesses through the same instrumentation): -g1 for addr2line's lines, GCC's
+# auto-vectorisation off so that plain accesses keep the source's widths.
+RACECHECK_CFLAGS = ("-fsanitize=thread", "-DEMU_RACECHECK", "-g1", "-fno-tree-vectorize")
 EMU_SOURCES = ("emu_ops.cpp", "emu_runtime.cpp", "emu_racecheck.cpp", "emu_banks.cpp", "emu_kernels_fp16.cpp",
                "emu_kernels_bf16.cpp", "emu_kernels_fp32.cpp")
 

@@ -29,7 +29,9 @@ import test_cuda_build as gpu_cases  # noqa: E402
 import test_cuda_emulation as emulation  # noqa: E402
 import test_cuda_emulation_ptx as ptx  # noqa: E402
 
-RACECHECK_CFLAGS = ("-fsanitize=thread", "-DEMU_RACECHECK", "-g1", "-fno-tree-vectorize")
+import test_cuda_bank_conflicts as banks  # noqa: E402
+
+RACECHECK_CFLAGS = emulation.RACECHECK_CFLAGS
 
 pytestmark = [
     pytest.mark.skipif(platform.system() != "Linux", reason="the fiber emulator uses Linux ucontext"),
@@ -41,8 +43,8 @@ pytestmark = [
 # ---- the checker on planted races (ptx_unit.cpp's race_kernel) ----
 
 @pytest.fixture(scope="module")
-def race_lib(tmp_path_factory):
-    return ptx.build_ptx_lib(tmp_path_factory.mktemp("ptx_racecheck"), "srt_ptx_racecheck", RACECHECK_CFLAGS)
+def race_lib():
+    return ptx.shared_ptx_lib("srt_ptx_racecheck", RACECHECK_CFLAGS)
 
 
 def _race(lib, mode, scenario):
@@ -159,14 +161,24 @@ VARIANTS = [(torch.float32, "default", "early")] + [
 @pytest.mark.parametrize("dtype,tiles,cp_mode", VARIANTS, ids=lambda v: str(v).replace("torch.", ""))
 def test_kernels_have_no_hazards(emu_race, dtype, tiles, cp_mode, monkeypatch):
     # every case of the GPU test, at two head dims (the smallest and the largest tile shapes);
-    # a hazard fails the launch with the report, and the results must still be right
+    # a hazard fails the launch with the report, and the results must still be right. In the
+    # early cp.async mode the tensor-core kernels' runs also count the shared-memory bank
+    # conflicts, which must be none (tests/test_cuda_bank_conflicts.py, which counts the float32
+    # kernels itself; the counts do not depend on the mode)
     gpu_cases.use_tiles(monkeypatch, tiles)
     emu_race.set_cp_async_mode(emulation.CP_ASYNC_MODES[cp_mode])
+    count_banks = cp_mode == "early" and dtype != torch.float32
+    emu_race.reset_bank_count()
+    emu_race.set_bank_count(count_banks)
     try:
         for head_dim in (32, 128):
             emulation._check_cases_against_cpu(emu_race, dtype, head_dim, f"racecheck, {tiles}, cp.async {cp_mode}")
     finally:
+        emu_race.set_bank_count(False)
         emu_race.set_cp_async_mode(emulation.CP_ASYNC_MODES["early"])
+    if count_banks:
+        banks.assert_no_bank_conflicts(emu_race, banks.module_path(banks.RACE_BUILD), dtype,
+                                       f"{dtype} {tiles} d=32,128")
 
 
 # What makes the backward's deterministic schedule deterministic on a GPU: with the order of
