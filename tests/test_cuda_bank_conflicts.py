@@ -137,9 +137,9 @@ def format_sites(sites):
     return "\n".join(out)
 
 
-def count_banks(ops, module, dtype, head_dims, table=True):
+def count_banks(ops, module, dtype, head_dims):
     """Runs the GPU test's cases (results checked against the CPU op) with the count on; returns
-    bank_sites() unless `table` is False (the counts stay for the caller to read)."""
+    their bank_sites()."""
     ops.reset_bank_count()
     ops.set_bank_count(True)
     try:
@@ -147,7 +147,7 @@ def count_banks(ops, module, dtype, head_dims, table=True):
             emulation._check_cases_against_cpu(ops, dtype, head_dim, "bank count")
     finally:
         ops.set_bank_count(False)
-    return bank_sites(ops, module) if table else None
+    return bank_sites(ops, module)
 
 
 @pytest.fixture(scope="module")
@@ -157,11 +157,8 @@ def emu_race():
     return emulation.shared_emulation(RACE_BUILD, RACECHECK_CFLAGS)
 
 
-
-def assert_no_bank_conflicts(ops, module, dtype, label):
-    """The bank table since the last reset (the count on) must show the kernels' accesses, all
-    conflict-free."""
-    sites = bank_sites(ops, module)
+def assert_no_bank_conflicts(sites, dtype, label):
+    """The bank_sites() of the kernels' runs must show their accesses, all conflict-free."""
     table = format_sites(sites)
     print(f"\n{label}\n{table}")
     kinds = {s["kind"] for s in sites}
@@ -183,8 +180,8 @@ def assert_no_bank_conflicts(ops, module, dtype, label):
                          ids=lambda v: str(v).replace("torch.", ""))
 def test_kernels_have_no_bank_conflicts(emu_race, dtype, head_dim, monkeypatch):
     gpu_cases.use_tiles(monkeypatch, "default")
-    count_banks(emu_race, module_path(RACE_BUILD), dtype, (head_dim,), table=False)
-    assert_no_bank_conflicts(emu_race, module_path(RACE_BUILD), dtype, f"{dtype} default d={head_dim}")
+    sites = count_banks(emu_race, module_path(RACE_BUILD), dtype, (head_dim,))
+    assert_no_bank_conflicts(sites, dtype, f"{dtype} default d={head_dim}")
 
 
 UNPADDED = ("constexpr int kTcPad = 8;", "constexpr int kTcPad = 0;")

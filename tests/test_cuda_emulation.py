@@ -8,6 +8,7 @@ compares them with the CPU op in float64 on the same cases as the GPU test
 (tests/test_cuda_build.py), in both cp.async timing modes. GPU-only problems (atomics, bank
 conflicts, shared-memory limits, real timing) still need a GPU run.
 """
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -112,19 +113,27 @@ def shared_workdir(files, name="srt_cuda_emulation", extra_cflags=()):
     return pathlib.Path(tempfile.gettempdir()) / f"{name}_{h.hexdigest()[:16]}"
 
 
+@contextlib.contextmanager
+def build_lock(work):
+    """Holds `work`'s file lock (created with the folder if needed): one process writes and
+    builds there, the others wait and then reuse what it built."""
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def shared_emulation(name="srt_cuda_emulation", extra_cflags=(), files=None):
     """The emulated kernels' ops, built once for all pytest processes (under a file lock), from
     `files` (default: emulation_files())."""
     t0 = time.time()
     files = files or emulation_files()
     work = shared_workdir(files, name, extra_cflags)
-    work.mkdir(parents=True, exist_ok=True)
-    with open(work / ".lock", "w") as lock:  # one process writes and builds, the others wait
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            ops = build_emulation(work, files, name, extra_cflags)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with build_lock(work):
+        ops = build_emulation(work, files, name, extra_cflags)
     print(f"emulated CUDA kernels ({name}) ready in {time.time() - t0:.0f} s ({work})")
     return ops
 

@@ -15,14 +15,10 @@ against the emulator without torch headers, called through ctypes) check it dire
 - warp-collective misuse (lanes skipping an mma, lanes in different collectives) is reported.
 """
 import ctypes
-import fcntl
-import hashlib
 import os
-import pathlib
 import platform
 import shutil
 import sys
-import tempfile
 
 import pytest
 import torch
@@ -65,25 +61,22 @@ def shared_ptx_lib(name, extra_cflags=()):
     """build_ptx_lib's library, built once for all pytest processes and files that ask for the same
     flags (the racecheck and bank-conflict tests), under a file lock, in a folder named by a hash
     of the sources, the flags and the torch version."""
-    files = ["ptx.cuh", "ptx_unit.cpp", "emu_runtime.cpp", "emu_racecheck.cpp", "emu_banks.cpp"] + [
-        os.path.join("stubs", f) for f in sorted(os.listdir(os.path.join(EMU, "stubs")))]
-    h = hashlib.sha256(f"{torch.__version__} {sys.version} {extra_cflags}".encode())
-    for f in files:
-        with open(os.path.join(EMU, f), "rb") as fh:
-            h.update(f.encode() + b"\0" + fh.read() + b"\0")
-    work = pathlib.Path(tempfile.gettempdir()) / f"{name}_{h.hexdigest()[:16]}"
-    work.mkdir(parents=True, exist_ok=True)
-    with open(work / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            so = work / "lib" / "build" / f"{name}.so"
-            if not so.exists():
-                shutil.rmtree(work / "lib", ignore_errors=True)
-                (work / "lib").mkdir()
-                return build_ptx_lib(work / "lib", name, extra_cflags)
-            return Lib(str(so))
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import test_cuda_emulation as emulation  # (its build folders and lock; imported here only)
+
+    files = {}
+    for f in ["ptx.cuh", "ptx_unit.cpp", "emu_runtime.cpp", "emu_racecheck.cpp", "emu_banks.cpp"] + [
+            os.path.join("stubs", f) for f in sorted(os.listdir(os.path.join(EMU, "stubs")))]:
+        with open(os.path.join(EMU, f)) as fh:
+            files[f] = fh.read()
+    work = emulation.shared_workdir(files, name, extra_cflags)
+    with emulation.build_lock(work):
+        so = work / "lib" / "build" / f"{name}.so"
+        if not so.exists():
+            shutil.rmtree(work / "lib", ignore_errors=True)
+            (work / "lib").mkdir()
+            return build_ptx_lib(work / "lib", name, extra_cflags)
+        return Lib(str(so))
 
 
 @pytest.fixture(scope="module")

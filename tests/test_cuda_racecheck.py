@@ -177,8 +177,8 @@ def test_kernels_have_no_hazards(emu_race, dtype, tiles, cp_mode, monkeypatch):
         emu_race.set_bank_count(False)
         emu_race.set_cp_async_mode(emulation.CP_ASYNC_MODES["early"])
     if count_banks:
-        banks.assert_no_bank_conflicts(emu_race, banks.module_path(banks.RACE_BUILD), dtype,
-                                       f"{dtype} {tiles} d=32,128")
+        sites = banks.bank_sites(emu_race, banks.module_path(banks.RACE_BUILD))
+        banks.assert_no_bank_conflicts(sites, dtype, f"{dtype} {tiles} d=32,128")
 
 
 # What makes the backward's deterministic schedule deterministic on a GPU: with the order of

@@ -163,6 +163,12 @@ EMU_NO_TSAN bool matches(const Instr& in, const void* pc, uint32_t occurrence, u
   return in.pc == pc && in.occurrence == occurrence && in.chunk == chunk && in.kind == kind;
 }
 
+EMU_NO_TSAN void clear(Warp& w) {  // after counting (or dropping) its accesses
+  w.n = 0;
+  std::memset(w.cursor, 0, sizeof w.cursor);
+  for (Occurrences& o : w.occ) o.n = 0;
+}
+
 // The instruction (pc, occurrence, chunk, kind) of lane `lane`'s warp: where the lane's cursor
 // points (the usual case), else found by search, else a new one.
 EMU_NO_TSAN Instr& instruction(Warp& w, int lane, const void* pc, uint32_t occurrence, uint16_t chunk, int kind) {
@@ -207,11 +213,7 @@ EMU_NO_TSAN void reset() {
 EMU_NO_TSAN void mute(bool on) { g_muted += on ? 1 : -1; }
 
 EMU_NO_TSAN void discard() {
-  for (Warp& w : g_warps) {
-    w.n = 0;
-    std::memset(w.cursor, 0, sizeof w.cursor);
-    for (Occurrences& o : w.occ) o.n = 0;
-  }
+  for (Warp& w : g_warps) clear(w);
 }
 
 EMU_NO_TSAN void record(int thread, size_t offset, size_t size, int kind, const void* pc) {
@@ -227,17 +229,19 @@ EMU_NO_TSAN void record(int thread, size_t offset, size_t size, int kind, const 
   }
 }
 
+// Every lane gives one 16-byte row and the rows of matrix m come from lanes 8m .. 8m + 7: the
+// phases of a warp-wide 16-byte access.
 EMU_NO_TSAN void ldmatrix(const size_t (&row_offsets)[32], bool trans, const void* pc) {
   if (!g_enabled) return;
-  static Phase phase;
-  int wavefronts = 0;
-  for (int matrix = 0; matrix < 4; ++matrix) {  // the 8 rows of matrix m come from lanes 8m .. 8m + 7
-    phase_clear(phase);
-    for (int row = 0; row < 8; ++row)
-      for (uint32_t w = 0; w < 4; ++w) phase_add(phase, static_cast<uint32_t>(row_offsets[8 * matrix + row] / 4) + w);
-    wavefronts += phase.most;
+  Instr in{};
+  in.pc = pc;
+  in.kind = static_cast<uint8_t>(trans ? kLdmatrixTrans : kLdmatrix);
+  in.lanes = 0xffffffffu;
+  for (int l = 0; l < 32; ++l) {
+    in.offset[l] = static_cast<uint32_t>(row_offsets[l]);
+    in.size[l] = 16;
   }
-  add_to_site(pc, trans ? kLdmatrixTrans : kLdmatrix, 16, wavefronts, 4);
+  count_instruction(in);
 }
 
 EMU_NO_TSAN void warp_done(int warp) {
@@ -245,9 +249,7 @@ EMU_NO_TSAN void warp_done(int warp) {
   Warp& w = g_warps[warp];
   if (w.n == 0) return;  // (no access since the barrier: no occurrence either)
   for (size_t i = 0; i < w.n; ++i) count_instruction(w.instrs[i]);
-  w.n = 0;
-  std::memset(w.cursor, 0, sizeof w.cursor);
-  for (Occurrences& o : w.occ) o.n = 0;
+  clear(w);
 }
 
 EMU_NO_TSAN void block_done() {

@@ -366,8 +366,8 @@ __global__ void global_race_kernel(const GlobalRaceArgs p) {
 
 // Shared-memory bank conflicts (emu_banks.cpp) of known access patterns: two warps (8 KiB of shared
 // memory each), each lane doing the scenario's access twice (the second time 4 KiB further on, same
-// banks), so each warp
-// issues two instructions per access site. Loads go to `out` so that they are kept.
+// banks), so each warp issues two instructions per access site. Loads go to `out` so that they are
+// kept.
 //  0 float, lane l word l          1 float, word 32 l (one bank)    2 float, word 33 l
 //  3 float, every lane word 0      4 8 bytes, words 2l, 2l + 1        5 16 bytes, chunk l
 //  6 16 bytes, chunk 4 l (64-byte stride)                               7 ldmatrix, rows 64 bytes apart
