@@ -1,4 +1,4 @@
-"""Shared-memory bank conflicts of the CUDA kernels, counted on the CPU.
+"""Shared-memory bank conflicts (and global-memory sectors) of the CUDA kernels, counted on the CPU.
 
 Shared memory has 32 banks of 4-byte words; a warp-wide access takes one "wavefront" per word a
 single bank must deliver (lanes reading the same word share it), and accesses of 8 and 16 bytes
@@ -17,6 +17,13 @@ found two: the 16-byte cp.async tile writes at head dims 32 and 96, where 8 lane
 straddled two rows; csrc/cuda/tile_utils.cuh's load_tile_async now orders the chunks so that they
 do not.) A build without the rows' padding (kernel_traits.h's kTcPad = 0) must show ldmatrix
 conflicts.
+
+The same count covers global memory in 32-byte sectors (the unit of a warp's global request):
+per warp-wide access the distinct sectors its lanes touch, against the fewest its distinct bytes
+could fill. The bulk traffic must be ideal: the Q/K/V/dO tile loads (cp.async sources; load_rows
+in the float32 kernels) and the dQ atomics (float2 atomicAdd on sm_90: each row's 4 lanes cover
+one sector); every other access outside the masks at most 2x (the tensor-core epilogue stores O,
+dK, dV 4 bytes a lane: half a sector per row and instruction). Mask reads are reported only.
 
 `python tests/test_cuda_bank_conflicts.py [--tiles T] [--dtype D] [--head-dims 32,64]` prints the
 table per source line (needs the compiled extension, as the tests do).
@@ -39,7 +46,10 @@ import test_cuda_emulation_ptx as ptx  # noqa: E402
 
 RACECHECK_CFLAGS = emulation.RACECHECK_CFLAGS
 
-KINDS = {0: "load", 1: "store", 2: "cp.async", 3: "ldmatrix", 4: "ldmatrix.trans"}
+KINDS = {0: "load", 1: "store", 2: "cp.async", 3: "ldmatrix", 4: "ldmatrix.trans",
+         # global memory: 32-byte sectors per instruction (emu_banks.cpp's count_global)
+         5: "global load", 6: "global store", 7: "global atomic", 8: "cp.async source"}
+GLOBAL_KINDS = {"global load", "global store", "global atomic", "cp.async source"}
 RACE_BUILD = "srt_cuda_emulation_race"  # the build test_cuda_racecheck.py uses (shared on disk)
 # files whose lines are the emulator's, not the kernel's: a site is named by the first other line
 # of its inline chain
@@ -69,6 +79,13 @@ PATTERNS = {
     10: ("cp.async", 16, 32, 4),  # chunks 128 bytes apart: all 8 lanes of a phase in 4 banks
     11: ("store", 4, 2, 1),      # word 2 l: two lanes per bank
     12: ("store", 4, 16, 1),     # even lanes only, word 32 l: 16 lanes in bank 0
+    # global memory: (kind, bytes, 32-byte sectors per instruction, fewest sectors for its bytes)
+    13: ("global load", 4, 4, 4),     # 32 consecutive floats: 128 bytes
+    14: ("global load", 4, 32, 4),    # floats 32 bytes apart: a sector each
+    15: ("global load", 1, 32, 1),    # bytes 32 apart: 32 bytes in 32 sectors
+    16: ("cp.async source", 16, 16, 16),  # 32 consecutive 16-byte chunks
+    17: ("global atomic", 8, 8, 8),   # float2 atomics, consecutive (the dQ adds on sm_90)
+    18: ("global atomic", 4, 8, 4),   # float atomics 8 bytes apart: half of every sector
 }
 
 
@@ -85,8 +102,9 @@ def test_bank_model_on_known_patterns(bank_lib, scenario):
     bank_lib.call("ptx_banks", scenario, ctypes.c_void_p(src.data_ptr()), ctypes.c_void_p(out.data_ptr()),
                   rows, 10, ctypes.byref(n))
     table = [tuple(rows[6 * i:6 * i + 6]) for i in range(n.value)]
-    assert len(table) == 1, table  # one access site
-    _, k, b, instructions, wavefronts, conflict_free = table[0]
+    # one access site of that kind (cp.async: its shared-memory write is another row, checked by 9)
+    assert sorted(KINDS[r[1]] for r in table) in ([kind], sorted(["cp.async", kind])), table
+    _, k, b, instructions, wavefronts, conflict_free = next(r for r in table if KINDS[r[1]] == kind)
     # two warps, each doing the access twice (no barrier between: told apart by occurrence)
     assert (KINDS[k], b, instructions) == (kind, size, 4), table
     assert (wavefronts, conflict_free) == (4 * per_instr, 4 * ideal), table
@@ -129,10 +147,11 @@ def bank_sites(ops, module):
 
 
 def format_sites(sites):
-    out = [f"{'kernel':48s} {'line':26s} {'kind':14s} {'B':>3s} {'instr':>9s} {'wf/instr':>8s} {'ideal':>6s}"]
+    """wf/instr: wavefronts (shared memory) or 32-byte sectors (global kinds) per instruction."""
+    out = [f"{'kernel':48s} {'line':26s} {'kind':15s} {'B':>3s} {'instr':>9s} {'wf/instr':>8s} {'ideal':>6s}"]
     for s in sites:
         n = max(s["instructions"], 1)
-        out.append(f"{s['kernel'][:48]:48s} {s['line'][:26]:26s} {s['kind']:14s} {s['size']:3d} {s['instructions']:9d} "
+        out.append(f"{s['kernel'][:48]:48s} {s['line'][:26]:26s} {s['kind']:15s} {s['size']:3d} {s['instructions']:9d} "
                    f"{s['wavefronts'] / n:8.2f} {s['ideal'] / n:6.2f}")
     return "\n".join(out)
 
@@ -158,9 +177,12 @@ def emu_race():
 
 
 def assert_no_bank_conflicts(sites, dtype, label):
-    """The bank_sites() of the kernels' runs must show their accesses, all conflict-free."""
+    """The bank_sites() of the kernels' runs must show their shared-memory accesses, all
+    conflict-free, and their global accesses as assert_coalesced says."""
+    print(f"\n{label}\n{format_sites(sites)}")
+    assert_coalesced([s for s in sites if s["kind"] in GLOBAL_KINDS], dtype)
+    sites = [s for s in sites if s["kind"] not in GLOBAL_KINDS]
     table = format_sites(sites)
-    print(f"\n{label}\n{table}")
     kinds = {s["kind"] for s in sites}
     # the count saw what the kernels do (not vacuous): the tensor-core kernels stage tiles with
     # cp.async, read them with ldmatrix and store the P/dS tiles; the float32 ones load and store
@@ -169,6 +191,30 @@ def assert_no_bank_conflicts(sites, dtype, label):
     assert all(s["kernel"].startswith(("attn_fwd", "attn_bwd", "load_tile", "load_rows")) for s in sites), table
     conflicts = [s for s in sites if s["wavefronts"] != s["ideal"]]
     assert not conflicts, "bank conflicts:\n" + format_sites(conflicts) + "\n\nall sites:\n" + table
+
+
+# Sites allowed up to twice the fewest sectors their bytes could take: the float16/bfloat16
+# kernels' stores from mma accumulators (O, dK, dV: 4 bytes a lane, so each row's 16 bytes half a
+# sector; LSE) and their per-row LSE/D reads (8 rows of a fragment, a sector or two). Mask reads
+# (mask_semantics.h, per element in the fragment layout: bytes of 8 rows in 8 sectors) are only
+# reported: the masks are bytes, not the bulk of the traffic, and cached.
+def assert_coalesced(sites, dtype):
+    """Global accesses of the kernels' runs (racecheck build), in 32-byte sectors: the bulk
+    traffic takes the fewest sectors its bytes allow (the Q/K/V/dO tile loads: cp.async in the
+    tensor-core kernels, load_rows in the float32 ones; the dQ atomics), and nothing outside the
+    masks takes more than twice that (rows of LSE/D that start inside a sector take one more)."""
+    table = format_sites(sites)
+    kinds = {s["kind"] for s in sites}
+    expected = {"global load", "global store", "global atomic"}  # (not vacuous)
+    if dtype != torch.float32:
+        expected.add("cp.async source")
+    assert expected <= kinds, table
+    unmasked = [s for s in sites if not s["line"].startswith("mask_semantics.h")]
+    def exact(s):
+        return s["kind"] in ("cp.async source", "global atomic") or (
+            dtype == torch.float32 and s["line"].startswith("tile_utils.cuh"))  # load_rows
+    bad = [s for s in unmasked if s["wavefronts"] > (s["ideal"] if exact(s) else 2 * s["ideal"])]
+    assert not bad, "uncoalesced global accesses:\n" + format_sites(bad) + "\n\nall sites:\n" + table
 
 
 # Every tensor-core kernel variant at head dims 32 and 128 is counted by tests/test_cuda_racecheck.py's
@@ -209,7 +255,8 @@ def test_rows_without_padding_show_ldmatrix_conflicts(monkeypatch):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Shared-memory bank conflicts of the emulated CUDA kernels, per source line.")
+    ap = argparse.ArgumentParser(description="Shared-memory bank conflicts and global-memory sectors of the emulated "
+                                             "CUDA kernels, per source line.")
     ap.add_argument("--tiles", choices=sorted(gpu_cases.TILE_SETTINGS), default="default")
     ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     ap.add_argument("--head-dims", default="64", help="comma-separated, from %s" % (gpu_cases.HEAD_DIMS,))

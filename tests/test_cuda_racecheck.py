@@ -211,7 +211,7 @@ PLANTED = {
                           "attn_bwd_tc_kernel"),
 }
 # and dQ added without atomics (the emulator's atomic_add2, which the tensor-core backward uses)
-PLANTED_NON_ATOMIC = ("  atomicAdd(dst, a);\n  atomicAdd(dst + 1, b);\n", "  dst[0] += a;\n  dst[1] += b;\n")
+PLANTED_NON_ATOMIC = ("  emu::race::atomic_add2(dst, a, b);\n", "  dst[0] += a;\n  dst[1] += b;\n")
 # and the backward reading a Q/dO tile whose cp.async is still in flight (the wait leaves one group
 # too many): with the copies done at issue (early mode) the results are right, only the checker sees it
 PLANTED_WAIT = ("    cp_async_wait<1>();  // this tile's Q/dO (and K/V) have landed\n",

@@ -1,4 +1,4 @@
-// Shared-memory bank conflicts of the emulated kernels, counted on the CPU.
+// Shared-memory bank conflicts, and global-memory sectors, of the emulated kernels, counted on the CPU.
 //
 // A GPU's shared memory has 32 banks of 4-byte words (word w is in bank w % 32); one warp-wide
 // access is served in "wavefronts", and a wavefront reads or writes at most one word per bank
@@ -27,8 +27,18 @@
 // earlier ones: the float32 backward's `if (ok)` read of sDsum in its row loop is such a site;
 // its words stay in different banks either way, only its instruction count is off).
 //
-// Off unless `enable(true)`; `table()` gives, per code address, the instructions, wavefronts and
-// ideal wavefronts since `reset()`.
+// Global memory is counted the same way, in 32-byte sectors instead of wavefronts: a warp-wide
+// global access takes one sector request per distinct 32-byte sector its lanes touch, and at best
+// as many as its distinct bytes fill (ceil(bytes / 32), the "ideal"). Only accesses to the buffers
+// registered with add_global (emu_ops.cpp: every tensor of the launch) count, so that a lane's
+// own stack (its registers on the GPU) is not taken for global memory. Kinds: cp.async's 16-byte
+// read of its source (emu_runtime.cpp; not when it zero-fills), and in the racecheck build plain
+// loads, stores and atomicAdds (the float2 atomicAdd as one 8-byte access). This says nothing of
+// caches or DRAM: repeated reads of the same sectors by later instructions count each time, as
+// they would in L1 requests.
+//
+// Off unless `enable(true)`; `table()` gives, per code address and kind, the instructions,
+// wavefronts (or sectors) and the ideal since `reset()`.
 #include <dlfcn.h>
 
 #include <cstdint>
@@ -48,7 +58,7 @@ namespace emu::banks {
 namespace {
 constexpr int kMaxWarps = 64;
 constexpr int kBanks = 32;
-constexpr int kMaxAddresses = 64;  // distinct code addresses a lane runs between two barriers
+constexpr int kMaxAddresses = 128;  // distinct (code address, kind)s a lane runs between two barriers
 constexpr int kMaxSites = 4096;    // distinct (code address, kind) of a table
 constexpr int kMaxWordsPerBank = 32;  // distinct words one bank serves in one phase (32 lanes at most)
 
@@ -59,12 +69,13 @@ struct Instr {
   uint16_t chunk;       // 16-byte piece of an access wider than 16 bytes
   uint8_t kind;
   uint32_t lanes;       // bit l: lane l takes part
-  uint32_t offset[32];  // bytes from the start of shared memory
+  uint64_t offset[32];  // bytes from the start of shared memory; global kinds: the address
   uint8_t size[32];
 };
 
-struct Occurrences {  // per lane: code addresses run since the warp's last barrier, and how often
+struct Occurrences {  // per lane: (code address, kind)s run since the warp's last barrier, and how often
   const void* pc[kMaxAddresses];
+  int kind[kMaxAddresses];  // (a cp.async is two: its shared write and, unless zero-filling, its global read)
   uint32_t count[kMaxAddresses];
   int n;
 };
@@ -84,6 +95,12 @@ struct Site {
 
 bool g_enabled = false;
 int g_muted = 0;
+constexpr int kMaxGlobals = 32;
+struct Range {
+  uintptr_t lo, hi;
+};
+Range g_globals[kMaxGlobals];  // the global buffers whose accesses are counted (add_global)
+int g_nglobals = 0;
 Warp g_warps[kMaxWarps];
 Site g_sites[kMaxSites];  // open addressing on (pc, kind); pc == nullptr: free
 int g_nsites = 0;
@@ -131,7 +148,41 @@ EMU_NO_TSAN void add_to_site(const void* pc, int kind, int size, int wavefronts,
   if (size > s->size) s->size = size;
 }
 
+EMU_NO_TSAN bool is_global(int kind) { return kind >= kGlobalLoad; }
+
+// A global access: the distinct 32-byte sectors its lanes touch, against the fewest sectors that
+// could hold its distinct bytes.
+EMU_NO_TSAN void count_global(const Instr& in) {
+  uint64_t sectors[64], lo[32], hi[32];
+  int nsectors = 0, nranges = 0, size = 0;
+  for (int l = 0; l < 32; ++l) {
+    if (!(in.lanes >> l & 1u)) continue;
+    if (in.size[l] > size) size = in.size[l];
+    const uint64_t a = in.offset[l], b = a + in.size[l];
+    for (uint64_t s = a / 32; s <= (b - 1) / 32; ++s) {
+      int i = 0;
+      while (i < nsectors && sectors[i] != s) ++i;
+      if (i == nsectors) sectors[nsectors++] = s;  // (16 bytes at most: 2 sectors a lane)
+    }
+    int at = nranges++;  // insertion sort by start
+    for (; at > 0 && lo[at - 1] > a; --at) {
+      lo[at] = lo[at - 1];
+      hi[at] = hi[at - 1];
+    }
+    lo[at] = a;
+    hi[at] = b;
+  }
+  uint64_t bytes = 0, end = 0;
+  for (int i = 0; i < nranges; ++i) {  // the union's size
+    const uint64_t from = lo[i] > end ? lo[i] : end;
+    if (hi[i] > from) bytes += hi[i] - from;
+    if (hi[i] > end) end = hi[i];
+  }
+  add_to_site(in.pc, in.kind, size, nsectors, static_cast<int>((bytes + 31) / 32));
+}
+
 EMU_NO_TSAN void count_instruction(const Instr& in) {
+  if (is_global(in.kind)) return count_global(in);
   int size = 0;
   for (int l = 0; l < 32; ++l)
     if ((in.lanes >> l & 1u) && in.size[l] > size) size = in.size[l];
@@ -142,7 +193,8 @@ EMU_NO_TSAN void count_instruction(const Instr& in) {
     phase_clear(phase);
     for (int l = first; l < first + lanes_per_phase; ++l) {
       if (!(in.lanes >> l & 1u)) continue;
-      for (uint32_t w = in.offset[l] / 4; w <= (in.offset[l] + in.size[l] - 1) / 4; ++w) phase_add(phase, w);
+      for (uint64_t w = in.offset[l] / 4; w <= (in.offset[l] + in.size[l] - 1) / 4; ++w)
+        phase_add(phase, static_cast<uint32_t>(w));
     }
     wavefronts += phase.most;
     ideal += phase.most > 0 ? 1 : 0;
@@ -150,11 +202,12 @@ EMU_NO_TSAN void count_instruction(const Instr& in) {
   add_to_site(in.pc, in.kind, size, wavefronts, ideal);
 }
 
-EMU_NO_TSAN uint32_t next_occurrence(Occurrences& o, const void* pc) {
+EMU_NO_TSAN uint32_t next_occurrence(Occurrences& o, const void* pc, int kind) {
   for (int i = 0; i < o.n; ++i)
-    if (o.pc[i] == pc) return o.count[i]++;
+    if (o.pc[i] == pc && o.kind[i] == kind) return o.count[i]++;
   if (o.n == kMaxAddresses) fail("bank count: more than %d code addresses between two barriers", kMaxAddresses);
   o.pc[o.n] = pc;
+  o.kind[o.n] = kind;
   o.count[o.n++] = 1;
   return 0;
 }
@@ -220,13 +273,34 @@ EMU_NO_TSAN void record(int thread, size_t offset, size_t size, int kind, const 
   if (!g_enabled || g_muted > 0 || thread < 0 || size == 0 || thread / 32 >= kMaxWarps) return;
   Warp& w = g_warps[thread / 32];
   const int lane = thread % 32;
-  const uint32_t occurrence = next_occurrence(w.occ[lane], pc);
+  const uint32_t occurrence = next_occurrence(w.occ[lane], pc, kind);
   for (size_t at = 0, chunk = 0; at < size; at += 16, ++chunk) {
     Instr& in = instruction(w, lane, pc, occurrence, static_cast<uint16_t>(chunk), kind);
     in.lanes |= 1u << lane;
-    in.offset[lane] = static_cast<uint32_t>(offset + at);
+    in.offset[lane] = static_cast<uint64_t>(offset + at);
     in.size[lane] = static_cast<uint8_t>(size - at < 16 ? size - at : 16);
   }
+}
+
+EMU_NO_TSAN void add_global(const void* ptr, size_t bytes) {
+  if (ptr == nullptr || bytes == 0) return;
+  if (g_nglobals == kMaxGlobals) fail("bank count: more than %d global buffers", kMaxGlobals);
+  const auto lo = reinterpret_cast<uintptr_t>(ptr);
+  g_globals[g_nglobals++] = Range{lo, lo + bytes};
+}
+
+EMU_NO_TSAN void clear_globals() { g_nglobals = 0; }
+
+EMU_NO_TSAN bool counts_global(const void* addr, size_t size) {
+  if (!g_enabled || g_muted > 0) return false;
+  const auto a = reinterpret_cast<uintptr_t>(addr);
+  for (int i = 0; i < g_nglobals; ++i)
+    if (a < g_globals[i].hi && a + size > g_globals[i].lo) return true;
+  return false;
+}
+
+EMU_NO_TSAN void record_global(int thread, const void* addr, size_t size, int kind, const void* pc) {
+  if (counts_global(addr, size)) record(thread, reinterpret_cast<uintptr_t>(addr), size, kind, pc);
 }
 
 // Every lane gives one 16-byte row and the rows of matrix m come from lanes 8m .. 8m + 7: the

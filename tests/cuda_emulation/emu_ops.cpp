@@ -30,9 +30,37 @@ at::Tensor alloc_poisoned(at::IntArrayRef sizes, const at::TensorOptions& option
 
 // The buffers of one op call are watched during its launches only.
 struct TrackedBuffers {
-  TrackedBuffers() { emu::race::untrack_globals(); }
-  ~TrackedBuffers() { emu::race::untrack_globals(); }
+  TrackedBuffers() { clear(); }
+  ~TrackedBuffers() { clear(); }
+  static void clear() {
+    emu::race::untrack_globals();
+    emu::banks::clear_globals();
+  }
 };
+
+// Bytes from a mask's pointer to the end of the last element its (B, H, N, M) view reaches.
+size_t mask_extent(const MaskView& m, const KernelParams& p) {
+  static constexpr size_t kBytes[] = {0, 1, 4, 8, 2, 2};  // per MaskKind
+  const int64_t last = (p.B - 1) * m.sb + (p.H - 1) * m.sh + (p.N - 1) * m.si + (p.M - 1) * m.sj;
+  return m.present() ? static_cast<size_t>(last + 1) * kBytes[m.kind] : 0;
+}
+
+// Every global buffer of a launch, for the sector count of global accesses (emu_banks.cpp): the
+// accesses to anything else (the lanes' own stacks, the emulator's data) are not global memory.
+template <typename T>
+void count_globals(const KernelParams& p, int64_t head_dim) {
+  const size_t rows_q = static_cast<size_t>(p.B * p.H * p.N), rows_k = static_cast<size_t>(p.B * p.H * p.M);
+  const size_t d = static_cast<size_t>(head_dim), e = sizeof(T);
+  for (const void* t : {p.q, static_cast<const void*>(p.out), p.dout}) emu::banks::add_global(t, rows_q * d * e);
+  for (const void* t : {p.k, p.v, static_cast<const void*>(p.dk), static_cast<const void*>(p.dv)})
+    emu::banks::add_global(t, rows_k * d * e);
+  emu::banks::add_global(p.lse, rows_q * 4);
+  emu::banks::add_global(p.dsum, rows_q * 4);
+  emu::banks::add_global(p.dq_accum, static_cast<size_t>(p.round_tiles > 0 ? p.round_tiles : 1) * rows_q * d * 4);
+  for (const MaskView* m : {&p.key_padding, &p.attn_mask, &p.q_stop, &p.k_stop, &p.v_stop})
+    emu::banks::add_global(m->ptr, mask_extent(*m, p));
+  emu::banks::add_global(p.reasoning.heads, static_cast<size_t>(p.H));
+}
 
 // The multiprocessors the deterministic backward schedule is sized for (deterministic_dq_splits):
 // few, so that small test problems take several dQ buffers and several rounds.
@@ -48,6 +76,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
                              R, W, stop, heads);
   check_kernel_dtype_head_dim("attn_fwd", q.scalar_type(), a.D);
   return attn_fwd_host(a, q, k, v, &alloc_poisoned, [](auto tag, auto head_dim, const KernelParams& p) {
+    count_globals<typename decltype(tag)::type>(p, decltype(head_dim)::value);
     const int err = launch_attn_fwd<typename decltype(tag)::type, decltype(head_dim)::value>(p, nullptr);
     TORCH_CHECK(err == cudaSuccess);  // launches on the emulator: no device, no stream
   });
@@ -68,6 +97,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& grad_out, c
   return attn_bwd_host(a, grad_out, q, k, v, out, lse, at::globalContext().deterministicAlgorithms(),
                        emulated_sm_count, &alloc_poisoned,
                        [](auto tag, auto head_dim, const KernelParams& p) {
+                         count_globals<typename decltype(tag)::type>(p, decltype(head_dim)::value);
                          const int err =
                              launch_attn_bwd<typename decltype(tag)::type, decltype(head_dim)::value>(p, nullptr);
                          TORCH_CHECK(err == cudaSuccess);
@@ -107,9 +137,10 @@ EMU_TORCH_LIBRARY(EMU_OPS_NAMESPACE, m) {
   m.def("racecheck_instrumented", []() -> bool { return emu::race::instrumented(); });
   // racecheck build: report atomicAdds to the same bytes whose order is not fixed (set_ordered_atomics)
   m.def("set_ordered_atomics", [](bool on) { emu::race::set_ordered_atomics(on); });
-  // shared-memory bank conflicts (emu_banks.cpp): on/off, reset, and the table since the reset,
-  // six numbers a code address: its offset in this module, kind, bytes, instructions, wavefronts,
-  // conflict-free wavefronts (plain loads and stores only in the racecheck build)
+  // shared-memory bank conflicts and global-memory sectors (emu_banks.cpp): on/off, reset, and the
+  // table since the reset, six numbers a code address and kind: its offset in this module, kind,
+  // bytes, instructions, wavefronts (sectors), ideal wavefronts (sectors) (plain loads, stores and
+  // atomics only in the racecheck build)
   m.def("set_bank_count", [](bool on) { emu::banks::enable(on); });
   m.def("reset_bank_count", [] { emu::banks::reset(); });
   m.def("bank_table", [] { return emu::banks::table(); });

@@ -289,6 +289,12 @@ EMU_NO_TSAN void on_access(const void* addr, size_t size, bool write, const void
   if (!g_on) return;
   const auto a = reinterpret_cast<uintptr_t>(addr);
   Granules gs = overlap(a, size, g_lo, g_hi);
+  // the sector count of global accesses (current_thread() only then: it reads memory itself)
+  if (gs.first == gs.end && g_actor < 0 && banks::counts_global(addr, size)) {
+    const int t = current_thread();
+    if (t >= 0)
+      banks::record_global(t, addr, size, atomic ? banks::kGlobalAtomic : write ? banks::kGlobalStore : banks::kGlobalLoad, pc);
+  }
   const Tracked* tr = nullptr;
   for (int i = 0; i < g_ntracked && gs.first == gs.end; ++i) {
     gs = overlap(a, size, g_tracked[i].lo, g_tracked[i].hi);
@@ -427,6 +433,12 @@ EMU_NO_TSAN float atomic_add(float* a, float v) {
   const float old = *a;
   *a = old + v;  // fibers are never preempted: a plain read-modify-write is atomic
   return old;
+}
+
+EMU_NO_TSAN void atomic_add2(float* a, float x, float y) {
+  on_access(a, 2 * sizeof(float), true, __builtin_return_address(0), true);
+  a[0] += x;
+  a[1] += y;
 }
 }  // namespace emu::race
 

@@ -360,6 +360,7 @@ void cp_async_16(void* smem, const void* gmem, bool valid) {
   count_op("cp_async_16");
   CpCopy c{static_cast<unsigned char*>(smem), src, valid, false, -1};
   banks::record(cur, static_cast<size_t>(c.dst - b), 16, banks::kCpAsync, __builtin_return_address(0));
+  if (valid) banks::record_global(cur, gmem, 16, banks::kCpAsyncSource, __builtin_return_address(0));
   {
     const banks::Muted muted;  // the emulator's own writes below are that access, already counted
     if (cp_mode == kCpAsyncEarly) {

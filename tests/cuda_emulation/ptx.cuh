@@ -228,12 +228,11 @@ __device__ __forceinline__ float exp2_approx(float x) {
 }
 
 // atomicAdd(float2*, float2) (sm_90): two fp32 additions at an 8-byte aligned address, each
-// atomic. Fibers are never preempted, so plain additions are atomic here; the alignment the
-// vector access needs on the GPU is checked.
+// atomic, as one 8-byte access (the racecheck and the sector count see one access, as the GPU
+// does one instruction). The alignment the vector access needs on the GPU is checked.
 __device__ __forceinline__ void atomic_add2(float* dst, float a, float b) {
   if (reinterpret_cast<uintptr_t>(dst) % 8 != 0) emu::fail("atomic_add2: address %p is not 8-byte aligned", static_cast<void*>(dst));
-  atomicAdd(dst, a);
-  atomicAdd(dst + 1, b);
+  emu::race::atomic_add2(dst, a, b);
 }
 
 template <typename T>

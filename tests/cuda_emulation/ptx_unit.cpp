@@ -373,6 +373,10 @@ __global__ void global_race_kernel(const GlobalRaceArgs p) {
 //  6 16 bytes, chunk 4 l (64-byte stride)                               7 ldmatrix, rows 64 bytes apart
 //  8 ldmatrix, rows 80 bytes apart (padded)                           9 cp.async, chunk l
 // 10 cp.async, chunk 8 l (128-byte stride)   11 float store, word 2 l   12 float store by even lanes, word 32 l
+// Global memory (32-byte sectors; src, or out for the atomics, is the counted buffer):
+// 13 float load, src[l]                       14 float load, src[8 l] (32-byte stride)
+// 15 byte load, byte 32 l of src               16 cp.async source, chunk l of src
+// 17 atomic_add2 (float2), out[2 l, 2 l + 1]   18 atomicAdd, out[2 l] (8-byte stride)
 struct BankArgs {
   int scenario;
   const float* src;  // 64 x 4 floats (cp.async source)
@@ -413,9 +417,19 @@ __global__ void bank_kernel(const BankArgs p) {
         break;
       case 11: words[2 * lane] = 1.f; break;
       case 12: if (lane % 2 == 0) words[32 * lane] = 1.f; break;
+      case 13: acc += p.src[lane]; break;
+      case 14: acc += p.src[8 * lane]; break;
+      case 15: acc += static_cast<float>(reinterpret_cast<const unsigned char*>(p.src)[32 * lane]); break;
+      case 16:
+        cp_async_16(chunks + lane, reinterpret_cast<const float4*>(p.src) + lane, true);
+        cp_async_commit();
+        cp_async_wait<0>();
+        break;
+      case 17: atomic_add2(p.out + 2 * lane, 1.f, 1.f); break;
+      case 18: atomicAdd(p.out + 2 * lane, 1.f); break;
     }
   }
-  p.out[tid] = acc;
+  if (p.scenario < 17) p.out[tid] = acc;  // (out is the counted buffer of 17 and 18)
 }
 
 int run(char* err, int errlen, void (*f)(void*), void* arg) {
@@ -499,11 +513,15 @@ int ptx_banks(int scenario, const float* src, float* out, int64_t* rows, int cap
   BankArgs p{scenario, src, out};
   emu::set_cp_async_mode(emu::kCpAsyncEarly);
   emu::banks::reset();
+  emu::banks::clear_globals();
+  if (scenario >= 17) emu::banks::add_global(out, 64 * sizeof(float));
+  else if (scenario >= 13) emu::banks::add_global(src, 256 * sizeof(float));
   emu::banks::enable(true);
   const int rc = run(err, errlen, [](void* v) {
     emu::launch(bank_kernel, 1, 64, kBankSmem, nullptr, *static_cast<const BankArgs*>(v));
   }, &p);
   emu::banks::enable(false);
+  emu::banks::clear_globals();
   const std::vector<int64_t> t = emu::banks::table();
   const int n = static_cast<int>(t.size() / 6);
   *nrows = n;

@@ -118,6 +118,7 @@ void track_global(const void* ptr, size_t bytes);
 void untrack_globals();
 // atomicAdd: the addition, and (racecheck build) an atomic access for the checker.
 float atomic_add(float* a, float v);
+void atomic_add2(float* a, float x, float y);  // atomicAdd(float2*, float2): one 8-byte access
 // With `on`, two atomicAdds to the same global bytes in one launch whose order is not fixed (other
 // blocks, or threads of a block with no barrier between) are hazards too ("atomic order"): their
 // sum's rounding depends on the schedule. For checking a schedule that must be deterministic.
@@ -130,17 +131,25 @@ void copy_waited(const void* dst, size_t bytes);
 void act_as(int thread);
 }  // namespace race
 
-// Shared-memory bank conflicts (emu_banks.cpp): off until enable(true). The runtime reports
-// cp.async writes and every barrier, ptx.cuh each ldmatrix, and the racecheck build's
-// instrumentation every plain shared-memory access; table() gives per code address (as an
-// offset in its module) and kind: size in bytes, warp-wide instructions, wavefronts, and the
-// wavefronts they would take without conflicts, six numbers a row.
+// Shared-memory bank conflicts and global-memory sectors (emu_banks.cpp): off until
+// enable(true). The runtime reports cp.async writes (and their global reads) and every barrier,
+// ptx.cuh each ldmatrix, and the racecheck build's instrumentation every plain access (global
+// ones only to the buffers given to add_global); table() gives per code address (as an offset in
+// its module) and kind: size in bytes, warp-wide instructions, wavefronts (global kinds: 32-byte
+// sectors), and the wavefronts (sectors) they would take at best, six numbers a row.
 namespace banks {
-enum Kind { kLoad = 0, kStore = 1, kCpAsync = 2, kLdmatrix = 3, kLdmatrixTrans = 4 };
+enum Kind { kLoad = 0, kStore = 1, kCpAsync = 2, kLdmatrix = 3, kLdmatrixTrans = 4,
+            // global memory (from kGlobalLoad on): 32-byte sectors instead of wavefronts
+            kGlobalLoad = 5, kGlobalStore = 6, kGlobalAtomic = 7, kCpAsyncSource = 8 };
 void enable(bool on);
 bool enabled();
 void reset();
 void record(int thread, size_t offset, size_t size, int kind, const void* pc);
+// Global buffers (the op's tensors) whose accesses record_global counts; cleared by the op.
+void add_global(const void* ptr, size_t bytes);
+void clear_globals();
+bool counts_global(const void* addr, size_t size);  // counting, and in one of those buffers
+void record_global(int thread, const void* addr, size_t size, int kind, const void* pc);
 void ldmatrix(const size_t (&row_offsets)[32], bool trans, const void* pc);
 void mute(bool on);  // nested: accesses of the emulator itself (cp.async's copies) are not the kernel's
 struct Muted {       // mute(true) for its lifetime
