@@ -6,7 +6,8 @@ backward's 128-key tiles (SRT_CUDA_BWD_BLOCK_N=128), (b) ours with the reasoning
 SDPA's flash backend (the ceiling) at seq 8k,
 d=128, causal, bfloat16, and tabulates per kernel: duration, compute and memory throughput (% of
 peak), tensor-pipe utilisation, issue-slot use, achieved occupancy, registers, shared-memory bank
-conflicts and the largest warp-stall reasons. Our kernels sit next to FlashAttention-2's own (which
+conflicts, global-memory sectors per request (cp.async reads, atomics, stores) and the largest
+warp-stall reasons. Our kernels sit next to FlashAttention-2's own (which
 SDPA runs) on the same inputs, so the next tuning step can be read off the table.
 
     ncu --target-processes all --profile-from-start off -k 'regex:attn_|flash_' \\
@@ -198,6 +199,28 @@ def sum_metrics(metrics, pattern):
     return sum(vals) if vals else None
 
 
+# Global-memory ops of the L1/TEX table (MemoryWorkloadAnalysis_Tables): LDGSTS is cp.async's
+# global read (access: through L1, bypass: .cg, the 16-byte copies), RED/ATOM the atomics.
+GLOBAL_OPS = {"cp.async": ("ldgsts_cache_access", "ldgsts_cache_bypass"), "atomic": ("red", "atom"), "store": ("st",)}
+
+
+def sectors_per_request(metrics, ops):
+    """32-byte sectors per warp-level request of these global ops, summed over the ops (per op the
+    hardware counter l1tex__t_..., else its SASS-patched twin sm__sass_l1tex_t_...); None if ncu
+    did not collect them or there was no request. tests/test_cuda_bank_conflicts.py counts the
+    same per access on the CPU (there: 16 a cp.async and 8 a float2 atomic at best)."""
+    sectors = requests = 0.0
+    seen = False
+    for op in ops:
+        sec = first_metric(metrics, rf"l1tex__t_sectors_pipe_lsu_mem_global_op_{op}\.sum",
+                           rf"sm__sass_l1tex_t_sectors_pipe_lsu_mem_global_op_{op}\.sum")
+        req = first_metric(metrics, rf"l1tex__t_requests_pipe_lsu_mem_global_op_{op}\.sum",
+                           rf"sm__sass_l1tex_t_requests_pipe_lsu_mem_global_op_{op}\.sum")
+        if sec is not None and req is not None:
+            sectors, requests, seen = sectors + sec, requests + req, True
+    return sectors / requests if seen and requests > 0 else None
+
+
 def top_stalls(metrics, count=4):
     """The largest warp-stall reasons, as fractions of all stall cycles per issued instruction."""
     stalls = {}
@@ -232,6 +255,10 @@ COLUMNS = [  # (heading, width, function of the metrics dict -> value or None, f
         first_metric(m, r"launch__shared_mem_per_block_dynamic")), "{:.0f}"),
     ("bank confl.", 11, lambda m: sum_metrics(m, r"l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_(ld|st)\.sum"),
      "{:.3g}"),
+    # global sectors per request: cp.async reads, atomics, stores
+    ("cpa s/r", 7, lambda m: sectors_per_request(m, GLOBAL_OPS["cp.async"]), "{:.1f}"),
+    ("atom s/r", 8, lambda m: sectors_per_request(m, GLOBAL_OPS["atomic"]), "{:.1f}"),
+    ("st s/r", 6, lambda m: sectors_per_request(m, GLOBAL_OPS["store"]), "{:.1f}"),
 ]
 
 

@@ -102,6 +102,31 @@ def test_summary_rejects_non_csv_and_tolerates_missing_metrics():
     assert len(rows) == 1 and rows[0].split()[2:5] == ["-", "-", "-"]
 
 
+def test_global_sectors_per_request():
+    hw = "l1tex__t_{}_pipe_lsu_mem_global_op_{}.sum"
+    sass = "sm__sass_l1tex_t_{}_pipe_lsu_mem_global_op_{}.sum"
+    m = {hw.format("sectors", "red"): ("1,600", ""), hw.format("requests", "red"): ("200", ""),
+         hw.format("sectors", "atom"): ("120", ""), hw.format("requests", "atom"): ("40", ""),
+         sass.format("sectors", "ldgsts_cache_bypass"): ("3,200", ""),
+         sass.format("requests", "ldgsts_cache_bypass"): ("200", "")}
+    ops = profile_gpu.GLOBAL_OPS
+    assert profile_gpu.sectors_per_request(m, ops["atomic"]) == pytest.approx(1720 / 240)  # summed over RED, ATOM
+    assert profile_gpu.sectors_per_request(m, ops["cp.async"]) == pytest.approx(16.0)  # the SASS-patched twin
+    assert profile_gpu.sectors_per_request(m, ops["store"]) is None  # not collected
+    # the hardware counter is taken over its twin, not added to it
+    m[hw.format("sectors", "ldgsts_cache_bypass")] = ("1,600", "")
+    m[hw.format("requests", "ldgsts_cache_bypass")] = ("200", "")
+    assert profile_gpu.sectors_per_request(m, ops["cp.async"]) == pytest.approx(8.0)
+    m[hw.format("requests", "red")] = m[hw.format("requests", "atom")] = ("0", "")
+    assert profile_gpu.sectors_per_request(m, ops["atomic"]) is None  # no request
+    # and the table shows them
+    text = ('"ID","Kernel Name",' + ",".join(f'"{k}"' for k in m) + '\n"0","void srt::cuda::attn_fwd_tc_kernel<half, 64>(P)",'
+            + ",".join(f'"{v}"' for v, _ in m.values()) + "\n")
+    table = profile_gpu.summarize(text, ["ours"])
+    assert "cpa s/r" in table.splitlines()[0]
+    assert table_rows(table)[0].split()[-4:-1] == ["8.0", "-", "-"], table
+
+
 def test_unit_scaling():
     for unit, value, ms in (("nsecond", "2,000,000", 2.0), ("usecond", "1,500.5", 1.5005), ("msecond", "3", 3.0)):
         assert profile_gpu.duration_ms({"gpu__time_duration.sum": (value, unit)}) == pytest.approx(ms)
