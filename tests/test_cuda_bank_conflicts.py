@@ -210,10 +210,13 @@ def assert_coalesced(sites, dtype):
         expected.add("cp.async source")
     assert expected <= kinds, table
     unmasked = [s for s in sites if not s["line"].startswith("mask_semantics.h")]
-    def exact(s):
-        return s["kind"] in ("cp.async source", "global atomic") or (
+
+    def allowed(s):  # sectors allowed: the ideal for the bulk traffic, else twice it
+        exact = s["kind"] in ("cp.async source", "global atomic") or (
             dtype == torch.float32 and s["line"].startswith("tile_utils.cuh"))  # load_rows
-    bad = [s for s in unmasked if s["wavefronts"] > (s["ideal"] if exact(s) else 2 * s["ideal"])]
+        return s["ideal"] if exact else 2 * s["ideal"]
+
+    bad = [s for s in unmasked if s["wavefronts"] > allowed(s)]
     assert not bad, "uncoalesced global accesses:\n" + format_sites(bad) + "\n\nall sites:\n" + table
 
 

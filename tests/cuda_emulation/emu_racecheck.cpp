@@ -290,7 +290,7 @@ EMU_NO_TSAN void on_access(const void* addr, size_t size, bool write, const void
   const auto a = reinterpret_cast<uintptr_t>(addr);
   Granules gs = overlap(a, size, g_lo, g_hi);
   // the sector count of global accesses (current_thread() only then: it reads memory itself)
-  if (gs.first == gs.end && g_actor < 0 && banks::counts_global(addr, size)) {
+  if (gs.first == gs.end && g_actor < 0 && banks::in_global_box(addr, size) && banks::counts_global(addr, size)) {
     const int t = current_thread();
     if (t >= 0)
       banks::record_global(t, addr, size, atomic ? banks::kGlobalAtomic : write ? banks::kGlobalStore : banks::kGlobalLoad, pc);

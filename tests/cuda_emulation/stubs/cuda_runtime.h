@@ -101,6 +101,7 @@ void launch(K kernel, unsigned grid, int block, size_t smem, cudaStream_t, const
 
 // The thread (fiber) running now, as an index in its block, or -1 in the scheduler.
 int current_thread();
+bool on_current_stack(const void* p);  // on the running thread's own stack (its registers on a GPU)
 
 // Shared-memory race detection (emu_racecheck.cpp); active only in the racecheck build, whose
 // instrumented loads and stores report to it. The runtime tells it where the launch's shared
@@ -149,6 +150,16 @@ void record(int thread, size_t offset, size_t size, int kind, const void* pc);
 void add_global(const void* ptr, size_t bytes);
 void clear_globals();
 bool counts_global(const void* addr, size_t size);  // counting, and in one of those buffers
+// The smallest range holding those buffers (empty when none is registered),
+// for a check inlined into the racecheck's hook, which runs for every access.
+struct GlobalBox {
+  uintptr_t lo = 0, hi = 0;
+};
+extern GlobalBox g_box;
+__attribute__((no_sanitize_thread)) inline bool in_global_box(const void* addr, size_t size) {
+  const auto a = reinterpret_cast<uintptr_t>(addr);
+  return a < g_box.hi && a + size > g_box.lo;
+}
 void record_global(int thread, const void* addr, size_t size, int kind, const void* pc);
 void ldmatrix(const size_t (&row_offsets)[32], bool trans, const void* pc);
 void mute(bool on);  // nested: accesses of the emulator itself (cp.async's copies) are not the kernel's
