@@ -159,9 +159,6 @@ void finish_thread() {
   std::abort();  // a finished fiber is never resumed
 }
 
-// The stacks' bases again, in a plain array that on_current_stack can read uninstrumented.
-unsigned char* stack_bases[32 * kMaxWarps];
-
 void ensure_stacks(int n) {
   const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
   while (static_cast<int>(stacks.size()) < n) {
@@ -170,10 +167,8 @@ void ensure_stacks(int n) {
     if (m == MAP_FAILED) throw std::runtime_error("emu: cannot allocate a fiber stack");
     mprotect(m, page, PROT_NONE);  // overflow faults instead of corrupting the neighbour
     stacks.push_back({static_cast<unsigned char*>(m) + page});
-    stack_bases[stacks.size() - 1] = stacks.back().base;
   }
 }
-
 
 void init_fiber(int i) {
   Fiber& f = fibers[i];
@@ -273,12 +268,6 @@ void check_smem(const void* p, size_t bytes, size_t align, const char* op) {
 }
 
 int current_thread() { return cur; }
-// Not instrumented (the racecheck's access hook calls it for every access).
-__attribute__((no_sanitize_thread)) bool on_current_stack(const void* p) {
-  if (cur < 0) return false;
-  const auto* a = static_cast<const unsigned char*>(p);
-  return a >= stack_bases[cur] && a < stack_bases[cur] + kStackBytes;
-}
 
 void syncthreads() {
   if (++arrived_block == nthreads) {

@@ -101,7 +101,6 @@ void launch(K kernel, unsigned grid, int block, size_t smem, cudaStream_t, const
 
 // The thread (fiber) running now, as an index in its block, or -1 in the scheduler.
 int current_thread();
-bool on_current_stack(const void* p);  // on the running thread's own stack (its registers on a GPU)
 
 // Shared-memory race detection (emu_racecheck.cpp); active only in the racecheck build, whose
 // instrumented loads and stores report to it. The runtime tells it where the launch's shared
