@@ -293,7 +293,7 @@ EMU_NO_TSAN void on_access(const void* addr, size_t size, bool write, const void
   if (gs.first == gs.end && g_actor < 0 && banks::in_global_box(addr, size) && banks::counts_global(addr, size)) {
     const int t = current_thread();
     if (t >= 0)
-      banks::record_global(t, addr, size, atomic ? banks::kGlobalAtomic : write ? banks::kGlobalStore : banks::kGlobalLoad, pc);
+      banks::record(t, a, size, atomic ? banks::kGlobalAtomic : write ? banks::kGlobalStore : banks::kGlobalLoad, pc);
   }
   const Tracked* tr = nullptr;
   for (int i = 0; i < g_ntracked && gs.first == gs.end; ++i) {
