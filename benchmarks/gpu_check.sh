@@ -58,12 +58,13 @@ DEADLINE=$(( T0 + ${SRT_GPU_CHECK_BUDGET_S:-450} ))
 SUMMARY="$OUTDIR/summary.txt"
 : > "$SUMMARY"
 failed=()
-# Stage logs are written here and packed into OUTDIR/logs.tar.gz after each stage and at exit.
+# Stage logs are written here and packed into OUTDIR/logs.tar.gz after each stage and at exit,
+# when the folder is removed.
 LOGS="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_logs.XXXXXX")"
 pack_logs() {
   tar -czf "$OUTDIR/logs.tar.gz.part" -C "$LOGS" . 2>/dev/null && mv -f "$OUTDIR/logs.tar.gz.part" "$OUTDIR/logs.tar.gz"
 }
-trap pack_logs EXIT
+trap 'pack_logs; rm -rf "$LOGS"' EXIT
 trap 'exit 143' TERM INT
 
 note() { echo "$*" | tee -a "$SUMMARY"; }

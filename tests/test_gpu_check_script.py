@@ -137,11 +137,15 @@ def test_gpu_check_runs_every_stage_and_writes_its_files(tmp_path):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
 def test_gpu_check_skips_stages_on_request(tmp_path):
-    _, out = _run_gpu_check(tmp_path, 300, SRT_GPU_CHECK_SKIP="tests,sanitize,bench,profile")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    _, out = _run_gpu_check(tmp_path, 300, SRT_GPU_CHECK_SKIP="tests,sanitize,bench,profile", TMPDIR=str(tmp))
     summary = (out / "summary.txt").read_text()
     for stage in ("tests", "sanitize", "bench", "profile"):
         assert f"== {stage}: skipped (SRT_GPU_CHECK_SKIP)" in summary
     assert not (out / "bench.json").exists() and not (out / "tests.xml").exists()
+    # the stage logs' folder (under TMPDIR) is gone once they are packed into logs.tar.gz
+    assert "env.log" in _logs(out) and not list(tmp.iterdir())
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
@@ -242,20 +246,35 @@ def test_gpu_check_fails_without_a_gpu_or_gpu_tests(tmp_path):
 def test_gpu_check_test_stage_timeout_keeps_the_xml(tmp_path):
     # a test stage cut off by its timeout is stopped with SIGINT, on which pytest still writes the
     # junit XML of what ran (SIGTERM would leave none, and the run would look like a crash).
-    # A budget of 85 s with a margin of 15 s leaves the tests about 45 s to start before
-    # SRT_TEST_DEADLINE (the stage's timeout less SRT_TEST_START_MARGIN_S). An earlier setting
-    # left them only 15 s to start; a loaded machine once took longer, and both planted tests
-    # were skipped as NOT RUN. The margin is 15 s rather than the script's default of 60 s so
-    # that the planted slow test is cut off after about a minute, not two.
+    # A budget of 70 s leaves the test stage about 50 s (15 s of timeout grace and the stages
+    # before it come off), and with no start margin the planted tests may start at any time in
+    # it: a loaded machine once took over 15 s to start them. The planted slow test is then cut
+    # off about a minute in. The start margin (tests skipped as NOT RUN) has its own test below.
     planted = _planted(tmp_path, "import time\n\ndef test_quick():\n    pass\n\n"
                                  "def test_slow():\n    time.sleep(600)\n")
     r, out = _run_gpu_check(tmp_path, 300, returncode=1, SRT_TEST_ARGS=str(planted),
                             SRT_TEST_WORKERS="1", SRT_GPU_CHECK_SKIP="sanitize,bench,profile",
-                            SRT_GPU_CHECK_BUDGET_S="85", SRT_TEST_START_MARGIN_S="15")
+                            SRT_GPU_CHECK_BUDGET_S="70", SRT_TEST_START_MARGIN_S="0")
     summary = (out / "summary.txt").read_text()
     assert "== tests: TIMED OUT" in summary, summary
     assert (out / "tests.xml").exists(), summary
     assert "all tests: 1 passed, 0 failed, 0 skipped, 1 INTERRUPTED" in summary, summary
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
+def test_gpu_check_counts_tests_past_the_start_margin_as_not_run(tmp_path):
+    # tests that would start less than SRT_TEST_START_MARGIN_S before the stage's timeout are
+    # skipped (tests/conftest.py's SRT_TEST_DEADLINE) and counted apart: they did not pass. A
+    # margin longer than the stage puts the deadline before the first test.
+    planted = _planted(tmp_path, "import pytest\n\n@pytest.mark.parametrize('device', ['cuda', 'cpu'])\n"
+                                 "def test_late(device):\n    pass\n")
+    _, out = _run_gpu_check(tmp_path, 300, SRT_TEST_ARGS=str(planted), SRT_TEST_WORKERS="1",
+                            SRT_GPU_CHECK_SKIP="bench,profile", SRT_TEST_START_MARGIN_S="100000")
+    summary = (out / "summary.txt").read_text()
+    for line in ("== tests: ok", "all tests: 0 passed, 0 failed, 0 skipped, 2 NOT RUN (time budget)",
+                 "GPU tests (marked gpu: on cuda, test_cuda_build.py): 0 passed, 0 failed, 0 skipped, 1 NOT RUN",
+                 "GPU tests: NONE PASSED", "== sanitize: not run (no GPU test failed"):
+        assert line in summary, summary
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
