@@ -11,7 +11,12 @@ PY := $(VENV)/bin/python
 DEV_PACKAGES := ninja pybind11 setuptools wheel pytest pytest-xdist hypothesis
 STAMP := $(VENV)/.srt-installed-$(shell echo '$(TORCH_VERSION) $(DEV_PACKAGES)' | cksum | cut -d' ' -f1)
 # test processes (pytest-xdist): the machine's cores, at most 4 (each one imports torch; the CUDA
-# emulator is built once for all of them); TEST_WORKERS=0 runs the suite in one process
+# emulator is built once for all of them); TEST_WORKERS=0 runs the suite in one process.
+# --dist worksteal: a worker that runs out of tests takes half of another's queue. With the
+# default (--dist load) a worker is sent tests in chunks, and one chunk could hold most of the
+# slow gpu_check.sh tests (one file, one after another): on 2 cores the other worker then sat idle
+# for the last 192 of 578 s; worksteal ended both within 3 s, in 477 s (same machine, cold
+# emulator builds, one run after the other).
 NPROC := $(shell env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)
 TEST_WORKERS ?= $(shell n=$(NPROC); [ $$n -gt 4 ] && n=4; echo $$n)
 # CPU threads of each test process (OMP_NUM_THREADS, unless set already): the cores shared out
@@ -41,7 +46,7 @@ compare: build
 	$(PY) -m self_reasoning_tokens compare --out runs/compare --overwrite
 
 test: build
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(TEST_THREADS)} $(PY) -m pytest tests -q -n $(TEST_WORKERS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(TEST_THREADS)} $(PY) -m pytest tests -q -n $(TEST_WORKERS) --dist worksteal
 
 bench: build
 	$(PY) benchmarks/bench_attention.py
