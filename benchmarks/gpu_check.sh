@@ -222,12 +222,18 @@ sys.exit(0 if s.cuda_kernels_available() and all(reg) and torch.cuda.is_availabl
     xdist=()
     workers=1
     "$PY" -c "import xdist" 2>/dev/null && { workers=${SRT_TEST_WORKERS:-8}; xdist=(-n "$workers"); }
+    # pytest-xdist 3.2+: --dist worksteal (a worker out of tests takes half of another's queue;
+    # with the default, one worker can be left with a chunk of slow tests while the others idle,
+    # as `make test` showed on the CPU). It splits the collection order into contiguous parts, so
+    # with SRT_GPU_CHECK_ALL_TESTS=1 the GPU tests no longer all start before the CPU-only ones.
+    "$PY" -c "import sys, xdist; sys.exit(tuple(map(int, xdist.__version__.split('.')[:2])) < (3, 2))" 2>/dev/null \
+      && xdist+=(--dist worksteal)
     "$PY" -c "import pytest_timeout" 2>/dev/null && xdist+=(--timeout 150)
     gpu_only=1; [[ "${SRT_GPU_CHECK_ALL_TESTS:-0}" == 1 ]] && gpu_only=0
     # each worker's torch would otherwise start one CPU thread per core (8 x 16 on the lent
     # machine): the cores are shared out instead, unless OMP_NUM_THREADS is set already
     threads=${OMP_NUM_THREADS:-$(( $(nproc) / workers > 0 ? $(nproc) / workers : 1 ))}
-    note "tests: $workers pytest worker(s), $threads CPU thread(s) each (OMP_NUM_THREADS)"
+    note "tests: $workers pytest worker(s), $threads CPU thread(s) each (OMP_NUM_THREADS)$([[ " ${xdist[*]-} " == *" worksteal "* ]] && echo ", --dist worksteal")"
     rm -f "$OUTDIR/tests.xml"  # a reused OUTDIR: an old XML would hide a test stage that wrote none
     # shellcheck disable=SC2086
     # (SRT_TEST_CONFIGS emptied: a leftover value would drop the "cuda" / "cuda-bf16" configurations)

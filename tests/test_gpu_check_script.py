@@ -3,6 +3,8 @@ arithmetic, file layout and summary. Three things are stood in for, nothing else
 (a python wrapper answers `setup.py build_ext` without building; the extension is already built),
 the GPU benchmark (BENCH_ARGS runs its --dry-run code paths) and Nsight Compute (a stand-in `ncu`
 runs the profiled workload on the CPU and writes tests/test_profile_gpu.py's synthetic CSV)."""
+import importlib.metadata
+import importlib.util
 import os
 import shutil
 import stat
@@ -121,6 +123,10 @@ def test_gpu_check_runs_every_stage_and_writes_its_files(tmp_path):
     # one worker (SRT_TEST_WORKERS=1) gets all the cores, or OMP_NUM_THREADS where that is set
     threads = os.environ.get("OMP_NUM_THREADS") or str(len(os.sched_getaffinity(0)))
     assert f"tests: 1 pytest worker(s), {threads} CPU thread(s) each" in summary, summary
+    # pytest-xdist 3.2 or newer (this venv's, the pyproject's test extra) gets --dist worksteal
+    xdist_version = importlib.metadata.version("pytest-xdist") if importlib.util.find_spec("xdist") else "0"
+    if tuple(map(int, xdist_version.split(".")[:2])) >= (3, 2):
+        assert "CPU thread(s) each (OMP_NUM_THREADS), --dist worksteal" in summary, summary
     # the device tool brings back at most 8 files from $OUT: the logs travel as one archive
     assert {p.name for p in out.iterdir()} == {
         "summary.txt", "tests.xml", "bench.json", "bench_table.txt", "bench.png", "profile.txt", "logs.tar.gz"}
