@@ -251,7 +251,8 @@ def test_torchrun_two_cpu_processes_match_one_process(tmp_path):
                           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                           "-m", "self_reasoning_tokens", "train", "--out", str(tmp_path / "ddp"),
                           "--rank-dumps", str(dumps), *args],
-                         cwd=REPO, env=env_with_package(), capture_output=True, text=True, timeout=300)
+                         cwd=REPO, env={**env_with_package(), "TMPDIR": str(tmp_path)},  # torchrun's log folders
+                         capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stdout + ddp.stderr
     single = run_cli(["train", "--out", str(tmp_path / "single"), *args])
     assert single.returncode == 0, single.stderr
