@@ -101,12 +101,6 @@ struct Range {
 };
 Range g_globals[kMaxGlobals];  // the global buffers whose accesses are counted (add_global)
 int g_nglobals = 0;
-// Which 4 KiB pages touch a global buffer, cached (direct-mapped; page number ~0: empty), so that
-// the many accesses to the emulator's own data and the stacks inside the box cost one lookup.
-constexpr int kPageCache = 4096;
-uintptr_t g_page[kPageCache];
-bool g_page_global[kPageCache];
-int g_page_cache_valid = 0;  // 0: emptied on the next lookup
 Warp g_warps[kMaxWarps];
 Site g_sites[kMaxSites];  // open addressing on (pc, kind); pc == nullptr: free
 int g_nsites = 0;
@@ -297,38 +291,17 @@ EMU_NO_TSAN void add_global(const void* ptr, size_t bytes) {
   g_globals[g_nglobals++] = Range{lo, lo + bytes};
   if (g_nglobals == 1 || lo < g_box.lo) g_box.lo = lo;
   if (g_nglobals == 1 || lo + bytes > g_box.hi) g_box.hi = lo + bytes;
-  g_page_cache_valid = 0;
 }
 
 EMU_NO_TSAN void clear_globals() {
   g_nglobals = 0;
   g_box.lo = g_box.hi = 0;
-  g_page_cache_valid = 0;
 }
-
-namespace {
-EMU_NO_TSAN bool page_touches_global(uintptr_t page) {
-  if (!g_page_cache_valid) {
-    std::memset(g_page, 0xff, sizeof g_page);
-    g_page_cache_valid = 1;
-  }
-  const int slot = static_cast<int>(page % kPageCache);
-  if (g_page[slot] != page) {
-    const uintptr_t lo = page << 12, hi = lo + 4096;
-    bool any = false;
-    for (int i = 0; i < g_nglobals && !any; ++i) any = lo < g_globals[i].hi && hi > g_globals[i].lo;
-    g_page[slot] = page;
-    g_page_global[slot] = any;
-  }
-  return g_page_global[slot];
-}
-}  // namespace
 
 EMU_NO_TSAN bool counts_global(const void* addr, size_t size) {
   // cheapest rejections first: this runs for every access of the racecheck build while counting
   const auto a = reinterpret_cast<uintptr_t>(addr);
   if (!in_global_box(addr, size) || !g_enabled || g_muted > 0) return false;
-  if (!page_touches_global(a >> 12) && !page_touches_global((a + size - 1) >> 12)) return false;
   for (int i = 0; i < g_nglobals; ++i)
     if (a < g_globals[i].hi && a + size > g_globals[i].lo) return true;
   return false;
