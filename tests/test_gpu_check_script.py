@@ -19,6 +19,9 @@ TESTS = os.path.join(ROOT, "tests")
 BENCH = os.path.join(ROOT, "benchmarks")
 
 PYWRAP = f"""#!/usr/bin/env bash
+if [[ "$1" == setup.py && "${{STANDIN_BUILD_FAILS:-0}}" == 1 ]]; then
+  echo "attn_fwd_bf16.cu(12): error: (stand-in nvcc error)"; exit 1
+fi
 if [[ "$1" == setup.py ]]; then echo "(CUDA build stood in for)"; exit 0; fi
 exec {sys.executable} "$@"
 """
@@ -28,6 +31,10 @@ case "$1" in
   --version) echo "stand-in ncu"; exit 0;;
   --list-sections) printf 'Identifier Display Name\\nSpeedOfLight x\\nOccupancy x\\nWarpStateStats x\\n'; exit 0;;
 esac
+if [[ "${{STANDIN_NCU_NO_PERMISSION:-0}}" == 1 ]]; then  # the real tool's words on a locked-down machine
+  echo "==ERROR== ERR_NVGPUCTRPERM - The user does not have permission to access NVIDIA GPU Performance Counters"
+  exit 1
+fi
 log=""
 while (( $# )); do
   case "$1" in
@@ -152,6 +159,34 @@ def test_gpu_check_skips_stages_on_request(tmp_path):
     assert not (out / "bench.json").exists() and not (out / "tests.xml").exists()
     # the stage logs' folder (under TMPDIR) is gone once they are packed into logs.tar.gz
     assert "env.log" in _logs(out) and not list(tmp.iterdir())
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
+def test_gpu_check_stops_after_a_failed_build_and_shows_its_log(tmp_path):
+    # nothing would test the kernels: no tests, sanitizer, benchmark or profile; the build log's
+    # tail is printed and packed, and the run fails
+    r, out = _run_gpu_check(tmp_path, 300, returncode=1, STANDIN_BUILD_FAILS="1")
+    summary = (out / "summary.txt").read_text()
+    for line in ("== build: FAILED (exit 1)", "== tests, bench: not run (the build failed; see build.log",
+                 "gpu_check: FAILED stages: build"):
+        assert line in summary, summary
+    assert "(stand-in nvcc error)" in r.stdout.split("== tests, bench: not run")[1], r.stdout[-3000:]
+    assert "(stand-in nvcc error)" in _logs(out)["build.log"]
+    assert {p.name for p in out.iterdir()} == {"summary.txt", "logs.tar.gz"}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
+def test_gpu_check_does_not_count_a_profile_without_counter_access(tmp_path):
+    # the likeliest profile failure on a lent machine: no access to the performance counters.
+    # The profile is diagnostics: noted, not a failed stage.
+    _, out = _run_gpu_check(tmp_path, 600, SRT_GPU_CHECK_SKIP="tests,sanitize", STANDIN_NCU_NO_PERMISSION="1",
+                            BENCH_ARGS="--dry-run --device cpu --skip-longest")
+    summary = (out / "summary.txt").read_text()
+    for line in ("== bench: ok", "== profile: FAILED (exit 1)",
+                 "profile: Nsight Compute cannot profile here (no counter access",
+                 "profile: not counted as a failed stage (diagnostics only)", "gpu_check: all stages passed"):
+        assert line in summary, summary
+    assert not (out / "profile.txt").exists() and "ERR_NVGPUCTRPERM" in _logs(out)["profile.log"]
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
