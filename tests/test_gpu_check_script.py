@@ -1,8 +1,10 @@
 """benchmarks/gpu_check.sh, the prepared GPU run, end to end on the CPU: its stages, budget
-arithmetic, file layout and summary. Three things are stood in for, nothing else: the CUDA build
+arithmetic, file layout and summary. Four things are stood in for, nothing else: the CUDA build
 (a python wrapper answers `setup.py build_ext` without building; the extension is already built),
-the GPU benchmark (BENCH_ARGS runs its --dry-run code paths) and Nsight Compute (a stand-in `ncu`
-runs the profiled workload on the CPU and writes tests/test_profile_gpu.py's synthetic CSV)."""
+the GPU benchmark (BENCH_ARGS runs its --dry-run code paths), Nsight Compute (a stand-in `ncu`
+runs the profiled workload on the CPU and writes tests/test_profile_gpu.py's synthetic CSV) and
+compute-sanitizer (a stand-in that runs its workload on the CPU). STANDIN_BUILD_FAILS,
+STANDIN_NCU_NO_PERMISSION and STANDIN_RACE make the stand-ins fail as the real tools would."""
 import importlib.metadata
 import importlib.util
 import os
