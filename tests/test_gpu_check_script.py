@@ -178,6 +178,16 @@ def test_gpu_check_stops_after_a_failed_build_and_shows_its_log(tmp_path):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
+def test_gpu_check_skips_a_stage_the_budget_has_no_time_for(tmp_path):
+    # a budget under the 15 s of timeout grace plus 10 s: not even the build may start
+    _, out = _run_gpu_check(tmp_path, 300, returncode=1, SRT_GPU_CHECK_BUDGET_S="20")
+    summary = (out / "summary.txt").read_text()
+    for line in ("== build: SKIPPED (no time left in the budget)", "== tests, bench: not run (the build failed",
+                 "gpu_check: FAILED stages: build"):
+        assert line in summary, summary
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
 def test_gpu_check_does_not_count_a_profile_without_counter_access(tmp_path):
     # the likeliest profile failure on a lent machine: no access to the performance counters.
     # The profile is diagnostics: noted, not a failed stage.
