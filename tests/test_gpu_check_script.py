@@ -107,6 +107,14 @@ def _run_gpu_check(tmp_path, timeout, returncode=0, **settings):
     return r, out
 
 
+def _summary_has(out, *lines):
+    """OUTDIR's summary.txt, once each of `lines` has been found in it."""
+    summary = (out / "summary.txt").read_text()
+    for line in lines:
+        assert line in summary, summary
+    return summary
+
+
 def _planted(tmp_path, text):
     """A test file in tmp_path beside a copy of tests/conftest.py (which marks the GPU tests)."""
     shutil.copy(os.path.join(TESTS, "conftest.py"), tmp_path / "conftest.py")
@@ -168,10 +176,8 @@ def test_gpu_check_stops_after_a_failed_build_and_shows_its_log(tmp_path):
     # nothing would test the kernels: no tests, sanitizer, benchmark or profile; the build log's
     # tail is printed and packed, and the run fails
     r, out = _run_gpu_check(tmp_path, 300, returncode=1, STANDIN_BUILD_FAILS="1")
-    summary = (out / "summary.txt").read_text()
-    for line in ("== build: FAILED (exit 1)", "== tests, bench: not run (the build failed; see build.log",
-                 "gpu_check: FAILED stages: build"):
-        assert line in summary, summary
+    _summary_has(out, "== build: FAILED (exit 1)", "== tests, bench: not run (the build failed; see build.log",
+                 "gpu_check: FAILED stages: build")
     assert "(stand-in nvcc error)" in r.stdout.split("== tests, bench: not run")[1], r.stdout[-3000:]
     assert "(stand-in nvcc error)" in _logs(out)["build.log"]
     assert {p.name for p in out.iterdir()} == {"summary.txt", "logs.tar.gz"}
@@ -181,10 +187,8 @@ def test_gpu_check_stops_after_a_failed_build_and_shows_its_log(tmp_path):
 def test_gpu_check_skips_a_stage_the_budget_has_no_time_for(tmp_path):
     # a budget under the 15 s of timeout grace plus 10 s: not even the build may start
     _, out = _run_gpu_check(tmp_path, 300, returncode=1, SRT_GPU_CHECK_BUDGET_S="20")
-    summary = (out / "summary.txt").read_text()
-    for line in ("== build: SKIPPED (no time left in the budget)", "== tests, bench: not run (the build failed",
-                 "gpu_check: FAILED stages: build"):
-        assert line in summary, summary
+    _summary_has(out, "== build: SKIPPED (no time left in the budget)", "== tests, bench: not run (the build failed",
+                 "gpu_check: FAILED stages: build")
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
@@ -193,11 +197,9 @@ def test_gpu_check_does_not_count_a_profile_without_counter_access(tmp_path):
     # The profile is diagnostics: noted, not a failed stage.
     _, out = _run_gpu_check(tmp_path, 600, SRT_GPU_CHECK_SKIP="tests,sanitize", STANDIN_NCU_NO_PERMISSION="1",
                             BENCH_ARGS="--dry-run --device cpu --skip-longest")
-    summary = (out / "summary.txt").read_text()
-    for line in ("== bench: ok", "== profile: FAILED (exit 1)",
+    _summary_has(out, "== bench: ok", "== profile: FAILED (exit 1)",
                  "profile: Nsight Compute cannot profile here (no counter access",
-                 "profile: not counted as a failed stage (diagnostics only)", "gpu_check: all stages passed"):
-        assert line in summary, summary
+                 "profile: not counted as a failed stage (diagnostics only)", "gpu_check: all stages passed")
     assert not (out / "profile.txt").exists() and "ERR_NVGPUCTRPERM" in _logs(out)["profile.log"]
 
 
@@ -207,9 +209,8 @@ def test_gpu_check_gives_the_profile_time_to_a_short_benchmark(tmp_path):
     # profile's reserve and the profile is not run, which is not a failure
     r, out = _run_gpu_check(tmp_path, 600, SRT_GPU_CHECK_SKIP="tests", SRT_BENCH_MIN_S="100000",
                             BENCH_ARGS="--dry-run --device cpu --skip-longest")
-    summary = (out / "summary.txt").read_text()
-    for line in ("== bench: ok", "== profile: not run (its 75 s went to the benchmark", "gpu_check: all stages passed"):
-        assert line in summary, summary
+    _summary_has(out, "== bench: ok", "== profile: not run (its 75 s went to the benchmark",
+                 "gpu_check: all stages passed")
     assert "profile_raw.csv" not in _logs(out) and not (out / "profile.txt").exists()
     # the benchmark's stage limit includes the reserve: 15 s of timeout grace are kept back
     bench_limit = int(r.stdout.split("== bench (timeout ")[1].split("s)")[0])
@@ -224,13 +225,11 @@ def test_gpu_check_runs_the_sanitizer_when_a_gpu_test_fails(tmp_path):
                                  "def test_planted_failure(device):\n    assert device == 'cpu'\n")
     r, out = _run_gpu_check(tmp_path, 600, returncode=1, SRT_TEST_ARGS=str(failing), SRT_TEST_WORKERS="1",
                             SRT_GPU_CHECK_SKIP="bench,profile")
-    summary = (out / "summary.txt").read_text()
-    for line in ("== tests: FAILED", "all tests: 1 passed, 1 failed", "== sanitize-memcheck: ok",
+    _summary_has(out, "== tests: FAILED", "all tests: 1 passed, 1 failed", "== sanitize-memcheck: ok",
                  "== sanitize-racecheck: ok", "== sanitize-synccheck: ok",
                  "sanitize memcheck: ========= ERROR SUMMARY: 0 errors",
                  "sanitize memcheck: sanitize_gpu: 80 of 80 cases ok",
-                 "sanitize racecheck: sanitize_gpu: 10 of 10 cases ok", "gpu_check: FAILED stages: tests"):
-        assert line in summary, summary
+                 "sanitize racecheck: sanitize_gpu: 10 of 10 cases ok", "gpu_check: FAILED stages: tests")
     headline = r.stdout.split("================ headline ================")[1]
     assert "sanitize synccheck: ========= ERROR SUMMARY: 0 errors" in headline, headline
     logs = _logs(out)
@@ -259,12 +258,10 @@ def test_gpu_check_sanitizer_on_request_reports_a_race(tmp_path):
     # stage and its first lines reach the summary
     r, out = _run_gpu_check(tmp_path, 600, returncode=1, SRT_GPU_CHECK_SKIP="tests,bench,profile",
                             SRT_GPU_CHECK_SANITIZE="1", STANDIN_RACE="1")
-    summary = (out / "summary.txt").read_text()
-    for line in ("== sanitize-memcheck: ok", "== sanitize-racecheck: FAILED (exit 9)", "== sanitize-synccheck: ok",
+    _summary_has(out, "== sanitize-memcheck: ok", "== sanitize-racecheck: FAILED (exit 9)", "== sanitize-synccheck: ok",
                  "sanitize racecheck: ========= RACECHECK SUMMARY: 1 hazard displayed",
                  "sanitize racecheck: ========= Error: Race reported between Write access",
-                 "gpu_check: FAILED stages: sanitize-racecheck"):
-        assert line in summary, summary
+                 "gpu_check: FAILED stages: sanitize-racecheck")
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
@@ -276,9 +273,7 @@ def test_gpu_check_runs_only_the_gpu_tests_by_default(tmp_path):
                                  "def test_cpu_only():\n    pass\n")
     r, out = _run_gpu_check(tmp_path, 300, SRT_TEST_ARGS=str(planted), SRT_TEST_WORKERS="1",
                             SRT_GPU_CHECK_ALL_TESTS="0", SRT_GPU_CHECK_SKIP="bench,profile")
-    summary = (out / "summary.txt").read_text()
-    for line in ("all tests: 2 passed, 0 failed", "GPU tests (marked gpu: on cuda, test_cuda_build.py): 2 passed"):
-        assert line in summary, summary
+    _summary_has(out, "all tests: 2 passed, 0 failed", "GPU tests (marked gpu: on cuda, test_cuda_build.py): 2 passed")
     xml = (out / "tests.xml").read_text()
     assert "test_on[cuda]" in xml and "test_marked" in xml and "test_on[cpu]" not in xml and "test_cpu_only" not in xml
 
@@ -289,10 +284,8 @@ def test_gpu_check_fails_without_a_gpu_or_gpu_tests(tmp_path):
     planted = _planted(tmp_path, "def test_cpu_only():\n    pass\n")
     r, out = _run_gpu_check(tmp_path, 300, returncode=1, SRT_TEST_ARGS=str(planted), SRT_TEST_WORKERS="1",
                             SRT_GPU_CHECK_ALLOW_NO_GPU="0", SRT_GPU_CHECK_SKIP="sanitize,bench,profile")
-    summary = (out / "summary.txt").read_text()
-    for line in ("GPU visible: False", "== gpu: FAILED (no GPU visible", "GPU tests: NONE PASSED",
-                 "gpu_check: FAILED stages: gpu tests"):
-        assert line in summary, summary
+    _summary_has(out, "GPU visible: False", "== gpu: FAILED (no GPU visible", "GPU tests: NONE PASSED",
+                 "gpu_check: FAILED stages: gpu tests")
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
@@ -323,11 +316,9 @@ def test_gpu_check_counts_tests_past_the_start_margin_as_not_run(tmp_path):
                                  "def test_late(device):\n    pass\n")
     _, out = _run_gpu_check(tmp_path, 300, SRT_TEST_ARGS=str(planted), SRT_TEST_WORKERS="1",
                             SRT_GPU_CHECK_SKIP="bench,profile", SRT_TEST_START_MARGIN_S="100000")
-    summary = (out / "summary.txt").read_text()
-    for line in ("== tests: ok", "all tests: 0 passed, 0 failed, 0 skipped, 2 NOT RUN (time budget)",
+    _summary_has(out, "== tests: ok", "all tests: 0 passed, 0 failed, 0 skipped, 2 NOT RUN (time budget)",
                  "GPU tests (marked gpu: on cuda, test_cuda_build.py): 0 passed, 0 failed, 0 skipped, 1 NOT RUN",
-                 "GPU tests: NONE PASSED", "== sanitize: not run (no GPU test failed"):
-        assert line in summary, summary
+                 "GPU tests: NONE PASSED", "== sanitize: not run (no GPU test failed")
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
@@ -338,7 +329,6 @@ def test_gpu_check_counts_a_crashed_worker_as_a_failed_gpu_test(tmp_path):
     planted = _planted(tmp_path, "import os\n\ndef test_ok():\n    pass\n\ndef test_crash():\n    os.abort()\n")
     _, out = _run_gpu_check(tmp_path, 300, returncode=1, SRT_TEST_ARGS=str(planted), SRT_TEST_WORKERS="1",
                             SRT_GPU_CHECK_SKIP="sanitize,bench,profile")
-    summary = (out / "summary.txt").read_text()
-    for line in ("all tests: 1 passed, 1 failed", "GPU tests (marked gpu: on cuda, test_cuda_build.py): 0 passed, 1 failed",
-                 "== sanitize: skipped (SRT_GPU_CHECK_SKIP)"):
-        assert line in summary, summary
+    _summary_has(out, "all tests: 1 passed, 1 failed",
+                 "GPU tests (marked gpu: on cuda, test_cuda_build.py): 0 passed, 1 failed",
+                 "== sanitize: skipped (SRT_GPU_CHECK_SKIP)")
