@@ -53,14 +53,16 @@ PYTHONPATH={TESTS}:{BENCH} {sys.executable} -c "import test_profile_gpu as t; pr
 
 # compute-sanitizer: records its options and environment, runs the workload on the CPU and ends
 # with the summary line the real tool prints; with STANDIN_RACE=1 its racecheck reports a hazard
-# (in the real tool's words) and exits with the --error-exitcode
+# (in the real tool's words) and exits with the --error-exitcode; STANDIN_SANITIZER_NO_WORKLOAD=1
+# leaves the workload out (for tests that only ask whether the stages ran)
 SANITIZER = """#!/usr/bin/env bash
 [[ "$1" == --version ]] && { echo "stand-in compute-sanitizer"; exit 0; }
 [[ "$1" == --help ]] && { echo "  --report-api-errors arg (=explicit)  stand-in help"; exit 0; }
 echo "sanitizer env PYTORCH_NO_CUDA_MEMORY_CACHING=${PYTORCH_NO_CUDA_MEMORY_CACHING:-unset}"
 tool=memcheck
 while [[ "$1" == --* ]]; do echo "sanitizer option $1 $2"; [[ "$1" == --tool ]] && tool=$2; shift 2; done
-"$@" --device cpu; rc=$?
+rc=0
+[[ "${STANDIN_SANITIZER_NO_WORKLOAD:-0}" == 1 ]] || { "$@" --device cpu; rc=$?; }
 if [[ "$tool" == racecheck && "${STANDIN_RACE:-0}" == 1 ]]; then
   echo "========= Error: Race reported between Write access at void srt::cuda::attn_bwd_tc_kernel+0x1a0"
   echo "========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)"
@@ -240,6 +242,17 @@ def test_gpu_check_runs_the_sanitizer_when_a_gpu_test_fails(tmp_path):
     # memcheck sees a read past a tensor's end only without the caching allocator's larger blocks
     assert "PYTORCH_NO_CUDA_MEMORY_CACHING=1" in logs["sanitize-memcheck.log"]
     assert r.stdout.index("== sanitize-synccheck") < r.stdout.index("== bench: skipped")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
+def test_gpu_check_runs_the_sanitizer_when_the_tests_leave_no_xml(tmp_path):
+    # a test stage that ends without its junit XML (here pytest refusing an option; on a GPU, a
+    # crash or a kill) says nothing of the kernels: it fails, and the sanitizer stages run
+    _, out = _run_gpu_check(tmp_path, 300, returncode=1, SRT_TEST_ARGS="--no-such-option",
+                            SRT_GPU_CHECK_SKIP="bench,profile", STANDIN_SANITIZER_NO_WORKLOAD="1")
+    _summary_has(out, "== tests: FAILED (exit 4)", "tests: no junit XML", "== sanitize-memcheck: ok",
+                 "== sanitize-racecheck: ok", "== sanitize-synccheck: ok", "gpu_check: FAILED stages: tests")
+    assert not (out / "tests.xml").exists()
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
