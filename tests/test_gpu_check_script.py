@@ -4,7 +4,8 @@ arithmetic, file layout and summary. Four things are stood in for, nothing else:
 the GPU benchmark (BENCH_ARGS runs its --dry-run code paths), Nsight Compute (a stand-in `ncu`
 runs the profiled workload on the CPU and writes tests/test_profile_gpu.py's synthetic CSV) and
 compute-sanitizer (a stand-in that runs its workload on the CPU). STANDIN_BUILD_FAILS,
-STANDIN_NCU_NO_PERMISSION and STANDIN_RACE make the stand-ins fail as the real tools would."""
+STANDIN_PLOT_FAILS, STANDIN_NCU_NO_PERMISSION and STANDIN_RACE make them fail as the real ones
+would."""
 import importlib.metadata
 import importlib.util
 import os
@@ -25,6 +26,9 @@ if [[ "$1" == setup.py && "${{STANDIN_BUILD_FAILS:-0}}" == 1 ]]; then
   echo "attn_fwd_bf16.cu(12): error: (stand-in nvcc error)"; exit 1
 fi
 if [[ "$1" == setup.py ]]; then echo "(CUDA build stood in for)"; exit 0; fi
+if [[ "$1" == benchmarks/plot_bench.py && "${{STANDIN_PLOT_FAILS:-0}}" == 1 ]]; then
+  echo "(stand-in plot error)"; exit 1
+fi
 exec {sys.executable} "$@"
 """
 
@@ -194,15 +198,17 @@ def test_gpu_check_skips_a_stage_the_budget_has_no_time_for(tmp_path):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
-def test_gpu_check_does_not_count_a_profile_without_counter_access(tmp_path):
+def test_gpu_check_does_not_count_a_failed_plot_or_a_profile_without_counter_access(tmp_path):
     # the likeliest profile failure on a lent machine: no access to the performance counters.
-    # The profile is diagnostics: noted, not a failed stage.
+    # The plot and the profile are diagnostics: their failures are noted, not failed stages.
     _, out = _run_gpu_check(tmp_path, 600, SRT_GPU_CHECK_SKIP="tests,sanitize", STANDIN_NCU_NO_PERMISSION="1",
-                            BENCH_ARGS="--dry-run --device cpu --skip-longest")
-    _summary_has(out, "== bench: ok", "== profile: FAILED (exit 1)",
+                            STANDIN_PLOT_FAILS="1", BENCH_ARGS="--dry-run --device cpu --skip-longest")
+    _summary_has(out, "== bench: ok", "bench: no plot (plot.log in logs.tar.gz)", "== profile: FAILED (exit 1)",
                  "profile: Nsight Compute cannot profile here (no counter access",
                  "profile: not counted as a failed stage (diagnostics only)", "gpu_check: all stages passed")
     assert not (out / "profile.txt").exists() and "ERR_NVGPUCTRPERM" in _logs(out)["profile.log"]
+    assert (out / "bench.json").exists() and not (out / "bench.png").exists()
+    assert "(stand-in plot error)" in _logs(out)["plot.log"]
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
