@@ -35,7 +35,9 @@
 # arguments for benchmarks/bench_gpu.py), SRT_GPU_CHECK_SKIP (stages to leave out:
 # tests,sanitize,bench,profile), SRT_GPU_CHECK_SANITIZE (1: run the compute-sanitizer stages even
 # when the tests passed), SRT_GPU_CHECK_ALLOW_NO_GPU (1: no GPU and no GPU test passing is not a
-# failure; for tests/test_gpu_check_script.py, which runs this script on the CPU).
+# failure; for tests/test_gpu_check_script.py, which runs this script on the CPU), NCU and
+# COMPUTE_SANITIZER (the tools' paths; unset, they are looked for on PATH, in $CUDA_HOME/bin and
+# the usual install folders; set but empty, the stage that needs one is skipped).
 # compute-sanitizer (memcheck on every kernel variant, racecheck and synccheck on a quick subset,
 # benchmarks/sanitize_gpu.py; logs sanitize-*.log) runs after the tests when a GPU test failed
 # (or the test stage crashed), before the benchmark, so that a wrong kernel's run also says where it goes wrong (an
@@ -172,16 +174,27 @@ wanted() {
 }
 
 # Nsight Compute's CLI: on PATH, else beside nvcc, else the newest under /opt/nvidia.
+# NCU, when set (even empty), is the only candidate: an empty or non-executable one means none.
 find_ncu() {
   local c
+  if [[ -n "${NCU+set}" ]]; then [[ -n "$NCU" && -x "$NCU" ]] && echo "$NCU"; return 0; fi
   for c in "$(command -v ncu)" "${CUDA_HOME:-/usr/local/cuda}/bin/ncu" $(ls -d /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | sort -V -r); do
     [[ -n "$c" && -x "$c" ]] && { echo "$c"; return; }
   done
 }
 
-# NVIDIA's compute-sanitizer: on PATH, else beside nvcc, else the newest toolkit's.
+# not_found_where VAR PLACES: where a tool was looked for, for the line saying it was not found
+not_found_where() {
+  if [[ -n "${!1+set}" ]]; then echo "at $1='${!1}'"; else echo "$2"; fi
+}
+
+# NVIDIA's compute-sanitizer: on PATH, else beside nvcc, else the newest toolkit's;
+# COMPUTE_SANITIZER, when set, as NCU above.
 find_sanitizer() {
   local c
+  if [[ -n "${COMPUTE_SANITIZER+set}" ]]; then
+    [[ -n "$COMPUTE_SANITIZER" && -x "$COMPUTE_SANITIZER" ]] && echo "$COMPUTE_SANITIZER"; return 0
+  fi
   for c in "$(command -v compute-sanitizer)" "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" \
            $(ls -d /usr/local/cuda*/compute-sanitizer/compute-sanitizer 2>/dev/null | sort -V -r); do
     [[ -n "$c" && -x "$c" ]] && { echo "$c"; return; }
@@ -265,7 +278,7 @@ sys.exit(0 if s.cuda_kernels_available() and all(reg) and torch.cuda.is_availabl
   elif [[ $gpu_tests_failed == 1 || "${SRT_GPU_CHECK_SANITIZE:-0}" == 1 ]]; then
     san_bin="$(find_sanitizer)"
     if [[ -z "$san_bin" ]]; then
-      note "== sanitize: skipped (no compute-sanitizer on PATH, in \$CUDA_HOME/bin or /usr/local/cuda*)"
+      note "== sanitize: skipped (no compute-sanitizer $(not_found_where COMPUTE_SANITIZER "on PATH, in \$CUDA_HOME/bin or /usr/local/cuda*"))"
     else
       # errors a CUDA API call returns (PyTorch probes some on purpose) are not kernel bugs: left
       # out where this compute-sanitizer has the option
@@ -361,7 +374,7 @@ sys.exit(0 if s.cuda_kernels_available() and all(reg) and torch.cuda.is_availabl
       note "profile: not counted as a failed stage (diagnostics only)"
     fi
   else
-    note "== profile: skipped (no ncu on PATH, in \$CUDA_HOME/bin or /opt/nvidia/nsight-compute)"
+    note "== profile: skipped (no ncu $(not_found_where NCU "on PATH, in \$CUDA_HOME/bin or /opt/nvidia/nsight-compute"))"
   fi
 else
   note "== tests, bench: not run (the build failed; see build.log in logs.tar.gz)"

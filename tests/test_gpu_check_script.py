@@ -175,6 +175,21 @@ def test_gpu_check_skips_stages_on_request(tmp_path):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
+def test_gpu_check_notes_a_missing_sanitizer_or_ncu_and_goes_on(tmp_path):
+    # NCU and COMPUTE_SANITIZER, when set, are the only candidates (the stand-ins on PATH are not
+    # used): an empty or missing one is a skipped stage, not a failed run
+    missing = tmp_path / "no-such-compute-sanitizer"
+    _, out = _run_gpu_check(tmp_path, 300, SRT_GPU_CHECK_SKIP="tests,bench", SRT_GPU_CHECK_SANITIZE="1",
+                            NCU="", COMPUTE_SANITIZER=str(missing))
+    _summary_has(out, f"== sanitize: skipped (no compute-sanitizer at COMPUTE_SANITIZER='{missing}')",
+                 "== profile: skipped (no ncu at NCU='')")
+    env_log = _logs(out)["env.log"]
+    assert "ncu: not found" in env_log and "compute-sanitizer: not found" in env_log, env_log
+    assert not any(name.startswith(("sanitize-", "profile")) for name in _logs(out))
+    assert {p.name for p in out.iterdir()} == {"summary.txt", "logs.tar.gz"}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="bash and coreutils' timeout")
 def test_gpu_check_stops_after_a_failed_build_and_shows_its_log(tmp_path):
     # nothing would test the kernels: no tests, sanitizer, benchmark or profile; the build log's
     # tail is printed and packed, and the run fails
