@@ -11,7 +11,9 @@ It reads the three kinds of JSON the benchmarks write:
 - bench_gpu.py (the GPU op): fwd+bwd TFLOP/s against n, one panel per head dim, then peak memory
   and the longest sequence each contender ran.
 A size a contender did not run (skipped, out of memory, failed) is marked with an x on the top
-edge of its panel, in the contender's colour, and named in the legend. bench_attention.py and
+edge of its panel, in the contender's colour, and named in the legend; a measured value a log
+axis cannot show (a peak memory of 0 or less: the resident size did not grow by a page, as at
+tiny sizes) is marked with a triangle on the bottom edge and its value given in the legend. bench_attention.py and
 bench_transformer.py call this after writing their JSON; gpu_check.sh calls it on bench.json.
 """
 from __future__ import annotations
@@ -27,24 +29,29 @@ MIB = 2**20
 
 
 class Panel:
-    """One plot: series[label] = [(x, y)], missing[label] = [(x, why)] (sizes that did not run)."""
+    """One plot: series[label] = [(x, y)], missing[label] = [(x, why)] (sizes that did not run),
+    unshown[label] = [(x, y)] (measured values of 0 or less, which a log axis has no place for)."""
 
     def __init__(self, title, xlabel, ylabel, xticks=None, yscale="log"):
         self.title, self.xlabel, self.ylabel, self.yscale = title, xlabel, ylabel, yscale
         self.xticks = xticks  # {x: tick label}, or None for plain numbers
         self.series: dict[str, list] = {}
         self.missing: dict[str, list] = {}
+        self.unshown: dict[str, list] = {}
         self.bars: dict[str, float] | None = None  # a bar chart instead of lines (label -> value)
         self.bar_notes: dict[str, str] = {}
 
     def add(self, label, x, y):
-        self.series.setdefault(label, []).append((x, y))
+        if self.yscale == "log" and not y > 0:
+            self.unshown.setdefault(label, []).append((x, y))
+        else:
+            self.series.setdefault(label, []).append((x, y))
 
     def miss(self, label, x, why):
         self.missing.setdefault(label, []).append((x, why))
 
     def empty(self):
-        return not self.series and not self.missing and not self.bars
+        return not self.series and not self.missing and not self.unshown and not self.bars
 
 
 def kind_of(data):
@@ -166,6 +173,17 @@ def _missing_label(lab, pts, xticks):
     return f"{lab}: did not run at " + "; ".join(f"{', '.join(xs)} ({why})" for why, xs in by_why.items())
 
 
+def _plain(y, _pos=None):
+    """A tick label: 0.05, 20, 1e-05 (Python's shortest form)."""
+    return f"{y:g}"
+
+
+def _unshown_label(lab, pts, p):
+    """'ours: 0 MiB at 32, -0.1 MiB at 64 (not shown: a log axis has no place for 0 or less)'."""
+    at = ", ".join(f"{y:g} {p.ylabel} at {p.xticks.get(x, str(x)) if p.xticks else x}" for x, y in pts)
+    return f"{lab}: {at} (not shown: a log axis has no place for 0 or less)"
+
+
 def _guides(ax, p):
     """Faint lines growing as n and as n^2 from the panel's lowest first point, so that a reader
     can tell linear from quadratic growth on log-log axes."""
@@ -187,6 +205,7 @@ def figure(title, panels):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter, NullLocator
 
     panels = [p for p in panels if not p.empty()]
     if not any(p.series or p.bars for p in panels):
@@ -219,6 +238,13 @@ def figure(title, panels):
             limits = ax.get_ylim()  # the data's; the guides are clipped to them
             _guides(ax, p)
             ax.set_ylim(*limits)
+            # plain numbers (0.05, 20, not 5x10^-2); a panel spanning under a decade has at most
+            # one power of ten on it, so its minor ticks (2x, 3x, ...) are labelled and gridded too
+            ax.yaxis.set_major_formatter(FuncFormatter(_plain))
+            narrow = limits[1] < 10 * limits[0]
+            ax.yaxis.set_minor_formatter(FuncFormatter(_plain) if narrow else NullFormatter())
+            if narrow:
+                ax.grid(True, which="minor", axis="y", alpha=0.3)
         else:
             ax.set_ylim(bottom=0, top=ax.get_ylim()[1])  # from 0 to the autoscaled top (the data are in)
         # sizes that did not run: crosses on the panel's top edge (axes coordinates, so they
@@ -227,11 +253,18 @@ def figure(title, panels):
         for lab, pts in sorted(p.missing.items()):
             ax.scatter([x for x, _ in pts], [1.0] * len(pts), marker="x", s=50, color=colors[lab],
                        transform=top_edge, clip_on=False, zorder=3, label=_missing_label(lab, pts, p.xticks))
-        xs = sorted({x for pts in [*p.series.values(), *p.missing.values()] for x, *_ in pts})
+        # measured values a log axis cannot show: triangles on the bottom edge, values in the legend
+        for lab, pts in sorted(p.unshown.items()):
+            pts = sorted(pts)
+            ax.scatter([x for x, _ in pts], [0.0] * len(pts), marker="v", s=40, color=colors[lab],
+                       transform=top_edge, clip_on=False, zorder=3, label=_unshown_label(lab, pts, p))
+        xs = sorted({x for pts in [*p.series.values(), *p.missing.values(), *p.unshown.values()] for x, *_ in pts})
         if xs:
             ax.set_xticks(xs, [p.xticks.get(x, str(x)) if p.xticks else str(x) for x in xs], fontsize=8)
-            ax.minorticks_off()
-        ax.grid(True, which="both", alpha=0.3)
+            # x: the sizes only; y keeps its minor ticks, which matplotlib labels where a log panel
+            # spans less than a decade (e.g. the GPU run's memory at a constant token count)
+            ax.xaxis.set_minor_locator(NullLocator())
+        ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncols=2, frameon=False)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")

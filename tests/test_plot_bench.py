@@ -124,3 +124,66 @@ def test_a_json_with_no_results_says_so(tmp_path, capsys):
     src.write_text(json.dumps({"meta": {"device": "cuda"}, "results": []}))
     assert plot_bench.main([str(src)]) == 1
     assert "no results yet" in capsys.readouterr().err
+
+
+def test_a_peak_memory_of_zero_is_marked_on_the_bottom_edge_with_its_value(tmp_path):
+    # at tiny sizes the resident size may not grow by a page: a peak of 0 (or less) is a
+    # measurement, which a log axis has no place for; it is marked on the bottom edge, its value
+    # in the legend, and matplotlib is not left to drop it with a warning
+    import warnings
+
+    rows = [{"n": n, "contender": c, "fwd_bwd_s": 0.001 * n, "peak_mem_bytes": peak}
+            for n, c, peak in ((32, "ours", 0), (64, "ours", 2 * MIB), (32, "sdpa", -4096), (64, "sdpa", 0))]
+    src = tmp_path / "tiny.json"
+    src.write_text(json.dumps({"meta": {"processor": "cpu"}, "results": rows}))
+    _, (time_p, mem_p) = plot_bench.panels_of(json.loads(src.read_text()))
+    assert as_dict(mem_p) == {"ours": [(64, 2.0)]}
+    assert mem_p.unshown == {"ours": [(32, 0.0)], "sdpa": [(32, -4096 / MIB), (64, 0.0)]}
+    assert as_dict(time_p) == {"ours": [(32, 0.032), (64, 0.064)], "sdpa": [(32, 0.032), (64, 0.064)]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = plot_bench.figure("t", [time_p, mem_p])
+    try:
+        marks = [c for c in fig.axes[1].collections if "not shown" in c.get_label()]
+        assert sorted(c.get_label() for c in marks) == [
+            "ours: 0 MiB at 32 (not shown: a log axis has no place for 0 or less)",
+            "sdpa: -0.00390625 MiB at 32, 0 MiB at 64 (not shown: a log axis has no place for 0 or less)"]
+        assert all(y == 0.0 for c in marks for _, y in c.get_offsets())  # the bottom edge
+        assert not [c for c in fig.axes[0].collections if "not shown" in c.get_label()]
+    finally:
+        import matplotlib.pyplot as plt
+        plt.close(fig)
+    # every value 0: the panel still draws, with nothing but its marks
+    zero = plot_bench.Panel("mem", "n", "MiB")
+    zero.add("ours", 32, 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plot_bench.render("t", [time_p, zero]).startswith(PNG)
+    assert plot_bench.main([str(src)]) == 0 and (tmp_path / "tiny.png").read_bytes().startswith(PNG)
+
+
+def test_a_log_panel_within_one_decade_still_labels_its_y_axis():
+    # the GPU run's peak memory at a constant token count (batch x seq) changes little: a log
+    # panel from 300 to 600 MiB has no power of ten on it, so its 2x..9x ticks carry the labels,
+    # as plain numbers; a panel over decades labels only the powers of ten
+    narrow = plot_bench.Panel("mem", "n", "MiB")
+    for x, y in ((1024, 300.0), (2048, 450.0), (4096, 600.0)):
+        narrow.add("ours", x, y)
+    wide = plot_bench.Panel("time", "n", "s")
+    for x, y in ((1024, 0.01), (2048, 0.3), (4096, 20.0)):
+        wide.add("ours", x, y)
+    fig = plot_bench.figure("t", [narrow, wide])
+    try:
+        fig.canvas.draw()
+        ax_narrow, ax_wide = fig.axes[:2]
+
+        def shown(ax, minor):
+            lo, hi = ax.get_ylim()
+            return {t.get_text() for t in ax.get_yticklabels(minor=minor)
+                    if t.get_text() and lo <= t.get_position()[1] <= hi}
+
+        assert {"300", "400", "500", "600"} <= shown(ax_narrow, minor=True), shown(ax_narrow, True)
+        assert shown(ax_wide, minor=False) >= {"0.01", "0.1", "1", "10"} and not shown(ax_wide, minor=True)
+    finally:
+        import matplotlib.pyplot as plt
+        plt.close(fig)
