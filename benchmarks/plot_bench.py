@@ -13,8 +13,9 @@ It reads the three kinds of JSON the benchmarks write:
 A size a contender did not run (skipped, out of memory, failed) is marked with an x on the top
 edge of its panel, in the contender's colour, and named in the legend; a measured value a log
 axis cannot show (a peak memory of 0 or less: the resident size did not grow by a page, as at
-tiny sizes) is marked with a triangle on the bottom edge and its value given in the legend. bench_attention.py and
-bench_transformer.py call this after writing their JSON; gpu_check.sh calls it on bench.json.
+tiny sizes) is marked with a triangle on the bottom edge, its value given in the legend.
+bench_attention.py and bench_transformer.py call this after writing their JSON; gpu_check.sh
+calls it on bench.json.
 """
 from __future__ import annotations
 
@@ -213,7 +214,7 @@ def figure(title, panels):
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 4.6 * rows), constrained_layout=True, squeeze=False)
-    labels = sorted({lab for p in panels for lab in [*p.series, *p.missing, *(p.bars or {})]})
+    labels = sorted({lab for p in panels for lab in [*p.series, *p.missing, *p.unshown, *(p.bars or {})]})
     colors = {lab: plt.cm.tab10(i % 10) for i, lab in enumerate(labels)}
     for ax, p in zip(axes.flat, panels):
         ax.set_title(p.title, fontsize=10)
@@ -261,8 +262,8 @@ def figure(title, panels):
         xs = sorted({x for pts in [*p.series.values(), *p.missing.values(), *p.unshown.values()] for x, *_ in pts})
         if xs:
             ax.set_xticks(xs, [p.xticks.get(x, str(x)) if p.xticks else str(x) for x in xs], fontsize=8)
-            # x: the sizes only; y keeps its minor ticks, which matplotlib labels where a log panel
-            # spans less than a decade (e.g. the GPU run's memory at a constant token count)
+            # x: the sizes only (y keeps its minor ticks: labelled above where a log panel spans
+            # under a decade)
             ax.xaxis.set_minor_locator(NullLocator())
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncols=2, frameon=False)

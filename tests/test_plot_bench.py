@@ -153,9 +153,10 @@ def test_a_peak_memory_of_zero_is_marked_on_the_bottom_edge_with_its_value(tmp_p
     finally:
         import matplotlib.pyplot as plt
         plt.close(fig)
-    # every value 0: the panel still draws, with nothing but its marks
+    # every value 0, from a contender no other panel has: the panel still draws, with nothing but
+    # its marks, in a colour of its own
     zero = plot_bench.Panel("mem", "n", "MiB")
-    zero.add("ours", 32, 0.0)
+    zero.add("only-here", 32, 0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert plot_bench.render("t", [time_p, zero]).startswith(PNG)
