@@ -91,9 +91,11 @@ def _script(path, text):
 
 def _env(bin_dir, **settings):
     """This process's environment without the script's own settings (this test may itself run
-    inside gpu_check.sh, whose deadline and stage choices must not leak in), plus `settings`."""
+    inside gpu_check.sh, whose deadline, stage choices and tool paths must not leak in), plus
+    `settings`."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SRT_TEST_", "SRT_GPU_CHECK_", "SRT_PROFILE_")) and k != "BENCH_ARGS"}
+           if not k.startswith(("SRT_TEST_", "SRT_GPU_CHECK_", "SRT_PROFILE_"))
+           and k not in ("BENCH_ARGS", "NCU", "COMPUTE_SANITIZER")}
     env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=str(bin_dir / "pywrap"), PYTHONPATH=ROOT, **settings)
     return env
 
