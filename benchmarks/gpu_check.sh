@@ -173,13 +173,13 @@ wanted() {
   return 0
 }
 
-# Nsight Compute's CLI: on PATH, else beside nvcc, else the newest under /opt/nvidia.
-# NCU, when set (even empty), is the only candidate: an empty or non-executable one means none.
-find_ncu() {
-  local c
-  if [[ -n "${NCU+set}" ]]; then [[ -n "$NCU" && -x "$NCU" ]] && echo "$NCU"; return 0; fi
-  for c in "$(command -v ncu)" "${CUDA_HOME:-/usr/local/cuda}/bin/ncu" $(ls -d /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | sort -V -r); do
-    [[ -n "$c" && -x "$c" ]] && { echo "$c"; return; }
+# find_tool VAR CANDIDATE...: $VAR when it is set (even empty, which means none; a path that is not
+# an executable is none too), else the first executable candidate
+find_tool() {
+  local var=$1 c; shift
+  if [[ -n "${!var+set}" ]]; then c="${!var}"; [[ -n "$c" && -x "$c" ]] && echo "$c"; return 0; fi
+  for c in "$@"; do
+    [[ -n "$c" && -x "$c" ]] && { echo "$c"; return 0; }
   done
 }
 
@@ -188,17 +188,16 @@ not_found_where() {
   if [[ -n "${!1+set}" ]]; then echo "at $1='${!1}'"; else echo "$2"; fi
 }
 
-# NVIDIA's compute-sanitizer: on PATH, else beside nvcc, else the newest toolkit's;
-# COMPUTE_SANITIZER, when set, as NCU above.
+# Nsight Compute's CLI (NCU): on PATH, else beside nvcc, else the newest under /opt/nvidia.
+find_ncu() {
+  find_tool NCU "$(command -v ncu)" "${CUDA_HOME:-/usr/local/cuda}/bin/ncu" \
+    $(ls -d /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | sort -V -r)
+}
+
+# NVIDIA's compute-sanitizer (COMPUTE_SANITIZER): on PATH, else beside nvcc, else the newest toolkit's.
 find_sanitizer() {
-  local c
-  if [[ -n "${COMPUTE_SANITIZER+set}" ]]; then
-    [[ -n "$COMPUTE_SANITIZER" && -x "$COMPUTE_SANITIZER" ]] && echo "$COMPUTE_SANITIZER"; return 0
-  fi
-  for c in "$(command -v compute-sanitizer)" "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" \
-           $(ls -d /usr/local/cuda*/compute-sanitizer/compute-sanitizer 2>/dev/null | sort -V -r); do
-    [[ -n "$c" && -x "$c" ]] && { echo "$c"; return; }
-  done
+  find_tool COMPUTE_SANITIZER "$(command -v compute-sanitizer)" "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" \
+    $(ls -d /usr/local/cuda*/compute-sanitizer/compute-sanitizer 2>/dev/null | sort -V -r)
 }
 
 echo "== env"

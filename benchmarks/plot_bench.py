@@ -48,6 +48,10 @@ class Panel:
         else:
             self.series.setdefault(label, []).append((x, y))
 
+    def tick(self, x):
+        """The label of size x on the x axis and in the legend."""
+        return self.xticks.get(x, str(x)) if self.xticks else str(x)
+
     def miss(self, label, x, why):
         self.missing.setdefault(label, []).append((x, why))
 
@@ -166,11 +170,11 @@ def panels_of(data):
     return PANELS[kind_of(data)](data)
 
 
-def _missing_label(lab, pts, xticks):
+def _missing_label(lab, pts, p):
     """'ref: did not run at 8192 (OOM); 16384, 32768 (skipped)': sizes grouped by reason."""
     by_why = {}
     for x, why in sorted(pts):
-        by_why.setdefault(why.split(":")[0], []).append(xticks.get(x, str(x)) if xticks else str(x))
+        by_why.setdefault(why.split(":")[0], []).append(p.tick(x))
     return f"{lab}: did not run at " + "; ".join(f"{', '.join(xs)} ({why})" for why, xs in by_why.items())
 
 
@@ -181,7 +185,7 @@ def _plain(y, _pos=None):
 
 def _unshown_label(lab, pts, p):
     """'ours: 0 MiB at 32, -0.1 MiB at 64 (not shown: a log axis has no place for 0 or less)'."""
-    at = ", ".join(f"{y:g} {p.ylabel} at {p.xticks.get(x, str(x)) if p.xticks else x}" for x, y in pts)
+    at = ", ".join(f"{y:g} {p.ylabel} at {p.tick(x)}" for x, y in pts)
     return f"{lab}: {at} (not shown: a log axis has no place for 0 or less)"
 
 
@@ -253,7 +257,7 @@ def figure(title, panels):
         top_edge = ax.get_xaxis_transform()
         for lab, pts in sorted(p.missing.items()):
             ax.scatter([x for x, _ in pts], [1.0] * len(pts), marker="x", s=50, color=colors[lab],
-                       transform=top_edge, clip_on=False, zorder=3, label=_missing_label(lab, pts, p.xticks))
+                       transform=top_edge, clip_on=False, zorder=3, label=_missing_label(lab, pts, p))
         # measured values a log axis cannot show: triangles on the bottom edge, values in the legend
         for lab, pts in sorted(p.unshown.items()):
             pts = sorted(pts)
@@ -261,7 +265,7 @@ def figure(title, panels):
                        transform=top_edge, clip_on=False, zorder=3, label=_unshown_label(lab, pts, p))
         xs = sorted({x for pts in [*p.series.values(), *p.missing.values(), *p.unshown.values()] for x, *_ in pts})
         if xs:
-            ax.set_xticks(xs, [p.xticks.get(x, str(x)) if p.xticks else str(x) for x in xs], fontsize=8)
+            ax.set_xticks(xs, [p.tick(x) for x in xs], fontsize=8)
             # x: the sizes only (y keeps its minor ticks: labelled above where a log panel spans
             # under a decade)
             ax.xaxis.set_minor_locator(NullLocator())

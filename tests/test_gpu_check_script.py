@@ -185,9 +185,9 @@ def test_gpu_check_notes_a_missing_sanitizer_or_ncu_and_goes_on(tmp_path):
                             NCU="", COMPUTE_SANITIZER=str(missing))
     _summary_has(out, f"== sanitize: skipped (no compute-sanitizer at COMPUTE_SANITIZER='{missing}')",
                  "== profile: skipped (no ncu at NCU='')")
-    env_log = _logs(out)["env.log"]
-    assert "ncu: not found" in env_log and "compute-sanitizer: not found" in env_log, env_log
-    assert not any(name.startswith(("sanitize-", "profile")) for name in _logs(out))
+    logs = _logs(out)
+    assert "ncu: not found" in logs["env.log"] and "compute-sanitizer: not found" in logs["env.log"], logs["env.log"]
+    assert not any(name.startswith(("sanitize-", "profile")) for name in logs)
     assert {p.name for p in out.iterdir()} == {"summary.txt", "logs.tar.gz"}
 
 
