@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import json
 import os
 import platform
 import shlex
+import signal
 import sys
 import time
 from dataclasses import asdict, replace
@@ -57,6 +59,16 @@ def _nonneg_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**64 - 1, got {text!r}") from None
+    if not 0 <= value < 2**64:  # what torch.manual_seed takes
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**64 - 1, got {value}")
     return value
 
 
@@ -112,7 +124,7 @@ def _add_run_options(p: argparse.ArgumentParser, defaults) -> None:
     g.add_argument("--warmup", type=_nonneg_int, help=f"warmup steps (default {d.warmup})")
     g.add_argument("--weight-decay", type=_nonneg_float, help=f"(default {d.weight_decay})")
     g.add_argument("--grad-clip", type=_nonneg_float, help=f"gradient norm clip, 0 = off (default {d.grad_clip})")
-    g.add_argument("--seed", type=_nonneg_int, help=f"seed for weights and data (default {d.seed})")
+    g.add_argument("--seed", type=_seed, help=f"seed for weights and data (default {d.seed})")
     g.add_argument("--eval-every", type=_positive_int, help=f"validate every N steps (default {d.eval_every})")
     g.add_argument("--eval-windows", type=_positive_int,
                    help=f"validation windows of --seq-len bytes (default {d.eval_windows})")
@@ -178,13 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print the prompt and a sample continuing it, from a checkpoint "
                        "of train or compare, with the model's KV-cache generate.")
     p.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by train or compare")
-    p.add_argument("--prompt", required=True, help="UTF-8 text to continue (bytes are the tokens)")
+    p.add_argument("--prompt", required=True, help="text to continue (its bytes are the tokens: "
+                   "UTF-8, or the raw bytes the shell passed)")
     p.add_argument("--max-new-tokens", type=_nonneg_int, default=256,
                    help="bytes to generate (default 256); beyond the model's max_seq_len the "
                    "context slides (cropped to its last max_seq_len/2 bytes)")
     p.add_argument("--temperature", type=_nonneg_float, default=0.8, help="0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=_positive_int, help="sample among the k likeliest bytes")
-    p.add_argument("--seed", type=_nonneg_int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="sampling seed (default 0)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.set_defaults(func=cmd_generate)
     return parser
@@ -207,6 +220,29 @@ def _say(info, text: str) -> None:
         print(text, flush=True)
 
 
+def _check_out_path(out: Path) -> None:
+    """Refuse an --out that cannot be a folder (it, or a folder above it, is a file) before the data
+    is even loaded."""
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                what = "exists and is not a folder" if folder == out else f"is inside {folder}, which is not a folder"
+                raise UserError(f"--out {out} {what}")
+            return
+
+
+def _make_out_folder(out: Path) -> None:
+    """Create --out and write (then remove) a file in it, so that a folder we cannot write to is
+    found before training, not at the first checkpoint, steps or hours later."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".srt-write-check-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to --out {out}: {e.strerror or e}") from None
+
+
 # ------------------------------------------------------------------------------------------
 # train
 
@@ -219,8 +255,10 @@ def _train_out(args) -> Path:
 
 
 def cmd_train(args) -> int:
+    from .data import DataError
     from .training import (CheckpointError, DistInfo, RunConfig, Trainer, atomic_write_bytes,
-                           atomic_write_text, load_checkpoint, validate_config)
+                           atomic_write_text, check_model_state, load_checkpoint, schedule_notes,
+                           validate_config)
 
     info = DistInfo.from_env()
     given = _given(args)
@@ -230,11 +268,17 @@ def cmd_train(args) -> int:
     explicit_ckpt = isinstance(args.resume, str)
     out = _train_out(args)
     ckpt = out / "checkpoint.pt"
+    _check_out_path(out)
+    if args.resume is True and args.overwrite:
+        raise UserError(f"--resume continues {ckpt} and --overwrite starts over: pass one of them")
+    args.ckpt_is_this_runs = False  # for the interrupt note: until this run saves, ckpt is an earlier run's
     state = None
     if args.resume is not None:
         source = Path(args.resume) if explicit_ckpt else ckpt
         if source.exists() or explicit_ckpt:
             state = load_checkpoint(source)  # CheckpointError if missing or corrupt
+            check_model_state(state, source)
+            args.ckpt_is_this_runs = ckpt.exists() and source.resolve() == ckpt.resolve()
             if ckpt.exists() and source.resolve() != ckpt.resolve() and not args.overwrite:
                 raise UserError(f"{ckpt} already exists and is not the checkpoint being resumed; "
                                 "choose another --out or pass --overwrite")
@@ -253,6 +297,9 @@ def cmd_train(args) -> int:
                 saved = cfg.model_max_seq_len
             if value == saved:
                 continue
+            if key == "data" and not {value, saved} & {"stdlib", "arithmetic"}:
+                changes[key] = value  # another path to the same data: its content is compared below
+                continue
             if key not in _RESUME_MAY_CHANGE:
                 flag = "--" + key.replace("_", "-")
                 shown = "all" if saved is None and key == "max_data_bytes" else saved
@@ -264,7 +311,14 @@ def cmd_train(args) -> int:
     else:
         cfg = RunConfig(**given)
     validate_config(cfg, info.world_size)
-    corpus = _load_data(cfg)
+    try:
+        corpus = _load_data(cfg)
+    except DataError as e:
+        if state is None or "data" in given or cfg.data in ("stdlib", "arithmetic"):
+            raise
+        raise DataError(f"{e}; the checkpoint was trained on --data {cfg.data!r} (a relative path is "
+                        "taken from the current folder): pass --data with that data's path from here "
+                        "(its content is checked)") from None
     if state is not None:
         if state["data_fingerprint"] != corpus.fingerprint():
             raise CheckpointError(f"the data ({cfg.data}) differs from the data the checkpoint was "
@@ -277,12 +331,16 @@ def cmd_train(args) -> int:
     # Everything is checked: from here on we write.
     name = _run_name(cfg)[0]
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        _make_out_folder(out)
         _say(info, f"data: {corpus.description}")
         if state is not None:
             _say(info, f"resuming {ckpt if not explicit_ckpt else args.resume} at step {state['step']}")
+        for note in schedule_notes(cfg, state["config"] if state is not None else None,
+                                   state["step"] if state is not None else 0):
+            _say(info, f"note: {note}")
 
     def write_metrics(trainer) -> None:
+        args.ckpt_is_this_runs = True
         atomic_write_text(out / "metrics.json", json.dumps({
             "name": trainer.name, "config": asdict(trainer.cfg), "step": trainer.step,
             "train_time_s": trainer.train_time, "history": trainer.history, "evals": trainer.evals,
@@ -370,18 +428,18 @@ def cmd_compare(args) -> int:
     import torch
 
     from .plotting import plot_runs
-    from .training import DistInfo, RunConfig, Trainer, atomic_write_bytes, atomic_write_text, validate_config
+    from .training import (DistInfo, RunConfig, Trainer, atomic_write_bytes, atomic_write_text,
+                           schedule_notes, validate_config)
 
     info = DistInfo.from_env()
+    out = Path(args.out)
+    _check_out_path(out)
     base = RunConfig(**_given(args))
     counts = [0] + [R for i, R in enumerate(args.num_reason_tokens) if R and R not in args.num_reason_tokens[:i]]
     configs = [replace(base, num_reason_tokens=R) for R in counts]
     for cfg in configs:
         validate_config(cfg, info.world_size)
     corpus = _load_data(base)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
     earlier = _earlier_compare_files(out, [_run_name(c)[1] for c in configs])
     if earlier and not args.overwrite:
         raise UserError(f"--out {out} already holds results of an earlier compare "
@@ -390,10 +448,12 @@ def cmd_compare(args) -> int:
                         "pass --overwrite to replace them, or choose another --out")
     # Everything is checked: from here on we write.
     if info.is_main:
+        _make_out_folder(out)
         for path in earlier:  # --overwrite: no stale file of the earlier compare stays next to the new ones
             path.unlink()
-        out.mkdir(parents=True, exist_ok=True)
     _say(info, f"data: {corpus.description}")
+    for note in schedule_notes(base):
+        _say(info, f"note: {note}")
     _say(info, f"runs: {', '.join(_run_name(c)[0] for c in configs)}; {base.steps} steps of "
          f"{base.batch_size} x {base.seq_len} bytes each, model dim {base.dim}, depth {base.depth}, "
          f"heads {base.heads}, device {base.device}, {base.dtype}, {info.world_size} process(es)")
@@ -440,7 +500,9 @@ def cmd_compare(args) -> int:
               "generate samples from); @real tok: at the real token, before its reasoning tokens "
               "(remove_reason_tokens_at_end=True).\npositions/seq = seq-len*(R+1): a model with R "
               "reasoning tokens does about R+1 times the compute per byte (see ms/step).")
-        print(f"\ntotal {summary['total_wall_time_s']:.0f} s; wrote {out / 'results.json'}, "
+        total = summary["total_wall_time_s"]
+        print(f"\ntotal {total:.0f} s" if total >= 10 else f"\ntotal {total:.1f} s", end="")
+        print(f"; wrote {out / 'results.json'}, "
               f"{out / 'loss_curves.png'} and one checkpoint per run in {out}/")
     return 0
 
@@ -474,7 +536,7 @@ def sample(model, prompt, max_new_tokens: int, num_reason_tokens: int, steps_fut
 def cmd_generate(args) -> int:
     import torch
 
-    from .training import CheckpointError, build_model, load_checkpoint
+    from .training import build_model, check_model_state, load_checkpoint
 
     device = args.device
     if device != "cpu" and not device.startswith("cuda"):
@@ -482,16 +544,17 @@ def cmd_generate(args) -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: CUDA is not available here")
     state = load_checkpoint(args.checkpoint)
+    check_model_state(state, args.checkpoint)
     cfg = state["config"]
-    prompt = args.prompt.encode("utf-8")
+    # the bytes the shell passed: UTF-8 text as typed, and any byte that is not UTF-8 as it was
+    prompt = os.fsencode(args.prompt)
     if not prompt:
         raise UserError("--prompt is empty; give at least one character to continue")
+    if args.max_new_tokens and cfg.model_max_seq_len < 2:
+        raise UserError(f"the model's max_seq_len {cfg.model_max_seq_len} leaves no room to generate "
+                        "(a context of one byte and the next one need 2)")
     model = build_model(cfg, int(state.get("num_tokens", 256)))
-    try:
-        model.load_state_dict(state["model"])
-    except (RuntimeError, KeyError) as e:
-        raise CheckpointError(f"checkpoint {args.checkpoint!r} does not match its own config "
-                              f"({str(e).splitlines()[0][:160]})") from None
+    model.load_state_dict(state["model"])
     model = model.to(device).eval()
     torch.manual_seed(args.seed)
     x = torch.tensor([list(prompt)], dtype=torch.long, device=device)
@@ -514,13 +577,18 @@ def cmd_generate(args) -> int:
 
 
 def main(argv: Optional[list] = None) -> int:
-    from .data import DataError
-    from .training import CheckpointError, ConfigError
-
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.argv = argv
+    with _sigterm_as_interrupt():
+        return _run(args)
+
+
+def _run(args) -> int:
+    from .data import DataError
+    from .training import CheckpointError, ConfigError
+
     try:
         from . import _ops
         if not _ops.HAS_EXTENSION:  # every command runs the compiled ops; stop before writing anything
@@ -533,10 +601,38 @@ def main(argv: Optional[list] = None) -> int:
             message = " ".join(str(e).split())  # one line
             print(f"srt {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if _prints_for_the_job():
-            print(f"srt {args.command}: interrupted; {_interrupted_note(args)}", file=sys.stderr)
-        return 130
+            how = "terminated (SIGTERM)" if isinstance(e, _Terminated) else "interrupted"
+            print(f"srt {args.command}: {how}; {_interrupted_note(args)}", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(e, _Terminated) else 130
+    except BrokenPipeError:  # e.g. `srt generate ... | head`: the reader has all it wanted
+        try:  # no second error when Python flushes stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 128 + signal.SIGPIPE
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's kill, torchrun stopping the other ranks), raised where the program is,
+    so that it ends as an interrupt does: temporary files removed, what is left said, exit 143."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    def raise_terminated(signum, frame):
+        raise _Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, raise_terminated)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _prints_for_the_job() -> bool:
@@ -553,6 +649,7 @@ def _interrupted_note(args) -> str:
         ckpt = out / "checkpoint.pt"
         if not ckpt.is_file():
             return f"no checkpoint was written to {out} yet"
+        earlier = getattr(args, "ckpt_is_this_runs", True) is False
         try:  # the step it holds (loaded onto the CPU)
             from .training import load_checkpoint
 
@@ -560,6 +657,9 @@ def _interrupted_note(args) -> str:
         except Exception:  # noqa: BLE001 - only for the message
             step = None
         at = f" (step {step})" if isinstance(step, int) else ""
+        if earlier:
+            return (f"this run saved no checkpoint yet; {ckpt}{at} is still the earlier run's, which "
+                    "this run would have replaced at its first save")
         return (f"the last checkpoint, {ckpt}{at}, is intact; `srt train --out {shlex.quote(str(out))} "
                 "--resume` continues from it")
     if args.command == "compare":

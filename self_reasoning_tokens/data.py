@@ -10,7 +10,11 @@ cross-entropy in nats divided by ln 2 is directly *bits per byte*):
   The first digit of the sum depends on every carry below it, so a model that can "think ahead"
   before writing it should gain. Generated from the seed; validation uses its own stream.
 - any path: a UTF-8 text file (its last 10% is validation) or a folder, read recursively
-  (text-like extensions, hidden folders skipped, split by file like ``stdlib``).
+  (text-like extensions, hidden folders skipped, files that are not UTF-8 or hold NUL bytes
+  skipped and counted in the description, split by file like ``stdlib``).
+
+A byte cap (``--max-data-bytes``) reads no more than it needs; for ``stdlib`` and folders it gives
+validation its VAL_PERCENT share of the cap, filled from the validation files, and training the rest.
 
 Batches are random windows of ``seq_len + 1`` bytes. The windows of step ``s`` come from a
 generator seeded with ``(seed, s)``, so the sampler's whole state is the step number: a resumed
@@ -93,23 +97,44 @@ def _in_val(rel: str) -> bool:
     return int(hashlib.md5(rel.encode("utf-8")).hexdigest()[:8], 16) % 100 < VAL_PERCENT
 
 
-def _split_files(root: Path, files: list[Path], max_bytes: int | None) -> tuple[bytes, bytes, int]:
-    """Concatenate files (sorted by relative path) into train and validation by path hash.
-    ``max_bytes`` caps the total read; files are taken in sorted order until the cap."""
-    train, val = [], []
-    total, used = 0, 0
+def _split_files(root: Path, files: list[Path], max_bytes: int | None) -> tuple[bytes, bytes, int, int]:
+    """Concatenate the text files among ``files`` (sorted by relative path) into train and
+    validation by path hash; returns (train, val, files used, files skipped as not text).
+
+    ``max_bytes`` caps what is read: VAL_PERCENT of it goes to validation and the rest to training,
+    each filled from its own files in sorted order, the last one cut at a character boundary (so a
+    small cap still leaves a validation split of its share, not whatever the first few files
+    hashed into). A file is read only as far as its split still has room."""
+    parts: dict = {False: [], True: []}
+    room = None if max_bytes is None else {True: max_bytes * VAL_PERCENT // 100}  # bytes left, per split
+    if room is not None:
+        room[False] = max_bytes - room[True]
+    used = skipped = 0
     for f in sorted(files, key=lambda p: p.relative_to(root).as_posix()):
-        if max_bytes is not None and total >= max_bytes:
-            break
-        whole = f.read_bytes()
-        data = whole if max_bytes is None else _utf8_prefix(whole, max_bytes - total)
-        if data:
-            total += len(data)
-            used += 1
-            (val if _in_val(f.relative_to(root).as_posix()) else train).append(data)
-        if len(data) < len(whole):  # the cap cut this file: nothing after it fits
-            break
-    return b"".join(train), b"".join(val), used
+        is_val = _in_val(f.relative_to(root).as_posix())
+        if room is not None and room[is_val] <= 0:
+            if room[not is_val] <= 0:
+                break
+            continue
+        data, cut_short = _read_prefix(f, None if room is None else room[is_val])
+        if not _is_text(data):
+            skipped += 1
+            continue
+        parts[is_val].append(data)
+        used += 1
+        if room is not None:  # a file cut short fills its split: nothing after it fits
+            room[is_val] = 0 if cut_short else room[is_val] - len(data)
+    return b"".join(parts[False]), b"".join(parts[True]), used, skipped
+
+
+def _read_prefix(path: Path, limit: int | None) -> tuple[bytes, bool]:
+    """The first ``limit`` bytes of a file (all of it when ``limit`` is None), cut so as not to end
+    inside a UTF-8 character, and whether the file goes on after them. Reads no more than that."""
+    with open(path, "rb") as f:
+        if limit is None:
+            return f.read(), False
+        head = f.read(limit + 1)
+    return _utf8_prefix(head, limit), len(head) > limit
 
 
 def _utf8_prefix(data: bytes, limit: int) -> bytes:
@@ -133,10 +158,11 @@ def load_stdlib(max_bytes: int | None = None) -> Corpus:
              if p.is_file() and not (_STDLIB_SKIP_DIRS & set(p.relative_to(root).parts[:-1]))]
     if not files:
         raise DataError(f"found no .py files in the Python standard library at {root}")
-    train, val, used = _split_files(root, files, max_bytes)
+    train, val, used, skipped = _split_files(root, files, max_bytes)
     return Corpus("stdlib", _as_array(train), _as_array(val),
                   f"Python {sysconfig.get_python_version()} standard library source ({used} .py files "
-                  f"under {root}, tests excluded): {len(train):,} train / {len(val):,} validation bytes")
+                  f"under {root}, tests excluded{_skipped_note(skipped, 0)}): {len(train):,} train / "
+                  f"{len(val):,} validation bytes")
 
 
 # Operands are drawn as floor(uniform * 10^d): every integer below 10^d is equally likely while
@@ -165,7 +191,11 @@ def load_arithmetic(seed: int, max_digits: int = 4, train_problems: int = 200_00
                   f"first (seed {seed}): {len(train):,} train / {len(val):,} validation bytes")
 
 
-def _is_utf8(data: bytes) -> bool:
+def _is_text(data: bytes) -> bool:
+    """UTF-8 with no NUL byte (a NUL is valid UTF-8, but text files do not hold one; binary files,
+    such as a file of zeros, do)."""
+    if b"\0" in data:
+        return False
     try:
         data.decode("utf-8")
         return True
@@ -173,36 +203,45 @@ def _is_utf8(data: bytes) -> bool:
         return False
 
 
+def _skipped_note(not_text: int, no_suffix: int) -> str:
+    notes = [f"{not_text} not UTF-8 text"] if not_text else []
+    if no_suffix:
+        notes.append(f"{no_suffix} without a text suffix")
+    return f"; skipped {', '.join(notes)}" if notes else ""
+
+
 def load_path(path: str | os.PathLike, max_bytes: int | None = None) -> Corpus:
     p = Path(path).expanduser()
     if not p.exists():
         raise DataError(f"data path {str(path)!r} does not exist")
     if p.is_file():
-        whole = p.read_bytes()
-        data = whole if max_bytes is None else _utf8_prefix(whole, max_bytes)
+        data, cut_short = _read_prefix(p, max_bytes)
         if not data.strip():
-            if whole.strip():
+            if cut_short:
                 raise DataError(f"the first {max_bytes} bytes of data file {str(path)!r} hold no text "
                                 "(raise --max-data-bytes)")
             raise DataError(f"data file {str(path)!r} is empty")
-        if not _is_utf8(data):
-            raise DataError(f"data file {str(path)!r} is not UTF-8 text")
+        if not _is_text(data):
+            what = "binary (it holds NUL bytes)" if b"\0" in data else "not UTF-8 text"
+            raise DataError(f"data file {str(path)!r} is {what}")
         cut = len(data) - max(1, len(data) // 10)
         return Corpus(str(path), _as_array(data[:cut]), _as_array(data[cut:]),
                       f"{p}: {cut:,} train / {len(data) - cut:,} validation bytes (last 10%)")
     if not p.is_dir():
         raise DataError(f"data path {str(path)!r} is neither a file nor a folder")
-    files = []
+    files, no_suffix = [], 0
     for f in p.rglob("*"):
-        rel = f.relative_to(p).parts
-        if any(part.startswith(".") for part in rel) or f.suffix.lower() not in TEXT_SUFFIXES:
+        if any(part.startswith(".") for part in f.relative_to(p).parts) or not f.is_file():
             continue
-        if f.is_file() and _is_utf8(f.read_bytes()):
+        if f.suffix.lower() in TEXT_SUFFIXES:
             files.append(f)
-    if not files:
+        else:
+            no_suffix += 1
+    train, val, used, not_text = _split_files(p, files, max_bytes)
+    skipped = _skipped_note(not_text, no_suffix)
+    if not used:
         raise DataError(f"data folder {str(path)!r} holds no UTF-8 text files "
-                        f"({', '.join(sorted(TEXT_SUFFIXES)[:6])}, ...)")
-    train, val, used = _split_files(p, files, max_bytes)
+                        f"({', '.join(sorted(TEXT_SUFFIXES)[:6])}, ...{skipped})")
     if not (train + val).strip():
         raise DataError(f"data folder {str(path)!r} holds only empty text files")
     how = "by file"
@@ -211,8 +250,8 @@ def load_path(path: str | os.PathLike, max_bytes: int | None = None) -> Corpus:
         cut = len(data) - max(1, len(data) // 10)
         train, val, how = data[:cut], data[cut:], "last 10% of the concatenation"
     return Corpus(str(path), _as_array(train), _as_array(val),
-                  f"{p} ({used} text files): {len(train):,} train / {len(val):,} validation bytes "
-                  f"(split {how})")
+                  f"{p} ({used} text files{skipped}): {len(train):,} train / {len(val):,} validation "
+                  f"bytes (split {how})")
 
 
 def load_corpus(spec: str, seed: int = 0, max_bytes: int | None = None, arith_digits: int = 4) -> Corpus:

@@ -58,8 +58,8 @@ def plot_runs(runs: Sequence[dict], title: str = "") -> bytes:
             pad = 0.05 * (ymax - ymin + 1e-9)
             ax.set_ylim(ymin - pad, ymax + pad)
     axes[0].legend(fontsize=8)
-    axes[0].set_title("loss vs step")
-    axes[1].set_title("loss vs wall time")
+    axes[0].set_title("bits per byte vs step")
+    axes[1].set_title("bits per byte vs training time")
     if title:
         fig.suptitle(title, fontsize=10)
     buf = io.BytesIO()

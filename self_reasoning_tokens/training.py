@@ -41,6 +41,9 @@ __all__ = [
     "DistInfo",
     "Trainer",
     "validate_config",
+    "lr_at",
+    "schedule_notes",
+    "check_model_state",
     "position_losses",
     "save_checkpoint",
     "load_checkpoint",
@@ -171,6 +174,32 @@ def validate_config(cfg: RunConfig, world_size: int = 1) -> None:
                               "rebuild it with nvcc available")
     elif cfg.dtype == "float16":
         raise ConfigError("--dtype float16 needs --device cuda; use --dtype bfloat16 on CPU")
+
+
+def lr_at(cfg: RunConfig, step: int) -> float:
+    """The learning rate of step ``step`` (0-based): linear warmup over cfg.warmup steps, then
+    cosine decay to min_lr_ratio * lr at the last step, cfg.steps."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    span = max(1, cfg.steps - cfg.warmup)
+    progress = min(1.0, (step - cfg.warmup) / span)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def schedule_notes(cfg: RunConfig, resumed_from: Optional[RunConfig] = None, step: int = 0) -> list:
+    """What a user may not expect of the learning-rate schedule: a warmup as long as the run
+    (the rate never reaches --lr, nor decays), or, on resuming with another --steps, the cosine
+    decay recomputed for the new length (so the rate jumps)."""
+    notes = []
+    if cfg.warmup >= cfg.steps:
+        notes.append(f"--warmup {cfg.warmup} >= --steps {cfg.steps}: the learning rate only warms up, "
+                     f"to {lr_at(cfg, cfg.steps - 1):.3g} at the last step (--lr {cfg.lr:g}), and never "
+                     "decays; a shorter --warmup gives the run its full schedule")
+    if resumed_from is not None and resumed_from.steps != cfg.steps and step < cfg.steps:
+        notes.append(f"--steps {resumed_from.steps} -> {cfg.steps}: the cosine learning-rate schedule is "
+                     f"recomputed for {cfg.steps} steps, so the rate at step {step} is "
+                     f"{lr_at(cfg, step):.3g} (it was {lr_at(resumed_from, step):.3g})")
+    return notes
 
 
 # ------------------------------------------------------------------------------------------
@@ -309,6 +338,28 @@ def build_model(cfg: RunConfig, num_tokens: int) -> Transformer:
                        stop_grad_next_tokens_to_reason=not cfg.hard_mode)
 
 
+def check_model_state(state: dict, path) -> None:
+    """CheckpointError, naming the first differences, unless the checkpoint's weights are those of
+    the model its own config describes (same names and shapes). The model is built on the meta
+    device: nothing is allocated, so this can run before anything is written."""
+    with torch.device("meta"):
+        model = build_model(state["config"], int(state.get("num_tokens", 256)))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    weights = state["model"]
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} holds no model weights")
+    found = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in weights.items()}
+    problems = [f"{k} has shape {list(found[k]) if found[k] is not None else 'none (not a tensor)'}, "
+                f"its config's model {list(expected[k])}"
+                for k in expected if k in found and found[k] != expected[k]]
+    problems += [f"no {k}" for k in expected if k not in found]
+    problems += [f"unexpected {k}" for k in found if k not in expected]
+    if problems:
+        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise CheckpointError(f"checkpoint {str(path)!r} does not match its own config: "
+                              f"{'; '.join(problems[:3])}{more}")
+
+
 def _rng_state() -> dict:
     np_state = np.random.get_state()
     state = {
@@ -413,13 +464,7 @@ class Trainer:
     # -- pieces of a step
 
     def lr_at(self, step: int) -> float:
-        """Linear warmup, then cosine decay to min_lr_ratio * lr at the last step."""
-        cfg = self.cfg
-        if step < cfg.warmup:
-            return cfg.lr * (step + 1) / cfg.warmup
-        span = max(1, cfg.steps - cfg.warmup)
-        progress = min(1.0, (step - cfg.warmup) / span)
-        return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        return lr_at(self.cfg, step)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,

@@ -402,3 +402,160 @@ def test_bad_generate_options(trained):
     assert_user_error(srt("generate", "--checkpoint", ckpt, "--prompt", ""), "--prompt")
     assert_user_error(srt("generate", "--checkpoint", ckpt, "--prompt", "x", "--temperature", -1), "--temperature")
     assert_user_error(srt("generate", "--checkpoint", ckpt, "--prompt", "x", "--top-k", 0), "--top-k")
+
+
+# ------------------------------------------------------------------------------------------
+# found by a user trial: where the output goes, resuming from elsewhere, signals, odd prompts
+
+
+def test_an_out_that_cannot_be_a_writable_folder_is_refused_before_training(tmp_path, text_data):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    for command in ("train", "compare"):
+        assert_user_error(srt(command, "--out", a_file, "--data", text_data, *TINY), "exists and is not a folder")
+        assert_user_error(srt(command, "--out", a_file / "sub", "--data", text_data, *TINY),
+                          "which is not a folder")
+    assert a_file.read_text() == "mine"
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs /proc, a folder nobody can create files in")
+    for command in ("train", "compare"):  # used to train every step, then fail at the first save
+        proc = srt(command, "--out", "/proc", "--data", text_data, "--steps", 10_000, *TINY)
+        assert_user_error(proc, "cannot write to --out /proc")
+        assert "step" not in proc.stdout
+
+
+def test_resume_from_another_folder_takes_the_data_from_its_new_path(tmp_path, text_data, monkeypatch):
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir()
+    elsewhere.mkdir()
+    (here / "corpus.txt").write_bytes(text_data.read_bytes())
+    monkeypatch.chdir(here)
+    out = tmp_path / "run"
+    proc = srt("train", "--out", out, "--data", "corpus.txt", "--steps", 2, *TINY)  # a relative path
+    assert proc.returncode == 0, proc.stderr
+    monkeypatch.chdir(elsewhere)
+    assert_user_error(srt("train", "--out", out, "--resume", "--steps", 3, *TINY),
+                      "'corpus.txt'", "pass --data")
+    proc = srt("train", "--out", out, "--resume", "--steps", 3, "--data", here / "corpus.txt", *TINY)
+    assert proc.returncode == 0 and "resuming" in proc.stdout, proc.stderr
+    assert json.loads((out / "metrics.json").read_text())["step"] == 3
+    (elsewhere / "other.txt").write_text("other text " * 500)  # another path, other content: refused
+    assert_user_error(srt("train", "--out", out, "--resume", "--steps", 4, "--data", "other.txt", *TINY),
+                      "differs from the data")
+
+
+def test_the_schedule_is_explained_when_it_is_not_what_the_options_suggest(tmp_path, trained, text_data):
+    from self_reasoning_tokens.training import RunConfig, lr_at, schedule_notes
+
+    proc = srt("train", "--out", tmp_path / "short", "--data", text_data, "--steps", 1, *TINY)  # --warmup 2
+    assert proc.returncode == 0, proc.stderr
+    assert "note: --warmup 2 >= --steps 1: the learning rate only warms up" in proc.stdout
+    # resuming a run of 8 steps for 12: the cosine decay is stretched, so the rate jumps
+    ckpt = tmp_path / "copy.pt"
+    ckpt.write_bytes((trained / "checkpoint.pt").read_bytes())
+    proc = srt("train", "--resume", ckpt, "--out", tmp_path / "longer", "--steps", 12, "--data", text_data,
+               *TINY)
+    assert proc.returncode == 0, proc.stderr
+    cfg = RunConfig(steps=8, warmup=2)
+    new, old = lr_at(RunConfig(steps=12, warmup=2), 8), lr_at(cfg, 8)
+    assert new > 2 * old  # the last step of the 8 had the floor rate; step 8 of 12 is well above it
+    assert f"note: --steps 8 -> 12: the cosine learning-rate schedule is recomputed for 12 steps, so the " \
+           f"rate at step 8 is {new:.3g} (it was {old:.3g})" in proc.stdout
+    assert schedule_notes(RunConfig(steps=300, warmup=20)) == []
+
+
+def test_sigterm_ends_train_as_an_interrupt_does(tmp_path, text_data):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "self_reasoning_tokens", "train", "--out", str(out),
+                             "--data", str(text_data), "--steps", "100000", "--save-every", "1", *TINY],
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # somewhere in the next steps, maybe inside a checkpoint write
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, (proc.returncode, stderr)
+    assert "Traceback" not in stderr and "srt train: terminated (SIGTERM); the last checkpoint" in stderr
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.json"]  # no temporary file left
+    from self_reasoning_tokens.training import load_checkpoint
+    assert load_checkpoint(out / "checkpoint.pt")["step"] >= 1
+
+
+def test_resume_and_overwrite_together_are_refused(trained):
+    assert_user_error(srt("train", "--out", trained, "--resume", "--overwrite"), "--resume", "--overwrite")
+
+
+def test_interrupting_an_overwriting_run_before_its_first_save_names_the_old_checkpoint(
+        monkeypatch, tmp_path, trained, text_data):
+    from self_reasoning_tokens import training
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes((trained / "checkpoint.pt").read_bytes())
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.Trainer, "run", interrupted)
+    proc = srt("train", "--out", out, "--overwrite", "--data", text_data, "--steps", 3, *TINY)
+    assert proc.returncode == 130
+    assert (f"this run saved no checkpoint yet; {out / 'checkpoint.pt'} (step 8) is still the earlier "
+            "run's") in proc.stderr, proc.stderr
+    assert "--resume` continues" not in proc.stderr
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_named(tmp_path, trained, text_data):
+    import torch
+
+    state = torch.load(trained / "checkpoint.pt", weights_only=True)
+    state["model"]["pos_emb.weight"] = torch.zeros(3, 5)
+    del state["model"]["norm.weight"]
+    bad = tmp_path / "bad.pt"
+    torch.save(state, bad)
+    out = tmp_path / "resumed"
+    assert_user_error(srt("train", "--out", out, "--resume", bad, "--data", text_data, *TINY),
+                      "pos_emb.weight has shape [3, 5]", "no norm.weight")
+    assert not out.exists()
+    assert_user_error(srt("generate", "--checkpoint", bad, "--prompt", "x"), "pos_emb.weight has shape [3, 5]")
+
+
+def test_generate_takes_the_prompt_bytes_the_shell_passed(trained):
+    # a byte that is not UTF-8 reaches Python as a surrogate (surrogateescape); it used to fail to encode
+    proc = srt("generate", "--checkpoint", trained / "checkpoint.pt", "--prompt", "\udcff ok",
+               "--max-new-tokens", 3, "--temperature", 0)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("\ufffd ok")
+
+
+def test_generate_into_a_pipe_closed_early_exits_quietly(trained):
+    proc = subprocess.Popen([sys.executable, "-m", "self_reasoning_tokens", "generate", "--checkpoint",
+                             str(trained / "checkpoint.pt"), "--prompt", "def", "--max-new-tokens", "100000"],
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout.read(20)[:3] == b"def"
+    proc.stdout.close()  # as `| head -c 20` does
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and stderr == "", stderr
+
+
+def test_seeds_are_checked_against_what_torch_takes(tmp_path):
+    from self_reasoning_tokens.cli import build_parser
+
+    assert build_parser().parse_args(["train", "--seed", str(2**64 - 1)]).seed == 2**64 - 1
+    for command in (["train", "--out", tmp_path / "o"], ["generate", "--checkpoint", "x", "--prompt", "x"]):
+        proc = srt(*command, "--seed", 2**64)
+        assert proc.returncode == 2 and "2**64 - 1" in proc.stderr, proc.stderr
+
+
+def test_generate_with_no_room_says_so_before_printing(tmp_path, text_data):
+    out = tmp_path / "one"
+    proc = srt("train", "--out", out, "--data", text_data, "--steps", 1, *TINY, "--seq-len", 1)
+    assert proc.returncode == 0, proc.stderr
+    proc = srt("generate", "--checkpoint", out / "checkpoint.pt", "--prompt", "de")
+    assert_user_error(proc, "max_seq_len 1 leaves no room")
+    assert proc.stdout == ""

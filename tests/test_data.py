@@ -25,8 +25,21 @@ def test_stdlib_corpus_is_deterministic_and_split_by_file(stdlib):
 
 def test_stdlib_cap_reads_a_deterministic_prefix(stdlib):
     capped = D.load_stdlib(max_bytes=200_000)
-    assert 200_000 - 3 <= len(capped.train) + len(capped.val) <= 200_000  # cut at a character boundary
+    # each split's share of the cap, cut at a character boundary
+    assert 190_000 - 3 <= len(capped.train) <= 190_000 and 10_000 - 3 <= len(capped.val) <= 10_000
     assert capped.fingerprint() == D.load_stdlib(max_bytes=200_000).fingerprint()
+    # a prefix of the uncapped splits, file by file in the same order
+    assert bytes(capped.train) == bytes(stdlib.train[:len(capped.train)])
+    assert bytes(capped.val) == bytes(stdlib.val[:len(capped.val)])
+
+
+@pytest.mark.parametrize("cap", [5_000, 20_000])
+def test_a_small_cap_still_gives_validation_its_share(cap):
+    # Taking files in order until the cap used to leave validation whatever the first few files
+    # hashed into: 97 bytes at 20,000 and 50,000, none at 5,000.
+    corpus = D.load_stdlib(max_bytes=cap)
+    assert len(corpus.val) == cap * D.VAL_PERCENT // 100
+    assert len(corpus.train) == cap - len(corpus.val)
 
 
 def test_byte_caps_cut_at_utf8_character_boundaries(tmp_path):
@@ -42,11 +55,11 @@ def test_byte_caps_cut_at_utf8_character_boundaries(tmp_path):
     folder = tmp_path / "folder"
     folder.mkdir()
     for i in range(6):
-        (folder / f"f{i}.txt").write_text(f"{i}€" * 100)  # 1 + 3 bytes a repeat, 400 a file
-    corpus = D.load_path(folder, max_bytes=1002)  # files f0, f1 whole, then f2 cut inside a '€'
-    data = sorted(bytes(corpus.train) + bytes(corpus.val))
-    whole = sorted(b"".join((folder / f"f{i}.txt").read_bytes() for i in range(2)) + ("2€" * 50 + "2").encode())
-    assert data == whole  # the split by file reorders files, not their bytes
+        (folder / f"g{i}.txt").write_text(f"{i}€" * 100)  # 1 + 3 bytes a repeat, 400 a file
+    assert not any(D._in_val(f"g{i}.txt") for i in range(6))  # so the training share takes them all
+    corpus = D.load_path(folder, max_bytes=1054)  # training's 95%, 1002 bytes: g0, g1, then g2 cut inside a '€'
+    data = bytes(corpus.train) + bytes(corpus.val)  # no validation file: the bytes are split
+    assert data == b"".join((folder / f"g{i}.txt").read_bytes() for i in range(2)) + ("2€" * 50 + "2").encode()
 
 
 def test_arithmetic_digit_limit():
@@ -75,6 +88,8 @@ def test_folder_split_keeps_each_file_whole_and_ignores_order(tmp_path):
     (tmp_path / ".hidden").mkdir()
     (tmp_path / ".hidden" / "secret.txt").write_text("HIDDEN\n")       # hidden folder skipped
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))  # not UTF-8: skipped
+    (tmp_path / "zeros.txt").write_bytes(bytes(64))                    # NUL bytes: binary, skipped
+    (tmp_path / "Makefile").write_text("all:\n")                       # no text suffix: skipped
 
     corpus = D.load_path(tmp_path)
     train, val = bytes(corpus.train), bytes(corpus.val)
@@ -83,8 +98,42 @@ def test_folder_split_keeps_each_file_whole_and_ignores_order(tmp_path):
         in_train, in_val = text in train, text in val
         assert in_train != in_val, rel
         assert in_val == D._in_val(rel)
-    assert b"HIDDEN" not in train + val and b"caf" not in train + val
+    assert b"HIDDEN" not in train + val and b"caf" not in train + val and b"\0" not in train + val
     assert len(train) + len(val) == sum(map(len, contents.values()))
+    # what was left out is said, not silently dropped
+    assert "(60 text files; skipped 2 not UTF-8 text, 2 without a text suffix)" in corpus.description
+
+
+def test_a_capped_file_or_folder_is_read_only_as_far_as_the_cap(tmp_path, monkeypatch):
+    big = tmp_path / "big.txt"
+    big.write_text("word " * 200_000)  # 1 MB
+    reads = []  # the sizes asked of every binary read
+    real_open = open
+
+    class CountingFile:
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, n=-1):
+            reads.append(n)
+            return self.f.read(n)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def counting_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return CountingFile(f) if "b" in mode else f
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    corpus = D.load_path(big, max_bytes=1000)
+    assert len(corpus.train) + len(corpus.val) == 1000 and reads == [1001]
+    reads.clear()
+    corpus = D.load_path(tmp_path, max_bytes=1000)
+    assert len(corpus.train) + len(corpus.val) == 950 and reads == [951]
 
 
 def test_single_file_last_tenth_is_validation(tmp_path):
@@ -96,7 +145,8 @@ def test_single_file_last_tenth_is_validation(tmp_path):
     assert len(corpus.val) == len(raw) // 10
 
 
-@pytest.mark.parametrize("case", ["missing", "empty_file", "blank_file", "empty_folder", "binary_only", "not_utf8"])
+@pytest.mark.parametrize("case", ["missing", "empty_file", "blank_file", "empty_folder", "binary_only", "not_utf8",
+                                  "nul_bytes"])
 def test_bad_paths_raise_data_error(tmp_path, case):
     if case == "missing":
         path = tmp_path / "nope"
@@ -110,10 +160,14 @@ def test_bad_paths_raise_data_error(tmp_path, case):
         path = tmp_path / "folder"
         path.mkdir()
         (path / "x.bin").write_bytes(b"\x00\x01")
+    elif case == "nul_bytes":
+        path = tmp_path / "zeros.txt"
+        path.write_bytes(bytes(1000))
     else:
         path = tmp_path / "x.txt"
         path.write_bytes(b"\xff\xfe\xfa abc")
-    with pytest.raises(D.DataError):
+    message = {"nul_bytes": "binary", "not_utf8": "not UTF-8"}.get(case)
+    with pytest.raises(D.DataError, match=message):
         D.load_corpus(str(path))
 
 
