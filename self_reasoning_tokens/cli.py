@@ -165,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results of an earlier compare in --out (its results.json, "
                    "loss_curves.png and checkpoints are deleted first); without it such a folder is refused")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted compare in --out, given the same options: its finished "
+                   "runs are kept and the run it was cut short in continues from its last checkpoint")
+    p.add_argument("--save-every", type=_positive_int, default=100,
+                   help="checkpoint the run in progress every N steps (default 100), and at its end")
     _add_run_options(p, d)
     p.set_defaults(func=cmd_compare)
 
@@ -403,6 +408,60 @@ def _run_name(cfg) -> tuple[str, str]:
             f"reasoning-R{cfg.num_reason_tokens}{'-hard' if cfg.hard_mode else ''}")
 
 
+def _differences(saved: dict, now: dict) -> str:
+    keys = [k for k in now if saved.get(k) != now[k]]
+    return ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} (now {now[k]})" for k in keys[:3]) + \
+        (", ..." if len(keys) > 3 else "")
+
+
+def _resume_plan(out: Path, configs: list, corpus) -> list:
+    """compare --resume: per run, ("done", its record in results.json), ("continue", the state of
+    the checkpoint it was cut short at) or None (not started). Refuses anything that was run with
+    other options or on other data, so that a resumed compare is the one an uninterrupted run gives."""
+    from .training import CheckpointError, check_model_state, load_checkpoint
+
+    results = out / "results.json"
+    try:
+        earlier = json.loads(results.read_text())
+        records = {run["name"]: run for run in earlier.get("runs", [])}
+    except FileNotFoundError:
+        records = {}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise UserError(f"--resume: {results} is unreadable ({type(e).__name__}); pass --overwrite to "
+                        "start over") from None
+    names = [_run_name(cfg)[0] for cfg in configs]
+    others = [name for name in records if name not in names]
+    if others:
+        raise UserError(f"--resume: {results} holds runs this compare does not ({', '.join(others)}); "
+                        "pass the same --num-reason-tokens and --hard-mode, or --overwrite to start over")
+    plan = []
+    for cfg, name in zip(configs, names):
+        ckpt = out / f"{_run_name(cfg)[1]}.pt"
+        want = json.loads(json.dumps(asdict(cfg)))
+        record = records.get(name)
+        if record is not None and record.get("config") != want:
+            raise UserError(f"--resume: {name} in {results} ran with other options "
+                            f"({_differences(record.get('config') or {}, want)}); pass the same "
+                            "options, or --overwrite to start over")
+        if not ckpt.is_file():
+            if record is not None:
+                raise UserError(f"--resume: the checkpoint of the finished run {name}, {ckpt}, is missing; "
+                                "pass --overwrite to start over")
+            plan.append(None)
+            continue
+        state = load_checkpoint(ckpt)
+        check_model_state(state, ckpt)
+        saved = json.loads(json.dumps(asdict(state["config"])))
+        if saved != want:
+            raise UserError(f"--resume: {ckpt} ran with other options ({_differences(saved, want)}); pass "
+                            "the same options, or --overwrite to start over")
+        if state["data_fingerprint"] != corpus.fingerprint():
+            raise CheckpointError(f"--resume: the data ({corpus.name}) differs from the data {ckpt} was "
+                                  "trained on")
+        plan.append(("done", record) if record is not None else ("continue", state))
+    return plan
+
+
 def format_table(runs: list) -> str:
     header = ("run", "R", "W", "mode", "positions/seq", "val bpb", "val bpb @real tok", "train bpb",
               "train s", "wall s", "ms/step")
@@ -434,18 +493,21 @@ def cmd_compare(args) -> int:
     info = DistInfo.from_env()
     out = Path(args.out)
     _check_out_path(out)
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues the compare in --out and --overwrite starts over: pass one of them")
     base = RunConfig(**_given(args))
     counts = [0] + [R for i, R in enumerate(args.num_reason_tokens) if R and R not in args.num_reason_tokens[:i]]
     configs = [replace(base, num_reason_tokens=R) for R in counts]
     for cfg in configs:
         validate_config(cfg, info.world_size)
     corpus = _load_data(base)
-    earlier = _earlier_compare_files(out, [_run_name(c)[1] for c in configs])
+    plan = _resume_plan(out, configs, corpus) if args.resume else [None] * len(configs)
+    earlier = [] if args.resume else _earlier_compare_files(out, [_run_name(c)[1] for c in configs])
     if earlier and not args.overwrite:
         raise UserError(f"--out {out} already holds results of an earlier compare "
                         f"({len(earlier)} file{'s' * (len(earlier) > 1)}: {', '.join(p.name for p in earlier[:3])}"
                         f"{', ...' if len(earlier) > 3 else ''}); "
-                        "pass --overwrite to replace them, or choose another --out")
+                        "pass --resume to continue them, --overwrite to replace them, or choose another --out")
     # Everything is checked: from here on we write.
     if info.is_main:
         _make_out_folder(out)
@@ -474,10 +536,19 @@ def cmd_compare(args) -> int:
     }
     info.init(base.device)
     try:
-        for cfg in configs:
+        for cfg, resumed in zip(configs, plan):
             name, slug = _run_name(cfg)
-            trainer = Trainer(cfg, corpus, info, name=name)
-            result = trainer.run(progress=not args.no_progress, checkpoint=out / f"{slug}.pt")
+            if resumed is not None and resumed[0] == "done":
+                summary["runs"].append(resumed[1])
+                _say(info, f"{name}: kept from the earlier compare (step {resumed[1]['steps']}, validation "
+                           f"{resumed[1]['val_bpb']:.4f} bits/byte)")
+                continue
+            state = resumed[1] if resumed is not None else None
+            if state is not None:
+                _say(info, f"{name}: resuming {out / f'{slug}.pt'} at step {state['step']}")
+            trainer = Trainer(cfg, corpus, info, state=state, name=name)
+            result = trainer.run(progress=not args.no_progress, save_every=args.save_every,
+                                 checkpoint=out / f"{slug}.pt")
             record = result.to_json()
             record["checkpoint"] = str(out / f"{slug}.pt")
             summary["runs"].append(record)
@@ -663,8 +734,11 @@ def _interrupted_note(args) -> str:
         return (f"the last checkpoint, {ckpt}{at}, is intact; `srt train --out {shlex.quote(str(out))} "
                 "--resume` continues from it")
     if args.command == "compare":
+        again = shlex.join(["srt", *(a for a in args.argv if a != "--overwrite")]
+                           + ([] if args.resume else ["--resume"]))
         return (f"the runs finished so far are in {Path(args.out) / 'results.json'} (if any) with their "
-                "checkpoints; nothing else was changed")
+                f"checkpoints, the run in progress in its checkpoint (every --save-every steps); `{again}` "
+                "continues")
     return "the text generated so far is above; no file was written"
 
 

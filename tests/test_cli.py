@@ -559,3 +559,43 @@ def test_generate_with_no_room_says_so_before_printing(tmp_path, text_data):
     proc = srt("generate", "--checkpoint", out / "checkpoint.pt", "--prompt", "de")
     assert_user_error(proc, "max_seq_len 1 leaves no room")
     assert proc.stdout == ""
+
+
+def test_an_interrupted_compare_resumes_to_the_uninterrupted_results(monkeypatch, tmp_path, text_data):
+    from self_reasoning_tokens import training
+
+    options = ["--data", text_data, "--steps", 6, "--num-reason-tokens", 1, "--save-every", 2, *TINY]
+    straight = srt("compare", "--out", tmp_path / "straight", *options)
+    assert straight.returncode == 0, straight.stderr
+
+    out = tmp_path / "cut"
+    real = training.Trainer.train_step
+
+    def cut_in_the_second_run(self):
+        if self.name == "reasoning R=1" and self.step == 5:  # its step-4 checkpoint is on disk
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(training.Trainer, "train_step", cut_in_the_second_run)
+    cut = srt("compare", "--out", out, *options)
+    assert cut.returncode == 130
+    assert "--resume` continues" in cut.stderr and "--save-every 2" in cut.stderr, cut.stderr
+    monkeypatch.setattr(training.Trainer, "train_step", real)
+    assert_user_error(srt("compare", "--out", out, *options), "--resume")  # not without saying so
+    assert_user_error(srt("compare", "--out", out, *options, "--resume", "--overwrite"), "one of them")
+    changed = [*options[:-len(TINY)], *TINY[:-1], "--lr", "0.01", "--no-progress"]
+    assert_user_error(srt("compare", "--out", out, *changed, "--resume"), "--lr 0.003 (now 0.01)")
+
+    resumed = srt("compare", "--out", out, *options, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "baseline: kept from the earlier compare" in resumed.stdout
+    assert f"reasoning R=1: resuming {out / 'reasoning-R1.pt'} at step 4" in resumed.stdout
+    a = json.loads((out / "results.json").read_text())
+    b = json.loads((tmp_path / "straight" / "results.json").read_text())
+    assert a["complete"] is True
+    for x, y in zip(a["runs"], b["runs"], strict=True):
+        assert x["name"] == y["name"] and x["val_bpb"] == y["val_bpb"]
+        assert [(h["step"], h["loss"]) for h in x["history"]] == [(h["step"], h["loss"]) for h in y["history"]]
+    # resuming a complete compare keeps every run
+    again = srt("compare", "--out", out, *options, "--resume")
+    assert again.returncode == 0 and again.stdout.count("kept from the earlier compare") == 2, again.stderr
