@@ -239,13 +239,14 @@ def _check_out_path(out: Path) -> None:
 def _make_out_folder(out: Path) -> None:
     """Create --out and write (then remove) a file in it, so that a folder we cannot write to is
     found before training, not at the first checkpoint, steps or hours later."""
+    probe = out / f".srt-write-check-{os.getpid()}"
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".srt-write-check-{os.getpid()}"
         probe.write_bytes(b"")
-        probe.unlink()
     except OSError as e:
         raise UserError(f"cannot write to --out {out}: {e.strerror or e}") from None
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -276,14 +277,12 @@ def cmd_train(args) -> int:
     _check_out_path(out)
     if args.resume is True and args.overwrite:
         raise UserError(f"--resume continues {ckpt} and --overwrite starts over: pass one of them")
-    args.ckpt_is_this_runs = False  # for the interrupt note: until this run saves, ckpt is an earlier run's
     state = None
     if args.resume is not None:
         source = Path(args.resume) if explicit_ckpt else ckpt
         if source.exists() or explicit_ckpt:
             state = load_checkpoint(source)  # CheckpointError if missing or corrupt
             check_model_state(state, source)
-            args.ckpt_is_this_runs = ckpt.exists() and source.resolve() == ckpt.resolve()
             if ckpt.exists() and source.resolve() != ckpt.resolve() and not args.overwrite:
                 raise UserError(f"{ckpt} already exists and is not the checkpoint being resumed; "
                                 "choose another --out or pass --overwrite")
@@ -327,12 +326,17 @@ def cmd_train(args) -> int:
     if state is not None:
         if state["data_fingerprint"] != corpus.fingerprint():
             raise CheckpointError(f"the data ({cfg.data}) differs from the data the checkpoint was "
-                                  "trained on; resuming would not continue the same run")
+                                  f"trained on; resuming would not continue the same run{_cap_note(cfg)}")
         if state["step"] >= cfg.steps:
             _say(info, f"the checkpoint is already at step {state['step']} of --steps {cfg.steps}: "
                  "nothing to do (a larger --steps trains on; the cosine learning-rate schedule is then "
                  "recomputed for the new --steps, so the rate rises again)")
             return 0
+    # for the interrupt note: a checkpoint in --out that this run does not continue is an earlier run's
+    # until this run's first save replaces it (os.replace: a new file)
+    if ckpt.exists() and not (state is not None and Path(args.resume if explicit_ckpt else ckpt).resolve()
+                              == ckpt.resolve()):
+        args.earlier_checkpoint = _file_identity(ckpt)
     # Everything is checked: from here on we write.
     name = _run_name(cfg)[0]
     if info.is_main:
@@ -345,7 +349,6 @@ def cmd_train(args) -> int:
             _say(info, f"note: {note}")
 
     def write_metrics(trainer) -> None:
-        args.ckpt_is_this_runs = True
         atomic_write_text(out / "metrics.json", json.dumps({
             "name": trainer.name, "config": asdict(trainer.cfg), "step": trainer.step,
             "train_time_s": trainer.train_time, "history": trainer.history, "evals": trainer.evals,
@@ -408,6 +411,20 @@ def _run_name(cfg) -> tuple[str, str]:
             f"reasoning-R{cfg.num_reason_tokens}{'-hard' if cfg.hard_mode else ''}")
 
 
+def _cap_note(cfg) -> str:
+    if cfg.max_data_bytes is None or cfg.data == "arithmetic":
+        return ""
+    return (" (or it was written before 2026-11-30, when --max-data-bytes began to give validation "
+            "its 5% share of the cap: such checkpoints saw another split of the same files)")
+
+
+def _same_data_path_ok(saved: dict, now: dict) -> dict:
+    """``saved`` with ``now``'s data when both name a path: another path to the same data is
+    allowed on resuming (its content is compared through the fingerprint)."""
+    paths = not {saved.get("data"), now.get("data")} & {"stdlib", "arithmetic"}
+    return {**saved, "data": now.get("data")} if paths else saved
+
+
 def _differences(saved: dict, now: dict) -> str:
     keys = [k for k in now if saved.get(k) != now[k]]
     return ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} (now {now[k]})" for k in keys[:3]) + \
@@ -439,7 +456,7 @@ def _resume_plan(out: Path, configs: list, corpus) -> list:
         ckpt = out / f"{_run_name(cfg)[1]}.pt"
         want = json.loads(json.dumps(asdict(cfg)))
         record = records.get(name)
-        if record is not None and record.get("config") != want:
+        if record is not None and _same_data_path_ok(record.get("config") or {}, want) != want:
             raise UserError(f"--resume: {name} in {results} ran with other options "
                             f"({_differences(record.get('config') or {}, want)}); pass the same "
                             "options, or --overwrite to start over")
@@ -451,13 +468,13 @@ def _resume_plan(out: Path, configs: list, corpus) -> list:
             continue
         state = load_checkpoint(ckpt)
         check_model_state(state, ckpt)
-        saved = json.loads(json.dumps(asdict(state["config"])))
+        saved = _same_data_path_ok(json.loads(json.dumps(asdict(state["config"]))), want)
         if saved != want:
             raise UserError(f"--resume: {ckpt} ran with other options ({_differences(saved, want)}); pass "
                             "the same options, or --overwrite to start over")
         if state["data_fingerprint"] != corpus.fingerprint():
             raise CheckpointError(f"--resume: the data ({corpus.name}) differs from the data {ckpt} was "
-                                  "trained on")
+                                  f"trained on{_cap_note(cfg)}")
         plan.append(("done", record) if record is not None else ("continue", state))
     return plan
 
@@ -692,18 +709,28 @@ class _Terminated(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
+    """Within it, SIGTERM raises _Terminated. Not under torchrun: a Python handler runs only when
+    the interpreter gets control back, and a rank blocked in a collective (as the others are when
+    one rank fails and torchrun stops the rest with SIGTERM) would then wait for torchrun's SIGKILL.
+    Nor where SIGTERM is ignored (the parent's choice), nor outside the main thread."""
     def raise_terminated(signum, frame):
         raise _Terminated()
 
     try:
-        previous = signal.signal(signal.SIGTERM, raise_terminated)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
+        single = int(os.environ.get("WORLD_SIZE", "1")) <= 1
+    except ValueError:
+        single = False
+    previous = None
+    if single and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
+        try:
+            previous = signal.signal(signal.SIGTERM, raise_terminated)
+        except ValueError:  # not the main thread
+            pass
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:  # None: none installed, or the previous one was not set from Python
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _prints_for_the_job() -> bool:
@@ -713,6 +740,14 @@ def _prints_for_the_job() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _file_identity(path: Path):
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 def _interrupted_note(args) -> str:
     """What an interrupted command leaves behind (its files are written atomically)."""
     if args.command == "train":
@@ -720,7 +755,7 @@ def _interrupted_note(args) -> str:
         ckpt = out / "checkpoint.pt"
         if not ckpt.is_file():
             return f"no checkpoint was written to {out} yet"
-        earlier = getattr(args, "ckpt_is_this_runs", True) is False
+        earlier = _file_identity(ckpt) == getattr(args, "earlier_checkpoint", None)
         try:  # the step it holds (loaded onto the CPU)
             from .training import load_checkpoint
 
@@ -734,7 +769,8 @@ def _interrupted_note(args) -> str:
         return (f"the last checkpoint, {ckpt}{at}, is intact; `srt train --out {shlex.quote(str(out))} "
                 "--resume` continues from it")
     if args.command == "compare":
-        again = shlex.join(["srt", *(a for a in args.argv if a != "--overwrite")]
+        overwrite = lambda a: len(a) > 3 and "--overwrite".startswith(a)  # noqa: E731 (argparse takes --ov)
+        again = shlex.join(["srt", *(a for a in args.argv if not overwrite(a))]
                            + ([] if args.resume else ["--resume"]))
         return (f"the runs finished so far are in {Path(args.out) / 'results.json'} (if any) with their "
                 f"checkpoints, the run in progress in its checkpoint (every --save-every steps); `{again}` "

@@ -13,8 +13,9 @@ cross-entropy in nats divided by ln 2 is directly *bits per byte*):
   (text-like extensions, hidden folders skipped, files that are not UTF-8 or hold NUL bytes
   skipped and counted in the description, split by file like ``stdlib``).
 
-A byte cap (``--max-data-bytes``) reads no more than it needs; for ``stdlib`` and folders it gives
-validation its VAL_PERCENT share of the cap, filled from the validation files, and training the rest.
+A byte cap (``--max-data-bytes``) reads no more than it needs (a byte past it, to cut at a character
+boundary); for ``stdlib`` and folders validation takes its VAL_PERCENT share of the cap from the
+validation files and training the rest (a split with no file leaves the other the whole cap).
 
 Batches are random windows of ``seq_len + 1`` bytes. The windows of step ``s`` come from a
 generator seeded with ``(seed, s)``, so the sampler's whole state is the step number: a resumed
@@ -97,34 +98,40 @@ def _in_val(rel: str) -> bool:
     return int(hashlib.md5(rel.encode("utf-8")).hexdigest()[:8], 16) % 100 < VAL_PERCENT
 
 
-def _split_files(root: Path, files: list[Path], max_bytes: int | None) -> tuple[bytes, bytes, int, int]:
+def _split_files(root: Path, files: list[Path], max_bytes: int | None) -> tuple[bytes, bytes, int, int, int]:
     """Concatenate the text files among ``files`` (sorted by relative path) into train and
-    validation by path hash; returns (train, val, files used, files skipped as not text).
+    validation by path hash; returns (train, val, files with text, text files in all (empty ones
+    too), files skipped as not text).
 
-    ``max_bytes`` caps what is read: VAL_PERCENT of it goes to validation and the rest to training,
-    each filled from its own files in sorted order, the last one cut at a character boundary (so a
-    small cap still leaves a validation split of its share, not whatever the first few files
-    hashed into). A file is read only as far as its split still has room."""
-    parts: dict = {False: [], True: []}
-    room = None if max_bytes is None else {True: max_bytes * VAL_PERCENT // 100}  # bytes left, per split
-    if room is not None:
-        room[False] = max_bytes - room[True]
-    used = skipped = 0
-    for f in sorted(files, key=lambda p: p.relative_to(root).as_posix()):
-        is_val = _in_val(f.relative_to(root).as_posix())
-        if room is not None and room[is_val] <= 0:
-            if room[not is_val] <= 0:
+    ``max_bytes`` caps what is read: validation takes VAL_PERCENT of it from its files (all of it
+    when no file hashes into training), training the rest, each in sorted order, the last file cut
+    at a character boundary; so a small cap still leaves validation its share, not whatever the
+    first few files hashed into. A file is read only as far as its split still has room."""
+    rel = {f: f.relative_to(root).as_posix() for f in files}
+    split = {True: [], False: []}
+    for f in sorted(files, key=rel.get):
+        split[_in_val(rel[f])].append(f)
+    parts: dict = {True: [], False: []}
+    used = texts = skipped = 0
+    room = None
+    for is_val in (True, False):  # validation first: what its share leaves over goes to training
+        if max_bytes is not None:
+            taken = sum(map(len, parts[True]))
+            room = (max_bytes * VAL_PERCENT // 100 if split[False] else max_bytes) if is_val else max_bytes - taken
+        for f in split[is_val]:
+            if room is not None and room <= 0:
                 break
-            continue
-        data, cut_short = _read_prefix(f, None if room is None else room[is_val])
-        if not _is_text(data):
-            skipped += 1
-            continue
-        parts[is_val].append(data)
-        used += 1
-        if room is not None:  # a file cut short fills its split: nothing after it fits
-            room[is_val] = 0 if cut_short else room[is_val] - len(data)
-    return b"".join(parts[False]), b"".join(parts[True]), used, skipped
+            data, cut_short = _read_prefix(f, room)
+            if not _is_text(data):
+                skipped += 1
+                continue
+            texts += 1
+            if data:
+                parts[is_val].append(data)
+                used += 1
+            if room is not None:  # a file cut short fills its split: nothing after it fits
+                room = 0 if cut_short else room - len(data)
+    return b"".join(parts[False]), b"".join(parts[True]), used, texts, skipped
 
 
 def _read_prefix(path: Path, limit: int | None) -> tuple[bytes, bool]:
@@ -158,7 +165,7 @@ def load_stdlib(max_bytes: int | None = None) -> Corpus:
              if p.is_file() and not (_STDLIB_SKIP_DIRS & set(p.relative_to(root).parts[:-1]))]
     if not files:
         raise DataError(f"found no .py files in the Python standard library at {root}")
-    train, val, used, skipped = _split_files(root, files, max_bytes)
+    train, val, used, _, skipped = _split_files(root, files, max_bytes)
     return Corpus("stdlib", _as_array(train), _as_array(val),
                   f"Python {sysconfig.get_python_version()} standard library source ({used} .py files "
                   f"under {root}, tests excluded{_skipped_note(skipped, 0)}): {len(train):,} train / "
@@ -217,7 +224,7 @@ def load_path(path: str | os.PathLike, max_bytes: int | None = None) -> Corpus:
     if p.is_file():
         data, cut_short = _read_prefix(p, max_bytes)
         if not data.strip():
-            if cut_short:
+            if cut_short and p.read_bytes().strip():  # (read whole only on the way to this error)
                 raise DataError(f"the first {max_bytes} bytes of data file {str(path)!r} hold no text "
                                 "(raise --max-data-bytes)")
             raise DataError(f"data file {str(path)!r} is empty")
@@ -237,9 +244,9 @@ def load_path(path: str | os.PathLike, max_bytes: int | None = None) -> Corpus:
             files.append(f)
         else:
             no_suffix += 1
-    train, val, used, not_text = _split_files(p, files, max_bytes)
+    train, val, used, texts, not_text = _split_files(p, files, max_bytes)
     skipped = _skipped_note(not_text, no_suffix)
-    if not used:
+    if not texts:
         raise DataError(f"data folder {str(path)!r} holds no UTF-8 text files "
                         f"({', '.join(sorted(TEXT_SUFFIXES)[:6])}, ...{skipped})")
     if not (train + val).strip():

@@ -508,6 +508,15 @@ def test_interrupting_an_overwriting_run_before_its_first_save_names_the_old_che
             "run's") in proc.stderr, proc.stderr
     assert "--resume` continues" not in proc.stderr
 
+    def interrupted_after_a_save(self, *args, checkpoint=None, **kwargs):
+        self.save(checkpoint)  # step 0 of the new run replaces the earlier run's checkpoint
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.Trainer, "run", interrupted_after_a_save)
+    proc = srt("train", "--out", out, "--overwrite", "--data", text_data, "--steps", 3, *TINY)
+    assert proc.returncode == 130
+    assert f"the last checkpoint, {out / 'checkpoint.pt'} (step 0), is intact" in proc.stderr, proc.stderr
+
 
 def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_named(tmp_path, trained, text_data):
     import torch
@@ -577,16 +586,19 @@ def test_an_interrupted_compare_resumes_to_the_uninterrupted_results(monkeypatch
         return real(self)
 
     monkeypatch.setattr(training.Trainer, "train_step", cut_in_the_second_run)
-    cut = srt("compare", "--out", out, *options)
+    cut = srt("compare", "--out", out, *options, "--overw")  # argparse takes the abbreviation
     assert cut.returncode == 130
     assert "--resume` continues" in cut.stderr and "--save-every 2" in cut.stderr, cut.stderr
+    assert "--overw" not in cut.stderr  # the command given would refuse --resume with --overwrite
     monkeypatch.setattr(training.Trainer, "train_step", real)
     assert_user_error(srt("compare", "--out", out, *options), "--resume")  # not without saying so
     assert_user_error(srt("compare", "--out", out, *options, "--resume", "--overwrite"), "one of them")
     changed = [*options[:-len(TINY)], *TINY[:-1], "--lr", "0.01", "--no-progress"]
     assert_user_error(srt("compare", "--out", out, *changed, "--resume"), "--lr 0.003 (now 0.01)")
 
-    resumed = srt("compare", "--out", out, *options, "--resume")
+    moved = tmp_path / "moved.txt"  # another path to the same data is taken, as train takes it
+    moved.write_bytes(text_data.read_bytes())
+    resumed = srt("compare", "--out", out, *options[:2], "--data", moved, *options[2:], "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "baseline: kept from the earlier compare" in resumed.stdout
     assert f"reasoning R=1: resuming {out / 'reasoning-R1.pt'} at step 4" in resumed.stdout
@@ -599,3 +611,28 @@ def test_an_interrupted_compare_resumes_to_the_uninterrupted_results(monkeypatch
     # resuming a complete compare keeps every run
     again = srt("compare", "--out", out, *options, "--resume")
     assert again.returncode == 0 and again.stdout.count("kept from the earlier compare") == 2, again.stderr
+
+
+def test_sigterm_is_an_interrupt_only_in_a_single_process_that_does_not_ignore_it(monkeypatch):
+    import signal
+
+    from self_reasoning_tokens.cli import _sigterm_as_interrupt, _Terminated
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with _sigterm_as_interrupt():
+        with pytest.raises(_Terminated):
+            signal.raise_signal(signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is before
+    # under torchrun a rank blocked in a collective would never run a Python handler, and torchrun
+    # would SIGKILL it after its grace period: SIGTERM keeps its default there
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with _sigterm_as_interrupt():
+        assert signal.getsignal(signal.SIGTERM) is before
+    monkeypatch.delenv("WORLD_SIZE")
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the parent's choice stands
+    try:
+        with _sigterm_as_interrupt():
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -57,8 +57,8 @@ def test_byte_caps_cut_at_utf8_character_boundaries(tmp_path):
     for i in range(6):
         (folder / f"g{i}.txt").write_text(f"{i}€" * 100)  # 1 + 3 bytes a repeat, 400 a file
     assert not any(D._in_val(f"g{i}.txt") for i in range(6))  # so the training share takes them all
-    corpus = D.load_path(folder, max_bytes=1054)  # training's 95%, 1002 bytes: g0, g1, then g2 cut inside a '€'
-    data = bytes(corpus.train) + bytes(corpus.val)  # no validation file: the bytes are split
+    corpus = D.load_path(folder, max_bytes=1002)  # g0, g1, then g2 cut inside a '€'
+    data = bytes(corpus.train) + bytes(corpus.val)  # no validation file: all the cap, its bytes split
     assert data == b"".join((folder / f"g{i}.txt").read_bytes() for i in range(2)) + ("2€" * 50 + "2").encode()
 
 
@@ -132,8 +132,20 @@ def test_a_capped_file_or_folder_is_read_only_as_far_as_the_cap(tmp_path, monkey
     corpus = D.load_path(big, max_bytes=1000)
     assert len(corpus.train) + len(corpus.val) == 1000 and reads == [1001]
     reads.clear()
-    corpus = D.load_path(tmp_path, max_bytes=1000)
-    assert len(corpus.train) + len(corpus.val) == 950 and reads == [951]
+    corpus = D.load_path(tmp_path, max_bytes=1000)  # one file, in training: the whole cap is its
+    assert len(corpus.train) + len(corpus.val) == 1000 and reads == [1001]
+
+
+@pytest.mark.parametrize("name, is_val", [("g0.txt", False), ("9.txt", True)])
+def test_a_split_with_no_file_leaves_the_other_the_whole_cap(tmp_path, name, is_val):
+    assert D._in_val(name) == is_val
+    (tmp_path / name).write_text("abc def " * 30_000)
+    for cap in (100_000, 10):  # validation's share of 10 bytes would be 0
+        corpus = D.load_path(tmp_path, max_bytes=cap)
+        assert (len(corpus.train), len(corpus.val)) == (cap - cap // 10, cap // 10)  # then split by bytes
+    (tmp_path / "blank.txt").write_text("   \n" * 10_000)
+    with pytest.raises(D.DataError, match="blank.txt' is empty"):  # raising the cap would not help
+        D.load_path(tmp_path / "blank.txt", max_bytes=100)
 
 
 def test_single_file_last_tenth_is_validation(tmp_path):
