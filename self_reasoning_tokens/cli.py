@@ -1,14 +1,16 @@
 """Command line: ``python -m self_reasoning_tokens`` / ``srt``.
 
-    srt compare [--out runs/compare]          baseline vs reasoning tokens (R=1, R=3): table, JSON, PNG
+    srt compare [--out runs/compare] [--resume]   baseline vs reasoning tokens (R=1, R=3): table, JSON, PNG
     srt train --out DIR [--num-reason-tokens R] [--resume]   one run, atomic checkpoints
     srt generate --checkpoint DIR/checkpoint.pt --prompt "def "   sample with the KV cache
     torchrun --nproc_per_node 2 -m self_reasoning_tokens train ...  data parallel (gloo / nccl)
 
 User errors (bad options, missing or empty data, corrupt checkpoint, ...) print one line on
 stderr and exit with code 2; all options are checked and the data is loaded before anything is
-written, and files are replaced atomically, so a failed run never damages earlier results; a
-folder holding earlier results is refused unless --overwrite says to replace them.
+written (then --out is checked by writing a file in it, before any training), and files are
+replaced atomically, so a failed run never damages earlier results; a folder holding earlier
+results is refused unless --overwrite says to replace them (or --resume to continue them).
+Ctrl-C, and SIGTERM in a single process, end a run with one line on what is left and how to resume.
 """
 from __future__ import annotations
 
