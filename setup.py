@@ -51,7 +51,13 @@ if cuda_home and force != "0":
     # torch.utils.cpp_extension reads CUDA_HOME when it is imported: set it first.
     os.environ["CUDA_HOME"] = cuda_home
 
-import torch  # noqa: E402
+try:
+    import torch  # noqa: E402
+except ImportError as e:  # e.g. pip's build isolation, whose fresh environment has no torch
+    raise SystemExit(
+        f"self_reasoning_tokens: the build needs torch, which this Python cannot import ({e}). Install "
+        "torch first, then build against it without build isolation: "
+        "`pip install --no-build-isolation .` (isolation would hide your torch)") from None
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 with_cuda = (force == "1") or (force != "0" and torch.version.cuda is not None and cuda_home is not None)

@@ -40,3 +40,21 @@ def test_the_sdist_holds_every_tracked_file(tmp_path):
     missing = [f for f in files if f not in held and f != ".gitignore"]
     assert not missing, f"not in the sdist: {missing}"
     assert {"csrc/mask_semantics.h", "csrc/cuda/attn_fwd_bf16.cu", "csrc/cuda/tile_utils.cuh"} <= held
+
+
+def test_a_build_that_cannot_import_torch_says_how_to_build(tmp_path):
+    # pip's build isolation runs setup.py in a fresh environment without torch (the project does
+    # not list it as a build requirement, so that the build uses the installed one): one clear line
+    code = """
+import runpy, sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("No module named 'torch'")
+sys.meta_path.insert(0, NoTorch())
+sys.argv = ["setup.py", "--version"]
+runpy.run_path("setup.py", run_name="__main__")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "the build needs torch" in proc.stderr and "pip install --no-build-isolation ." in proc.stderr
