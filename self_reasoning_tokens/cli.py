@@ -204,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "context slides (cropped to its last max_seq_len/2 bytes)")
     p.add_argument("--temperature", type=_nonneg_float, default=0.8, help="0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=_positive_int, help="sample among the k likeliest bytes")
+    p.add_argument("--num-reason-tokens", type=_nonneg_int, metavar="R",
+                   help="reasoning tokens per step (default: the R the checkpoint was trained with; "
+                   "another R, e.g. 0, probes what the model makes of its reasoning tokens)")
     p.add_argument("--seed", type=_seed, default=0, help="sampling seed (default 0)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.set_defaults(func=cmd_generate)
@@ -640,6 +643,10 @@ def cmd_generate(args) -> int:
     prompt = os.fsencode(args.prompt)
     if not prompt:
         raise UserError("--prompt is empty; give at least one character to continue")
+    R = cfg.num_reason_tokens if args.num_reason_tokens is None else args.num_reason_tokens
+    if R > cfg.max_reason_seq_len:
+        raise UserError(f"--num-reason-tokens {R} is above the checkpoint's max_reason_seq_len "
+                        f"{cfg.max_reason_seq_len} (the most reasoning tokens its model holds)")
     if args.max_new_tokens and cfg.model_max_seq_len < 2:
         raise UserError(f"the model's max_seq_len {cfg.model_max_seq_len} leaves no room to generate "
                         "(a context of one byte and the next one need 2)")
@@ -657,7 +664,7 @@ def cmd_generate(args) -> int:
         sys.stdout.flush()
 
     write(text.decode(prompt))
-    sample(model, x, args.max_new_tokens, cfg.num_reason_tokens, cfg.steps_future, args.temperature,
+    sample(model, x, args.max_new_tokens, R, cfg.steps_future, args.temperature,
            args.top_k, on_token=lambda token: write(text.decode(bytes([int(token[0])]))))
     write(text.decode(b"", final=True) + "\n")
     return 0

@@ -636,3 +636,24 @@ def test_sigterm_is_an_interrupt_only_in_a_single_process_that_does_not_ignore_i
             assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_generate_can_probe_another_number_of_reasoning_tokens(trained):
+    import torch
+
+    from self_reasoning_tokens import cli
+    from self_reasoning_tokens.training import build_model, load_checkpoint
+
+    ckpt = trained / "checkpoint.pt"  # trained with R=1, max_reason_seq_len 4
+    state = load_checkpoint(ckpt)
+    model = build_model(state["config"], 256)
+    model.load_state_dict(state["model"])
+    model.eval()
+    for R in (0, 1, 3):
+        ids = cli.sample(model, torch.tensor([list(b"def")]), 12, R, state["config"].steps_future, 0., None)
+        proc = srt("generate", "--checkpoint", ckpt, "--prompt", "def", "--max-new-tokens", 12, "--temperature", 0,
+                   *(["--num-reason-tokens", R] if R != 1 else []))  # R=1: the checkpoint's own
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == bytes(ids[0].tolist()).decode("utf-8", errors="replace") + "\n"
+    assert_user_error(srt("generate", "--checkpoint", ckpt, "--prompt", "x", "--num-reason-tokens", 5),
+                      "max_reason_seq_len 4")
