@@ -207,6 +207,10 @@ def stop_graddable_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     heads = None
     if reasoning is not None:
         R, W, stop_grad = reasoning.num_reason_tokens, reasoning.num_steps_future_can_use_reason, reasoning.stop_grad
+        # The op takes int64. Any R or W past the positions there can be gives the same pattern
+        # (R: every position after the first is step 0's; W: every later step), so a larger one
+        # (a Python int has no bound) is taken as 2**62, which R + 1 cannot overflow.
+        R, W = min(R, 2**62), min(W, 2**62)
         heads = reasoning.head_flags(h, q.device)
     masks = [None if t is None else t.detach()
              for t in (mask, attn_mask, q_stop_grad_mask, k_stop_grad_mask, v_stop_grad_mask)]

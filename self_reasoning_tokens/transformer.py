@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn import Module, ModuleList
 
-from .attention import stop_graddable_attn
+from .attention import _autocast_on, stop_graddable_attn
 from .reasoning import ReasoningPattern, _check_bool, _check_count, reasoning_region, reasoning_stop_grad_mask
 from .reference import reference_attention
 
@@ -114,6 +114,13 @@ class CausalAttention(Module):
     def forward(self, x, reasoning: Optional[ReasoningPattern] = None,
                 cache: Optional[KVCache] = None, return_cache=False, dense_masks=None):
         # x (b, n, dim) -> (b, n, dim); dense_masks: precomputed dense_reasoning_masks (shared by layers)
+        dim = self.to_qkv.in_features
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != dim:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"CausalAttention expects x of shape (batch, positions, {dim}), got {shape}")
+        if x.dtype != self.to_qkv.weight.dtype and not _autocast_on(x.device.type):
+            raise TypeError(f"x is {x.dtype} but the module's weights are {self.to_qkv.weight.dtype}: "
+                            "convert one to the other (or run under torch.autocast)")
         qkv = self.to_qkv(self.norm(x))                                  # (b, n, 3 h d)
         qkv = qkv.unflatten(-1, (3, self.heads, self.dim_head))          # (b, n, 3, h, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                   # (b, h, n, d) each
@@ -370,7 +377,9 @@ class Transformer(Module):
         reasoning tokens then attend to the cache (n = R + 1 queries over m keys, pattern at
         absolute positions), so a step costs O(current length). The next token is drawn from the
         logits of the last position - the last reasoning token of the last step - exactly what
-        `model(seq, ...)[:, -1]` gives. temperature 0 = greedy; top_k keeps the k likeliest.
+        `model(seq, ...)[:, -1]` gives (so train that position: the default loss, or the last
+        position only; a model trained with remove_reason_tokens_at_end=True alone has not learned
+        to predict from it). temperature 0 = greedy; top_k keeps the k likeliest.
         on_token, if given, is called with each new token (b,) as soon as it is drawn (for
         streaming output). The prompt plus max_new_tokens may not exceed max_seq_len, so that
         the model can read back the whole sequence it returns (the last token itself is never
@@ -396,8 +405,8 @@ class Transformer(Module):
                              "the sequence it returns)")
 
         out = prompt
-        if max_new_tokens == 0:
-            return out.to(out_dtype)
+        if max_new_tokens == 0:  # a new tensor all the same: editing the result must not edit the prompt
+            return out.to(out_dtype, copy=True)
 
         reasoning = self.reasoning_pattern(num_reason_tokens, num_steps_future_can_use_reason)
         logits, caches = self.transform(self.embed(prompt, num_reason_tokens), reasoning)  # prefill

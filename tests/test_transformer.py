@@ -548,3 +548,45 @@ def test_vmap_over_stacked_models_and_its_bad_token_ids():
         y[1, 2] = bad
         with pytest.raises(IndexError):
             run(params, buffers, y)
+
+
+# ------------------------------------------------------------------------------------------
+# from a fresh-eyes trial of the Python API
+
+
+def test_generate_with_no_new_tokens_returns_a_new_tensor():
+    model = Transformer(dim=32, depth=1, num_tokens=11, heads=2, dim_head=16, max_seq_len=16)
+    prompt = torch.randint(0, 11, (2, 4))
+    out = model.generate(prompt, 0)
+    assert torch.equal(out, prompt) and out is not prompt
+    out[0, 0] = (prompt[0, 0] + 1) % 11  # editing the result leaves the caller's prompt alone
+    assert not torch.equal(out, prompt)
+
+
+def test_causal_attention_names_a_wrong_input():
+    attn = CausalAttention(32, dim_head=16, heads=2)
+    with pytest.raises(ValueError, match=r"shape \(batch, positions, 32\), got \(12, 32\)"):
+        attn(torch.randn(12, 32))
+    with pytest.raises(ValueError, match=r"got \(1, 12, 16\)"):
+        attn(torch.randn(1, 12, 16))
+    with pytest.raises(TypeError, match="x is torch.float64 but the module's weights are torch.float32"):
+        attn(torch.randn(1, 12, 32, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's mixed dtypes are fine
+        assert attn(torch.randn(1, 12, 32)).dtype == torch.bfloat16
+
+
+def test_a_window_or_count_past_int64_is_the_same_pattern():
+    # Python ints have no bound; the op takes int64 (W = 2**63 used to fail with "Expected a value of
+    # type 'int' ... but instead found type 'int'"). Past the positions there are, every W (every R)
+    # gives the same pattern.
+    q = torch.randn(1, 2, 40, 8, dtype=torch.float64, requires_grad=True)
+    outs = {}
+    for R, W in ((2, 50), (2, 2**63), (2, 2**80), (60, 3), (2**64, 3)):
+        for stop_grad in (True, False):
+            out = srt.stop_graddable_attn(q, q, q, causal=True, reasoning=srt.ReasoningPattern(R, W, stop_grad=stop_grad))
+            grad, = torch.autograd.grad(out.square().sum(), q)
+            outs[R >= 60, W >= 50, stop_grad] = outs.get((R >= 60, W >= 50, stop_grad), []) + [(out, grad)]
+    for results in outs.values():
+        assert len(results) >= 2
+        for out, grad in results[1:]:
+            assert torch.equal(out, results[0][0]) and torch.equal(grad, results[0][1])
