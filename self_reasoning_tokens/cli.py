@@ -266,7 +266,7 @@ def _train_out(args) -> Path:
 
 
 def cmd_train(args) -> int:
-    from .data import DataError
+    from .data import DataError, is_data_path
     from .training import (CheckpointError, DistInfo, RunConfig, Trainer, atomic_write_bytes,
                            atomic_write_text, check_model_state, load_checkpoint, schedule_notes,
                            validate_config)
@@ -282,7 +282,7 @@ def cmd_train(args) -> int:
     _check_out_path(out)
     if args.resume is True and args.overwrite:
         raise UserError(f"--resume continues {ckpt} and --overwrite starts over: pass one of them")
-    state = None
+    state = source = None
     if args.resume is not None:
         source = Path(args.resume) if explicit_ckpt else ckpt
         if source.exists() or explicit_ckpt:
@@ -306,7 +306,7 @@ def cmd_train(args) -> int:
                 saved = cfg.model_max_seq_len
             if value == saved:
                 continue
-            if key == "data" and not {value, saved} & {"stdlib", "arithmetic"}:
+            if key == "data" and is_data_path(value) and is_data_path(saved):
                 changes[key] = value  # another path to the same data: its content is compared below
                 continue
             if key not in _RESUME_MAY_CHANGE:
@@ -323,7 +323,7 @@ def cmd_train(args) -> int:
     try:
         corpus = _load_data(cfg)
     except DataError as e:
-        if state is None or "data" in given or cfg.data in ("stdlib", "arithmetic"):
+        if state is None or "data" in given or not is_data_path(cfg.data):
             raise
         raise DataError(f"{e}; the checkpoint was trained on --data {cfg.data!r} (a relative path is "
                         "taken from the current folder): pass --data with that data's path from here "
@@ -339,8 +339,7 @@ def cmd_train(args) -> int:
             return 0
     # for the interrupt note: a checkpoint in --out that this run does not continue is an earlier run's
     # until this run's first save replaces it (os.replace: a new file)
-    if ckpt.exists() and not (state is not None and Path(args.resume if explicit_ckpt else ckpt).resolve()
-                              == ckpt.resolve()):
+    if ckpt.exists() and not (state is not None and source.resolve() == ckpt.resolve()):
         args.earlier_checkpoint = _file_identity(ckpt)
     # Everything is checked: from here on we write.
     name = _run_name(cfg)[0]
@@ -426,7 +425,9 @@ def _cap_note(cfg) -> str:
 def _same_data_path_ok(saved: dict, now: dict) -> dict:
     """``saved`` with ``now``'s data when both name a path: another path to the same data is
     allowed on resuming (its content is compared through the fingerprint)."""
-    paths = not {saved.get("data"), now.get("data")} & {"stdlib", "arithmetic"}
+    from .data import is_data_path
+
+    paths = is_data_path(saved.get("data")) and is_data_path(now.get("data"))
     return {**saved, "data": now.get("data")} if paths else saved
 
 

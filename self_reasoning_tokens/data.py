@@ -115,9 +115,10 @@ def _split_files(root: Path, files: list[Path], max_bytes: int | None) -> tuple[
     used = texts = skipped = 0
     room = None
     for is_val in (True, False):  # validation first: what its share leaves over goes to training
-        if max_bytes is not None:
-            taken = sum(map(len, parts[True]))
-            room = (max_bytes * VAL_PERCENT // 100 if split[False] else max_bytes) if is_val else max_bytes - taken
+        if max_bytes is not None and is_val:
+            room = max_bytes * VAL_PERCENT // 100 if split[False] else max_bytes
+        elif max_bytes is not None:
+            room = max_bytes - sum(map(len, parts[True]))
         for f in split[is_val]:
             if room is not None and room <= 0:
                 break
@@ -259,6 +260,13 @@ def load_path(path: str | os.PathLike, max_bytes: int | None = None) -> Corpus:
     return Corpus(str(path), _as_array(train), _as_array(val),
                   f"{p} ({used} text files{skipped}): {len(train):,} train / {len(val):,} validation "
                   f"bytes (split {how})")
+
+
+BUILT_IN = ("stdlib", "arithmetic")  # the data names load_corpus takes; anything else is a path
+
+
+def is_data_path(spec: str) -> bool:
+    return spec not in BUILT_IN
 
 
 def load_corpus(spec: str, seed: int = 0, max_bytes: int | None = None, arith_digits: int = 4) -> Corpus:

@@ -18,16 +18,22 @@ TINY = ["--seq-len", "16", "--dim", "32", "--depth", "1", "--heads", "2", "--dim
         "--batch-size", "4", "--eval-every", "4", "--eval-windows", "4", "--warmup", "2", "--no-progress"]
 
 
+def cli_env() -> dict:
+    """The environment of a `python -m self_reasoning_tokens` subprocess: this checkout first on
+    PYTHONPATH, and no torchrun WORLD_SIZE (which would make it a rank of a job that is not there)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
 def srt(*args, subprocess_=False, timeout=300):
     """Run the command line. In-process (through cli.main, as the console script does) unless
     subprocess_: a real `python -m self_reasoning_tokens` (slower: each start imports torch)."""
     args = [str(a) for a in args]
     if subprocess_:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-        env.pop("WORLD_SIZE", None)
         return subprocess.run([sys.executable, "-m", "self_reasoning_tokens", *args], cwd=REPO,
-                              env=env, capture_output=True, text=True, timeout=timeout)
+                              env=cli_env(), capture_output=True, text=True, timeout=timeout)
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
@@ -471,7 +477,7 @@ def test_sigterm_ends_train_as_an_interrupt_does(tmp_path, text_data):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "self_reasoning_tokens", "train", "--out", str(out),
                              "--data", str(text_data), "--steps", "100000", "--save-every", "1", *TINY],
-                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                            cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
@@ -544,7 +550,7 @@ def test_generate_takes_the_prompt_bytes_the_shell_passed(trained):
 def test_generate_into_a_pipe_closed_early_exits_quietly(trained):
     proc = subprocess.Popen([sys.executable, "-m", "self_reasoning_tokens", "generate", "--checkpoint",
                              str(trained / "checkpoint.pt"), "--prompt", "def", "--max-new-tokens", "100000"],
-                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                            cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     assert proc.stdout.read(20)[:3] == b"def"
     proc.stdout.close()  # as `| head -c 20` does
