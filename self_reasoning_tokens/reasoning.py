@@ -107,6 +107,30 @@ class ReasoningPattern:
                                 f"got {_type_name(self.heads)} {self.heads!r}")
             set_("heads", tuple(_check_count("heads entries", h, minimum=0) for h in self.heads))
 
+    # Equality and hashing by value. The dataclass's own would compare the fields as a tuple, and
+    # a tensor of head flags has no single truth value (``==`` raised). Two tensors of flags are
+    # equal when they hold the same flags; a tensor and a sequence of indices are never equal (the
+    # sequence applies to any head count, the tensor to its own). A tensor hashes by its shape
+    # only: it can be changed in place, and equal patterns must keep equal hashes.
+    def __eq__(self, other):
+        if not isinstance(other, ReasoningPattern):
+            return NotImplemented
+        if (self.num_reason_tokens, self.num_steps_future_can_use_reason, self.stop_grad) != (
+                other.num_reason_tokens, other.num_steps_future_can_use_reason, other.stop_grad):
+            return False
+        a, b = self.heads, other.heads
+        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                    and a.dtype == b.dtype and a.shape == b.shape
+                    and torch.equal(a.detach().cpu(), b.detach().cpu()))
+        return a == b
+
+    def __hash__(self):
+        heads = self.heads
+        if isinstance(heads, torch.Tensor):
+            heads = ("tensor", heads.dtype, tuple(heads.shape))
+        return hash((self.num_reason_tokens, self.num_steps_future_can_use_reason, self.stop_grad, heads))
+
     def head_flags(self, num_heads: int, device) -> Optional[torch.Tensor]:
         """(num_heads,) bool tensor of the heads the pattern applies to, or None for all."""
         if self.heads is None:

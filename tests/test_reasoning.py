@@ -87,6 +87,25 @@ def test_reasoning_pattern_argument_errors():
         srt.stop_graddable_attn(q, q, q, causal=True, reasoning=(2, 2))
 
 
+def test_reasoning_pattern_equality_and_hash():
+    P = srt.ReasoningPattern
+    flags = lambda *f: torch.tensor(f)  # noqa: E731
+    # by value, tensors of head flags included (the dataclass's own == raised on them)
+    assert P(2, 3, heads=flags(True, False)) == P(2, 3, heads=flags(True, False))
+    assert P(2, 3, heads=flags(True, False)) != P(2, 3, heads=flags(False, True))
+    assert P(2, 3, heads=flags(True, False)) != P(2, 3, heads=flags(True, False, False))
+    assert P(2, 3, heads=flags(True, False)) != P(2, 3, heads=flags(1, 0))  # other dtype
+    assert P(2, 3, heads=flags(True, False)) != P(2, 3, heads=[0])  # a tensor is not a sequence
+    assert P(2, 3, heads=flags(True, False)) != P(2, 4, heads=flags(True, False))
+    assert P(2, 3, heads=[1, 0]) == P(2, 3, heads=(1, 0)) != P(2, 3, heads=(0, 1))
+    assert P(2, 3) == P(2, 3, True) != P(2, 3, False)
+    assert P(2, 3) != (2, 3, True, None)
+    # equal patterns hash equal, so they work as dict keys and in sets
+    assert len({P(2, 3, heads=flags(True, False)), P(2, 3, heads=flags(True, False)), P(2, 3), P(2, 3)}) == 2
+    a = P(2, 3, heads=flags(True, False))
+    assert {a: 1}[P(2, 3, heads=flags(True, False))] == 1
+
+
 # ------------------------------------------------------------------------------------------
 # In-kernel pattern == dense masks == reference, forward and gradients
 
