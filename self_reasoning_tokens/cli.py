@@ -44,34 +44,28 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive_int(text: str) -> int:
+def _int_arg(text: str, ok, expected: str) -> int:
+    """An integer option's value, when ok(value); otherwise argparse's one-line error."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _int_arg(text, lambda value: value >= 1, "a positive integer")
 
 
 def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+    return _int_arg(text, lambda value: value >= 0, "an integer >= 0")
 
 
 def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**64 - 1, got {text!r}") from None
-    if not 0 <= value < 2**64:  # what torch.manual_seed takes
-        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**64 - 1, got {value}")
-    return value
+    # what torch.manual_seed takes
+    return _int_arg(text, lambda value: 0 <= value < 2**64, "an integer from 0 to 2**64 - 1")
 
 
 def _nonneg_float(text: str) -> float:
