@@ -8,6 +8,11 @@ tokens). The attention contenders (Transformer's `attend_impl`):
   dense      the compiled kernels with dense (N, N) masks from reasoning_stop_grad_mask
   reference  the O(N^2) autograd reference attention with the same dense masks
 
+and, when named in --impls (not run by default):
+
+  kernel-ckpt  kernel with the Transformer's activation_checkpointing (each layer recomputed
+               in the backward from its input: less memory, one more forward of compute)
+
 Every (contender, N) runs in a fresh subprocess whose address space may grow by at most
 --mem-cap-gb (default 8 GB, through RLIMIT_AS) beyond what it holds after start-up; a run that
 cannot allocate is reported as "OOM". The peak memory of a step is the process's peak resident
@@ -18,6 +23,7 @@ timeout or the time budget), it is skipped at larger N.
     python benchmarks/bench_transformer.py                  # N = 512 .. 32768, ~10 min budget
     python benchmarks/bench_transformer.py --quick          # N = 256, 512, 1024
     python benchmarks/bench_transformer.py --n 1024 4096 --impls kernel dense --out /tmp/t.json
+    python benchmarks/bench_transformer.py --impls kernel kernel-ckpt   # what checkpointing saves
 
 The JSON goes to runs/bench/transformer_cpu.json unless --out says otherwise, with its plot
 (seconds per step and peak memory against N, benchmarks/plot_bench.py) beside it as .png; the
@@ -45,7 +51,10 @@ from plot_bench import plot_after_benchmark  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 DEFAULT_OUT = os.path.join(ROOT, "runs", "bench", "transformer_cpu.json")  # not the committed results
-IMPLS = ("kernel", "dense", "reference")
+IMPLS = ("kernel", "dense", "reference")  # the default contenders
+# contender -> (the Transformer's attend_impl, activation_checkpointing)
+CONTENDERS = {"kernel": ("kernel", False), "kernel-ckpt": ("kernel", True),
+              "dense": ("dense", False), "reference": ("reference", False)}
 MODEL = dict(dim=256, depth=4, heads=4, dim_head=64, num_tokens=256)
 R, W = 3, 4
 GB = 2**30
@@ -67,8 +76,10 @@ def run_child(impl, n_positions, repeats, mem_cap_gb, threads):
     period = R + 1
     seq = n_positions // period
     torch.manual_seed(0)
+    attend_impl, checkpointing = CONTENDERS[impl]
     model = srt.Transformer(**MODEL, max_seq_len=max(seq, 16), max_reason_seq_len=R,
-                            stop_grad_next_tokens_to_reason=True, attend_impl=impl)
+                            stop_grad_next_tokens_to_reason=True, attend_impl=attend_impl,
+                            activation_checkpointing=checkpointing)
     x = torch.randint(0, MODEL["num_tokens"], (1, seq + 1))  # inputs x[:, :-1], labels x[:, 1:]
 
     def step(tokens):
@@ -141,7 +152,8 @@ def main(argv=None):
 
     ap.add_argument("--n", type=_positive_int, nargs="+", default=None,
                     help="sequence lengths in positions (multiples of R+1=4); default 512 .. 32768")
-    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(CONTENDERS),
+                    help=f"contenders (default: {' '.join(IMPLS)})")
     ap.add_argument("--quick", action="store_true", help="N = 256, 512, 1024, one timed step each")
     ap.add_argument("--repeats", type=_positive_int, default=None,
                     help="timed steps per configuration (median); default 3 up to N=2048, else 1")
@@ -185,7 +197,7 @@ def main(argv=None):
         for impl in args.impls:
             k += 1
             elapsed = time.perf_counter() - start
-            label = f"[{k:2d}/{total}] {impl:<9s} N={n:<6d}"
+            label = f"[{k:2d}/{total}] {impl:<11s} N={n:<6d}"
             if impl in failed:
                 results[impl][n] = dict(status="skipped", error=failed[impl])
                 print(f"{label} skipped ({failed[impl]})", file=sys.stderr, flush=True)

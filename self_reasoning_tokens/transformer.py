@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn import Module, ModuleList
+from torch.utils.checkpoint import checkpoint
 
 from .attention import _autocast_on, stop_graddable_attn
 from .reasoning import ReasoningPattern, _check_bool, _check_count, reasoning_region, reasoning_stop_grad_mask
@@ -158,7 +160,14 @@ class Transformer(Module):
         the default here: hard mode, the region masked out of attention; SPEC 3. The CLI and
         ReasoningPattern default to stop-grad mode.)
     Extra args: ff_mult; attend_impl ("kernel" | "dense" | "reference", also settable later);
-        reason_heads (head indices the pattern applies to; None = all heads).
+        reason_heads (head indices the pattern applies to; None = all heads);
+        activation_checkpointing (also settable later): the forward keeps only each layer's input
+        for the backward and recomputes the layer's activations there
+        (`torch.utils.checkpoint`, non-reentrant): about one layer's activations in memory
+        instead of every layer's, for one more forward pass of compute. The same loss and
+        gradients. It applies where gradients are recorded, and not under torch.func
+        transforms (they cannot run checkpointing's saved-tensor hooks; the layers then run
+        without it, with a warning); generate never needs it.
     """
 
     def __init__(
@@ -175,7 +184,8 @@ class Transformer(Module):
         stop_grad_next_tokens_to_reason=False,
         ff_mult=4,
         attend_impl="kernel",
-        reason_heads: Optional[Sequence[int]] = None
+        reason_heads: Optional[Sequence[int]] = None,
+        activation_checkpointing=False
     ):
         super().__init__()
         # (NumPy ints and bools are taken as Python ones, as ReasoningPattern takes them)
@@ -198,6 +208,7 @@ class Transformer(Module):
         self.ignore_index = ignore_index
         self.stop_grad_next_tokens_to_reason = stop_grad_next_tokens_to_reason
         self.reason_heads = reason_heads
+        self.activation_checkpointing = activation_checkpointing
 
         # embed: tokens, absolute positions (one per step), reasoning tokens
 
@@ -217,6 +228,14 @@ class Transformer(Module):
         self.norm = nn.RMSNorm(dim)
         self.to_logits = nn.Linear(dim, num_tokens, bias=False)
         self._attend_impl = attend_impl
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        return self._activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, on):
+        self._activation_checkpointing = _check_bool("activation_checkpointing", on)
 
     @property
     def attend_impl(self):
@@ -294,10 +313,28 @@ class Transformer(Module):
         x = x + self.pos_emb(steps)[:, None]                                         # (l, 1, d) broadcast
         return x.flatten(1, 2)
 
-    def transform(self, x, reasoning=None, caches: Optional[List[KVCache]] = None):
+    def _checkpointing_now(self) -> bool:
+        """Whether this forward checkpoints its layers (see activation_checkpointing)."""
+        if not (self.activation_checkpointing and torch.is_grad_enabled()):
+            return False
+        if torch._C._are_functorch_transforms_active():
+            warnings.warn("activation_checkpointing is not applied under torch.func transforms (they "
+                          "cannot run its saved-tensor hooks): the layers keep their activations")
+            return False
+        return True
+
+    @staticmethod
+    def _layer(attn, ff, x, reasoning, dense_masks):
+        # one layer without its kv cache: what a checkpointed forward recomputes
+        x = x + attn(x, reasoning, dense_masks=dense_masks)
+        return x + ff(x)
+
+    def transform(self, x, reasoning=None, caches: Optional[List[KVCache]] = None, need_caches=True):
         # x (b, n, dim) -> logits (b, n, num_tokens), and the layers' kv caches (b, h, m, d)
+        # (None for each layer when not need_caches: then the layers may be checkpointed)
         caches = default(caches, [None] * len(self.layers))
         new_caches = []
+        checkpointing = not need_caches and self._checkpointing_now()
 
         # dense impls: the (n, m) masks are built once per call and shared by all layers
         dense_masks = None
@@ -306,6 +343,13 @@ class Transformer(Module):
             dense_masks = dense_reasoning_masks(reasoning, n, m, self.layers[0][0].heads, x.device)
 
         for (attn, ff), cache in zip(self.layers, caches):
+            if not need_caches and not exists(cache):
+                if checkpointing:
+                    x = checkpoint(self._layer, attn, ff, x, reasoning, dense_masks, use_reentrant=False)
+                else:
+                    x = self._layer(attn, ff, x, reasoning, dense_masks)
+                new_caches.append(None)
+                continue
             attn_out, kv = attn(x, reasoning, cache=cache, return_cache=True, dense_masks=dense_masks)
             x = x + attn_out
             x = x + ff(x)
@@ -345,7 +389,8 @@ class Transformer(Module):
         period = num_reason_tokens + 1
         reasoning = self.reasoning_pattern(num_reason_tokens, num_steps_future_can_use_reason)
 
-        logits, _ = self.transform(self.embed(x, num_reason_tokens), reasoning)     # (b, l * (R + 1), c)
+        logits, _ = self.transform(self.embed(x, num_reason_tokens), reasoning,    # (b, l * (R + 1), c)
+                                   need_caches=False)
 
         if remove_reason_tokens_at_end:
             logits = logits[:, ::period]                                             # (b, l, c)

@@ -79,9 +79,10 @@ def test_attention_benchmark_in_bfloat16(tmp_path, capsys):
 
 def test_transformer_benchmark_writes_its_json(tmp_path):
     out = tmp_path / "t.json"
-    proc = run("bench_transformer.py", "--n", 64, "--repeats", 1, "--impls", "kernel", "--out", out)
+    proc = run("bench_transformer.py", "--n", 64, "--repeats", 1, "--impls", "kernel", "kernel-ckpt", "--out", out)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
-    assert [(r["impl"], r["n_positions"]) for r in data["results"]] == [("kernel", 64)]
-    assert data["machine"]["processor"] and data["longest_ok"] == {"kernel": 64}
+    assert [(r["impl"], r["n_positions"], r["status"]) for r in data["results"]] == [
+        ("kernel", 64, "ok"), ("kernel-ckpt", 64, "ok")]
+    assert data["machine"]["processor"] and data["longest_ok"] == {"kernel": 64, "kernel-ckpt": 64}
     assert (tmp_path / "t.png").read_bytes().startswith(b"\x89PNG")
