@@ -129,15 +129,21 @@ def _add_run_options(p: argparse.ArgumentParser, defaults) -> None:
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="float32 (default); bfloat16 / float16 run the model under autocast "
                    "(float16: CUDA only, with a gradient scaler)")
+    g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each layer in the backward instead of keeping its activations: "
+                   "less memory at a long --seq-len, up to about 1.4x the time, the same results "
+                   "(default: off)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 _RUN_FIELDS = ("data", "max_data_bytes", "arith_digits", "dim", "depth", "heads", "dim_head",
                "max_seq_len", "max_reason_seq_len", "steps_future", "hard_mode", "objective",
                "seq_len", "batch_size", "steps", "lr", "warmup", "weight_decay", "grad_clip", "seed",
-               "eval_every", "eval_windows", "device", "dtype")
+               "eval_every", "eval_windows", "device", "dtype", "activation_checkpointing")
 # What a resumed run may change: run control and hardware, not the model, data or optimizer.
-_RESUME_MAY_CHANGE = ("steps", "eval_every", "device", "dtype")
+_RESUME_MAY_CHANGE = ("steps", "eval_every", "device", "dtype", "activation_checkpointing")
+# What changes the memory and time of a run but not its results (compare --resume may change it).
+_RESULT_NEUTRAL = ("activation_checkpointing",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -416,13 +422,16 @@ def _cap_note(cfg) -> str:
             "its 5% share of the cap: such checkpoints saw another split of the same files)")
 
 
-def _same_data_path_ok(saved: dict, now: dict) -> dict:
-    """``saved`` with ``now``'s data when both name a path: another path to the same data is
-    allowed on resuming (its content is compared through the fingerprint)."""
+def _as_resumable(saved: dict, now: dict) -> dict:
+    """``saved`` with what compare --resume may change taken from ``now``: the data when both
+    name a path (another path to the same data; its content is compared through the
+    fingerprint), and the settings that do not change results (_RESULT_NEUTRAL; absent from
+    records written before they existed)."""
     from .data import is_data_path
 
     paths = is_data_path(saved.get("data")) and is_data_path(now.get("data"))
-    return {**saved, "data": now.get("data")} if paths else saved
+    return {**saved, **({"data": now.get("data")} if paths else {}),
+            **{key: now[key] for key in _RESULT_NEUTRAL if key in now}}
 
 
 def _differences(saved: dict, now: dict) -> str:
@@ -456,7 +465,7 @@ def _resume_plan(out: Path, configs: list, corpus) -> list:
         ckpt = out / f"{_run_name(cfg)[1]}.pt"
         want = json.loads(json.dumps(asdict(cfg)))
         record = records.get(name)
-        if record is not None and _same_data_path_ok(record.get("config") or {}, want) != want:
+        if record is not None and _as_resumable(record.get("config") or {}, want) != want:
             raise UserError(f"--resume: {name} in {results} ran with other options "
                             f"({_differences(record.get('config') or {}, want)}); pass the same "
                             "options, or --overwrite to start over")
@@ -468,7 +477,7 @@ def _resume_plan(out: Path, configs: list, corpus) -> list:
             continue
         state = load_checkpoint(ckpt)
         check_model_state(state, ckpt)
-        saved = _same_data_path_ok(json.loads(json.dumps(asdict(state["config"]))), want)
+        saved = _as_resumable(json.loads(json.dumps(asdict(state["config"]))), want)
         if saved != want:
             raise UserError(f"--resume: {ckpt} ran with other options ({_differences(saved, want)}); pass "
                             "the same options, or --overwrite to start over")

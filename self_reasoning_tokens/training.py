@@ -102,6 +102,7 @@ class RunConfig:
     # hardware
     device: str = "cpu"
     dtype: str = "float32"
+    activation_checkpointing: bool = False  # memory and time only: the same results
 
     @property
     def model_max_seq_len(self) -> int:
@@ -335,7 +336,8 @@ def build_model(cfg: RunConfig, num_tokens: int) -> Transformer:
     return Transformer(dim=cfg.dim, num_tokens=num_tokens, depth=cfg.depth,
                        max_seq_len=cfg.model_max_seq_len, max_reason_seq_len=cfg.max_reason_seq_len,
                        dim_head=cfg.dim_head, heads=cfg.heads,
-                       stop_grad_next_tokens_to_reason=not cfg.hard_mode)
+                       stop_grad_next_tokens_to_reason=not cfg.hard_mode,
+                       activation_checkpointing=cfg.activation_checkpointing)
 
 
 def check_model_state(state: dict, path) -> None:

@@ -619,6 +619,47 @@ def test_an_interrupted_compare_resumes_to_the_uninterrupted_results(monkeypatch
     assert again.returncode == 0 and again.stdout.count("kept from the earlier compare") == 2, again.stderr
 
 
+def test_activation_checkpointing_gives_the_same_runs_and_may_change_on_resuming(monkeypatch, tmp_path, text_data,
+                                                                                 trained):
+    """--activation-checkpointing changes memory and time, not results: a compare cut short with it
+    and resumed without it equals an uninterrupted compare without it (every loss and val bpb),
+    and train --resume takes it (or --no-activation-checkpointing) like --device."""
+    from self_reasoning_tokens import training
+
+    options = ["--data", text_data, "--steps", 6, "--num-reason-tokens", 1, "--save-every", 2, *TINY]
+    straight = srt("compare", "--out", tmp_path / "straight", *options)
+    assert straight.returncode == 0, straight.stderr
+
+    out = tmp_path / "cut"
+    real = training.Trainer.train_step
+    seen = set()
+
+    def cut_in_the_second_run(self):
+        seen.add(self.model.activation_checkpointing)
+        if self.name == "reasoning R=1" and self.step == 5:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(training.Trainer, "train_step", cut_in_the_second_run)
+    assert srt("compare", "--out", out, *options, "--activation-checkpointing").returncode == 130
+    assert seen == {True}
+    monkeypatch.setattr(training.Trainer, "train_step", real)
+    resumed = srt("compare", "--out", out, *options, "--resume", "--no-activation-checkpointing")
+    assert resumed.returncode == 0, resumed.stderr
+    a = json.loads((out / "results.json").read_text())
+    b = json.loads((tmp_path / "straight" / "results.json").read_text())
+    assert [run["config"]["activation_checkpointing"] for run in a["runs"]] == [True, False]
+    for x, y in zip(a["runs"], b["runs"], strict=True):
+        assert x["name"] == y["name"] and x["val_bpb"] == y["val_bpb"]
+        assert [(h["step"], h["loss"]) for h in x["history"]] == [(h["step"], h["loss"]) for h in y["history"]]
+
+    before = snapshot(trained)
+    for flag in ("--activation-checkpointing", "--no-activation-checkpointing"):
+        done = srt("train", "--out", trained, "--resume", "--data", text_data, "--steps", 8, *TINY, flag)
+        assert done.returncode == 0 and "nothing to do" in done.stdout, done.stderr
+    assert snapshot(trained) == before
+
+
 def test_sigterm_is_an_interrupt_only_in_a_single_process_that_does_not_ignore_it(monkeypatch):
     import signal
 
