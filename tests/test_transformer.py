@@ -71,6 +71,25 @@ def manual_forward(model, x, R, W, stop_grad, reason_heads=None):
     return model.to_logits(model.norm(h))
 
 
+def assert_per_sample_gradients_match_eager(model, x):
+    """vmap(grad(loss)) over x's rows through torch.func.functional_call equals each row's loss
+    in eager autograd; returns the per-row loss function (params, seq) -> loss."""
+    from torch.func import functional_call, grad, vmap
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, seq):
+        return functional_call(model, p, (seq[None],), dict(return_loss=True, num_reason_tokens=2))
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    for s in range(x.shape[0]):
+        model.zero_grad()
+        model(x[s:s + 1], return_loss=True, num_reason_tokens=2).backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(per_sample[name][s], p.grad, atol=1e-12, rtol=1e-10, msg=name)
+    return params, loss
+
+
 def grads_of(model, loss):
     model.zero_grad(set_to_none=True)
     loss.backward()
@@ -177,22 +196,9 @@ def test_activation_checkpointing_matches_manual_forward_and_recomputes_each_lay
 def test_activation_checkpointing_under_torch_func_runs_without_it_and_says_so():
     """torch.func transforms cannot run checkpointing's saved-tensor hooks (torch raises); the
     model runs its layers without it there, with a warning, and the gradients are the usual."""
-    from torch.func import functional_call, grad, vmap
-
     model = small_model(True, activation_checkpointing=True)
-    x = torch.randint(0, 29, (2, 9))
-    params = {k: v.detach() for k, v in model.named_parameters()}
-
-    def loss(p, seq):
-        return functional_call(model, p, (seq[None],), dict(return_loss=True, num_reason_tokens=2))
-
     with pytest.warns(UserWarning, match="not applied under torch.func"):
-        per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
-    for s in range(2):
-        model.zero_grad()
-        model(x[s:s + 1], return_loss=True, num_reason_tokens=2).backward()
-        for name, p in model.named_parameters():
-            torch.testing.assert_close(per_sample[name][s], p.grad, atol=1e-12, rtol=1e-10, msg=name)
+        assert_per_sample_gradients_match_eager(model, torch.randint(0, 29, (2, 9)))
 
 
 CHECKPOINT_MEMORY_SCRIPT = test_ops.RSS_HELPERS + textwrap.dedent("""
@@ -596,22 +602,12 @@ def test_per_sample_gradients_with_torch_func(stop_grad):
     gradients equal those of that sample's loss in eager autograd (the kernel's vmap rule, and the
     token check, which under vmap cannot raise and leaves valid ids alone; an ignored target
     included)."""
-    from torch.func import functional_call, grad, vmap
+    from torch.func import grad
 
     model = small_model(stop_grad)
     x = torch.randint(0, 29, (3, 9))
     x[1, 4] = model.ignore_index  # an ignored target in one sample
-    params = {k: v.detach() for k, v in model.named_parameters()}
-
-    def loss(p, seq):
-        return functional_call(model, p, (seq[None],), dict(return_loss=True, num_reason_tokens=2))
-
-    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
-    for s in range(3):
-        model.zero_grad()
-        model(x[s:s + 1], return_loss=True, num_reason_tokens=2).backward()
-        for name, p in model.named_parameters():
-            torch.testing.assert_close(per_sample[name][s], p.grad, atol=1e-12, rtol=1e-10, msg=name)
+    params, loss = assert_per_sample_gradients_match_eager(model, x)
     # outside vmap the token check still runs
     with pytest.raises(ValueError, match="token id 29"):
         grad(loss)(params, torch.tensor([1, 29]))
