@@ -110,8 +110,8 @@ class ReasoningPattern:
     # Equality and hashing by value. The dataclass's own would compare the fields as a tuple, and
     # a tensor of head flags has no single truth value (``==`` raised). Two tensors of flags are
     # equal when they hold the same flags; a tensor and a sequence of indices are never equal (the
-    # sequence applies to any head count, the tensor to its own). A tensor hashes by its shape
-    # only: it can be changed in place, and equal patterns must keep equal hashes.
+    # sequence applies to any head count, the tensor to its own). A tensor hashes by its dtype and
+    # shape only: it can be changed in place, and equal patterns must keep equal hashes.
     def __eq__(self, other):
         if not isinstance(other, ReasoningPattern):
             return NotImplemented

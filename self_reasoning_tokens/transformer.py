@@ -231,7 +231,7 @@ class Transformer(Module):
 
     @property
     def activation_checkpointing(self) -> bool:
-        return self._activation_checkpointing
+        return getattr(self, "_activation_checkpointing", False)  # a model pickled before it existed
 
     @activation_checkpointing.setter
     def activation_checkpointing(self, on):
