@@ -202,6 +202,13 @@ def test_activation_checkpointing_under_torch_func_runs_without_it_and_says_so()
 
 
 CHECKPOINT_MEMORY_SCRIPT = test_ops.RSS_HELPERS + textwrap.dedent("""
+    import ctypes
+    try:  # glibc: hand freed memory back at once, so that the peak counts live memory only
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 * 1024)   # M_MMAP_THRESHOLD (fixed: no dynamic growth to 32 MiB)
+        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
     checkpointing, seq, R = sys.argv[1] == "1", int(sys.argv[2]), 3
     torch.manual_seed(0)
     model = srt.Transformer(dim=256, num_tokens=256, depth=4, heads=4, dim_head=64, max_seq_len=seq,
@@ -217,12 +224,13 @@ CHECKPOINT_MEMORY_SCRIPT = test_ops.RSS_HELPERS + textwrap.dedent("""
 
 def test_activation_checkpointing_lowers_the_peak_memory_of_a_training_step():
     """A training step at N = 2048 positions (dim 256, depth 4): with activation_checkpointing the
-    peak resident memory grows by at most 0.7x what it grows by without (measured: 0.53-0.56x;
-    the saving grows with depth), each in a fresh process."""
+    peak resident memory grows by at most 0.5x what it grows by without (measured: 0.34x, 57 of
+    165 MiB; 0.53-0.56x with glibc's default malloc, which keeps freed blocks resident), each in
+    a fresh process."""
     plain, checkpointed = (float(test_ops._run_in_fresh_python(CHECKPOINT_MEMORY_SCRIPT, on, 512).split()[-1])
                            for on in (0, 1))
     print(f"peak RSS growth: {plain:.1f} MiB plain, {checkpointed:.1f} MiB with activation_checkpointing")
-    assert checkpointed < 0.7 * plain, (plain, checkpointed)
+    assert checkpointed < 0.5 * plain, (plain, checkpointed)
 
 
 @pytest.mark.parametrize("stop_grad", MODES, ids=MODE_IDS)
