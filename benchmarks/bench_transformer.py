@@ -17,9 +17,10 @@ Every (contender, N) runs in a fresh subprocess whose address space may grow by 
 --mem-cap-gb (default 8 GB, through RLIMIT_AS) beyond what it holds after start-up; a run that
 cannot allocate is reported as "OOM". The peak memory of a step is the process's peak resident
 set size during the step minus its resident size just before (Linux: the peak is reset through
-/proc/self/clear_refs; elsewhere ru_maxrss is used), with glibc's malloc set to hand freed memory
-back at once (as bench_attention.py does), so that the peak counts live memory, not blocks kept
-for reuse. Once a contender fails at some N (memory,
+/proc/self/clear_refs; elsewhere ru_maxrss is used), read on one more step after the timed ones,
+with glibc's malloc set to hand freed memory back at once, so that the peak counts live memory,
+not blocks kept for reuse (the timed steps run with the default: handing memory back costs
+time). Once a contender fails at some N (memory,
 timeout or the time budget), it is skipped at larger N.
 
     python benchmarks/bench_transformer.py                  # N = 512 .. 32768, ~10 min budget
@@ -75,10 +76,6 @@ def run_child(impl, n_positions, repeats, mem_cap_gb, threads):
 
     if threads:
         torch.set_num_threads(threads)
-    # glibc's default keeps freed blocks of up to its (growing) mmap threshold, 32 MiB, resident
-    # for reuse, and the peak RSS then counts them: measured at N=16384, 1658 MiB for `kernel`
-    # and 814 MiB for `kernel-ckpt` with the default against 1316 and 437 MiB with this setting
-    return_freed_memory_to_os()
     period = R + 1
     seq = n_positions // period
     torch.manual_seed(0)
@@ -97,14 +94,17 @@ def run_child(impl, n_positions, repeats, mem_cap_gb, threads):
     model.zero_grad(set_to_none=True)
     gc.collect()
 
-    can_reset = reset_peak_rss()
-    base = proc_status_bytes("VmRSS")
     if mem_cap_gb > 0:
         cap = proc_status_bytes("VmSize") + int(mem_cap_gb * GB)
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-    if not can_reset:
-        base = max(base, ru_maxrss_bytes())
 
+    def out_of_memory(e):
+        msg = str(e)
+        if isinstance(e, MemoryError) or "alloc" in msg.lower() or "memory" in msg.lower():
+            return dict(status="OOM", error=msg.splitlines()[0][:200] if msg else "MemoryError")
+        raise e
+
+    # the timed steps, with glibc's malloc as every program has it
     times = []
     try:
         for _ in range(repeats):
@@ -112,10 +112,24 @@ def run_child(impl, n_positions, repeats, mem_cap_gb, threads):
             step(x)
             times.append(time.perf_counter() - t0)
     except (MemoryError, RuntimeError) as e:
-        msg = str(e)
-        if isinstance(e, MemoryError) or "alloc" in msg.lower() or "memory" in msg.lower():
-            return dict(status="OOM", error=msg.splitlines()[0][:200] if msg else "MemoryError")
-        raise
+        return out_of_memory(e)
+
+    # the memory of one more step. glibc's default keeps freed blocks of up to its (growing) mmap
+    # threshold, 32 MiB, resident for reuse, and the peak RSS then counts them (N=16384 measured
+    # 1658 MiB for `kernel` and 814 MiB for `kernel-ckpt` so, against 1316 and 437 MiB of live
+    # memory); here it hands freed memory back, which costs time (14-39% on this step, measured
+    # at N=2048): hence a step of its own
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    return_freed_memory_to_os()
+    can_reset = reset_peak_rss()
+    base = proc_status_bytes("VmRSS")
+    if not can_reset:
+        base = max(base, ru_maxrss_bytes())
+    try:
+        step(x)
+    except (MemoryError, RuntimeError) as e:
+        return out_of_memory(e)
     peak = (proc_status_bytes("VmHWM") if can_reset else ru_maxrss_bytes()) - base
     return dict(status="ok", times_s=times, time_s=statistics.median(times), peak_bytes=peak)
 
@@ -211,7 +225,7 @@ def main(argv=None):
             reps = repeats_for(n)
             if impl in last_ok:  # attention is quadratic in N: predict from the last size
                 n0, t0 = last_ok[impl]
-                predicted = t0 * (n / n0) ** 2 * reps + 5.0
+                predicted = t0 * (n / n0) ** 2 * (reps + 1) + 5.0  # + the memory step
                 if elapsed + predicted > budget:
                     failed[impl] = f"time budget: ~{predicted:.0f} s predicted, {budget - elapsed:.0f} s left"
                     results[impl][n] = dict(status="skipped", error=failed[impl])
@@ -255,8 +269,9 @@ def main(argv=None):
         mem_cap_gb=args.mem_cap_gb,
         machine=dict(platform=platform.platform(), processor=cpu_name(), python=platform.python_version(), torch=torch.__version__,
                      threads=torch.get_num_threads(), cpus=os.cpu_count()),
-        note="peak_bytes: peak resident memory of the step minus the resident size before it "
-             "(glibc's malloc hands freed memory back at once)",
+        note="time_s: median of the timed steps (glibc's default malloc); peak_bytes: peak resident "
+             "memory of one more step minus the resident size before it, with glibc's malloc "
+             "handing freed memory back at once",
         results=[dict(impl=impl, n_positions=n, n_tokens=n // (R + 1), **res)
                  for impl in args.impls for n, res in sorted(results[impl].items())],
         longest_ok=longest,

@@ -465,9 +465,10 @@ def _resume_plan(out: Path, configs: list, corpus) -> list:
         ckpt = out / f"{_run_name(cfg)[1]}.pt"
         want = json.loads(json.dumps(asdict(cfg)))
         record = records.get(name)
-        if record is not None and _as_resumable(record.get("config") or {}, want) != want:
+        recorded = _as_resumable(record.get("config") or {}, want) if record is not None else want
+        if recorded != want:
             raise UserError(f"--resume: {name} in {results} ran with other options "
-                            f"({_differences(record.get('config') or {}, want)}); pass the same "
+                            f"({_differences(recorded, want)}); pass the same "
                             "options, or --overwrite to start over")
         if not ckpt.is_file():
             if record is not None:

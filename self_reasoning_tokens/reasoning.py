@@ -107,29 +107,31 @@ class ReasoningPattern:
                                 f"got {_type_name(self.heads)} {self.heads!r}")
             set_("heads", tuple(_check_count("heads entries", h, minimum=0) for h in self.heads))
 
-    # Equality and hashing by value. The dataclass's own would compare the fields as a tuple, and
-    # a tensor of head flags has no single truth value (``==`` raised). Two tensors of flags are
-    # equal when they hold the same flags; a tensor and a sequence of indices are never equal (the
-    # sequence applies to any head count, the tensor to its own). A tensor hashes by its dtype and
-    # shape only: it can be changed in place, and equal patterns must keep equal hashes.
+    # Equality and hashing by what the pattern does. The dataclass's own would compare the fields
+    # as a tuple, and a tensor of head flags has no single truth value (``==`` raised). Sequences
+    # of head indices are equal when they name the same heads (order and repeats aside); tensors
+    # of flags when they hold the same values; a tensor and a sequence never (the sequence applies
+    # to any head count, the tensor to its own). A tensor hashes by its dtype and shape only: it
+    # can be changed in place, and equal patterns must keep equal hashes.
+    def _heads_key(self):
+        heads = self.heads
+        if isinstance(heads, torch.Tensor):
+            return ("tensor", heads.dtype, tuple(heads.shape))
+        return None if heads is None else frozenset(heads)
+
     def __eq__(self, other):
         if not isinstance(other, ReasoningPattern):
             return NotImplemented
-        if (self.num_reason_tokens, self.num_steps_future_can_use_reason, self.stop_grad) != (
-                other.num_reason_tokens, other.num_steps_future_can_use_reason, other.stop_grad):
+        if (self.num_reason_tokens, self.num_steps_future_can_use_reason, self.stop_grad,
+                self._heads_key()) != (other.num_reason_tokens, other.num_steps_future_can_use_reason,
+                                       other.stop_grad, other._heads_key()):
             return False
         a, b = self.heads, other.heads
-        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-            return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
-                    and a.dtype == b.dtype and a.shape == b.shape
-                    and torch.equal(a.detach().cpu(), b.detach().cpu()))
-        return a == b
+        return not isinstance(a, torch.Tensor) or torch.equal(a.detach().cpu(), b.detach().cpu())
 
     def __hash__(self):
-        heads = self.heads
-        if isinstance(heads, torch.Tensor):
-            heads = ("tensor", heads.dtype, tuple(heads.shape))
-        return hash((self.num_reason_tokens, self.num_steps_future_can_use_reason, self.stop_grad, heads))
+        return hash((self.num_reason_tokens, self.num_steps_future_can_use_reason, self.stop_grad,
+                     self._heads_key()))
 
     def head_flags(self, num_heads: int, device) -> Optional[torch.Tensor]:
         """(num_heads,) bool tensor of the heads the pattern applies to, or None for all."""

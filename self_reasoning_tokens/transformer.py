@@ -167,7 +167,8 @@ class Transformer(Module):
         instead of every layer's, for one more forward pass of compute. The same loss and
         gradients. It applies where gradients are recorded, and not under torch.func
         transforms (they cannot run checkpointing's saved-tensor hooks; the layers then run
-        without it, with a warning); generate never needs it.
+        without it, with a warning); generate never needs it. Forward hooks on the layers run
+        again in the backward (the recompute).
     """
 
     def __init__(

@@ -644,6 +644,10 @@ def test_activation_checkpointing_gives_the_same_runs_and_may_change_on_resuming
     assert srt("compare", "--out", out, *options, "--activation-checkpointing").returncode == 130
     assert seen == {True}
     monkeypatch.setattr(training.Trainer, "train_step", real)
+    changed = [*options[:-len(TINY)], *TINY[:-1], "--lr", "0.01", "--no-progress"]
+    refused = srt("compare", "--out", out, *changed, "--resume")
+    assert_user_error(refused, "--lr 0.003 (now 0.01)")
+    assert "--activation-checkpointing" not in refused.stderr  # not a difference that counts
     resumed = srt("compare", "--out", out, *options, "--resume", "--no-activation-checkpointing")
     assert resumed.returncode == 0, resumed.stderr
     a = json.loads((out / "results.json").read_text())

@@ -97,11 +97,13 @@ def test_reasoning_pattern_equality_and_hash():
     assert P(2, 3, heads=flags(True, False)) != P(2, 3, heads=flags(1, 0))  # other dtype
     assert P(2, 3, heads=flags(True, False)) != P(2, 3, heads=[0])  # a tensor is not a sequence
     assert P(2, 3, heads=flags(True, False)) != P(2, 4, heads=flags(True, False))
-    assert P(2, 3, heads=[1, 0]) == P(2, 3, heads=(1, 0)) != P(2, 3, heads=(0, 1))
+    assert P(2, 3, heads=[1, 0]) == P(2, 3, heads=(0, 1)) == P(2, 3, heads=(1, 0, 1)) != P(2, 3, heads=(0, 2))
+    assert P(2, 3, heads=()) != P(2, 3)  # no head against every head
     assert P(2, 3) == P(2, 3, True) != P(2, 3, False)
     assert P(2, 3) != (2, 3, True, None)
     # equal patterns hash equal, so they work as dict keys and in sets
-    assert len({P(2, 3, heads=flags(True, False)), P(2, 3, heads=flags(True, False)), P(2, 3), P(2, 3)}) == 2
+    assert len({P(2, 3, heads=flags(True, False)), P(2, 3, heads=flags(True, False)), P(2, 3), P(2, 3),
+                P(2, 3, heads=[2, 0]), P(2, 3, heads=(0, 2))}) == 3
     a = P(2, 3, heads=flags(True, False))
     assert {a: 1}[P(2, 3, heads=flags(True, False))] == 1
 
