@@ -17,10 +17,10 @@ Every (contender, N) runs in a fresh subprocess whose address space may grow by 
 --mem-cap-gb (default 8 GB, through RLIMIT_AS) beyond what it holds after start-up; a run that
 cannot allocate is reported as "OOM". The peak memory of a step is the process's peak resident
 set size during the step minus its resident size just before (Linux: the peak is reset through
-/proc/self/clear_refs; elsewhere ru_maxrss is used), read on one more step after the timed ones,
-with glibc's malloc set to hand freed memory back at once, so that the peak counts live memory,
-not blocks kept for reuse (the timed steps run with the default: handing memory back costs
-time). Once a contender fails at some N (memory,
+/proc/self/clear_refs; elsewhere ru_maxrss is used), read in a second fresh process whose glibc
+malloc hands freed memory back at once, so that the peak counts live memory, not blocks kept
+for reuse (the timed steps run with the default: handing memory back costs time). Once a
+contender fails at some N (memory,
 timeout or the time budget), it is skipped at larger N.
 
     python benchmarks/bench_transformer.py                  # N = 512 .. 32768, ~10 min budget
@@ -68,7 +68,15 @@ MIB = 2**20
 # child: one (impl, N) configuration in a fresh process
 
 
-def run_child(impl, n_positions, repeats, mem_cap_gb, threads):
+def run_child(impl, n_positions, repeats, mem_cap_gb, threads, measure):
+    """measure "time": `repeats` timed steps, with glibc's malloc as every program has it.
+    measure "memory": the peak memory of one step, in a process whose malloc hands freed memory
+    back from its start. glibc's default keeps freed blocks of up to its (growing) mmap
+    threshold, 32 MiB, resident for reuse, and the peak RSS then counts them (N=16384 measured
+    1658 MiB for `kernel` and 814 MiB for `kernel-ckpt` so, against 1316 and 437 MiB); handing
+    memory back costs time (14-39% of a step at N=2048), and it must hold from the start: set
+    after timed steps, the heap they grew serves the next step as before (762 MiB for
+    `kernel-ckpt` at N=16384). Hence two processes per configuration."""
     import torch
 
     sys.path.insert(0, ROOT)
@@ -76,6 +84,8 @@ def run_child(impl, n_positions, repeats, mem_cap_gb, threads):
 
     if threads:
         torch.set_num_threads(threads)
+    if measure == "memory":
+        return_freed_memory_to_os()
     period = R + 1
     seq = n_positions // period
     torch.manual_seed(0)
@@ -104,34 +114,22 @@ def run_child(impl, n_positions, repeats, mem_cap_gb, threads):
             return dict(status="OOM", error=msg.splitlines()[0][:200] if msg else "MemoryError")
         raise e
 
-    # the timed steps, with glibc's malloc as every program has it
+    can_reset = reset_peak_rss()
+    base = proc_status_bytes("VmRSS")
+    if not can_reset:
+        base = max(base, ru_maxrss_bytes())
     times = []
     try:
-        for _ in range(repeats):
+        for _ in range(repeats if measure == "time" else 1):
             t0 = time.perf_counter()
             step(x)
             times.append(time.perf_counter() - t0)
     except (MemoryError, RuntimeError) as e:
         return out_of_memory(e)
-
-    # the memory of one more step. glibc's default keeps freed blocks of up to its (growing) mmap
-    # threshold, 32 MiB, resident for reuse, and the peak RSS then counts them (N=16384 measured
-    # 1658 MiB for `kernel` and 814 MiB for `kernel-ckpt` so, against 1316 and 437 MiB of live
-    # memory); here it hands freed memory back, which costs time (14-39% on this step, measured
-    # at N=2048): hence a step of its own
-    model.zero_grad(set_to_none=True)
-    gc.collect()
-    return_freed_memory_to_os()
-    can_reset = reset_peak_rss()
-    base = proc_status_bytes("VmRSS")
-    if not can_reset:
-        base = max(base, ru_maxrss_bytes())
-    try:
-        step(x)
-    except (MemoryError, RuntimeError) as e:
-        return out_of_memory(e)
+    if measure == "time":
+        return dict(status="ok", times_s=times, time_s=statistics.median(times))
     peak = (proc_status_bytes("VmHWM") if can_reset else ru_maxrss_bytes()) - base
-    return dict(status="ok", times_s=times, time_s=statistics.median(times), peak_bytes=peak)
+    return dict(status="ok", peak_bytes=peak)
 
 
 # ------------------------------------------------------------------------------------------
@@ -139,7 +137,19 @@ def run_child(impl, n_positions, repeats, mem_cap_gb, threads):
 
 
 def launch(impl, n, repeats, args, timeout):
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--impls", impl, "--n", str(n),
+    """Times the configuration in one fresh process and reads its peak memory in another
+    (run_child says why); one result."""
+    t0 = time.perf_counter()
+    res = launch_child(impl, n, repeats, args, timeout, "time")
+    if res["status"] == "ok":
+        memory = launch_child(impl, n, 1, args, max(10.0, timeout - (time.perf_counter() - t0)), "memory")
+        res = {**res, **memory} if memory["status"] == "ok" else memory
+    res["wall_s"] = time.perf_counter() - t0
+    return res
+
+
+def launch_child(impl, n, repeats, args, timeout, measure):
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", measure, "--impls", impl, "--n", str(n),
            "--repeats", str(repeats), "--mem-cap-gb", str(args.mem_cap_gb), "--threads", str(args.threads)]
     t0 = time.perf_counter()
     try:
@@ -187,11 +197,11 @@ def main(argv=None):
                     help="JSON output (default runs/bench/transformer_cpu.json; the committed "
                     "benchmarks/results/transformer_cpu.json, which the README's table comes from, is "
                     "written only when named here)")
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=("time", "memory"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.child:
-        res = run_child(args.impls[0], args.n[0], args.repeats, args.mem_cap_gb, args.threads)
+        res = run_child(args.impls[0], args.n[0], args.repeats, args.mem_cap_gb, args.threads, args.child)
         print(json.dumps(res), flush=True)
         return 0
 
@@ -225,7 +235,7 @@ def main(argv=None):
             reps = repeats_for(n)
             if impl in last_ok:  # attention is quadratic in N: predict from the last size
                 n0, t0 = last_ok[impl]
-                predicted = t0 * (n / n0) ** 2 * (reps + 1) + 5.0  # + the memory step
+                predicted = t0 * (n / n0) ** 2 * (reps + 1) + 5.0  # + the memory process's step
                 if elapsed + predicted > budget:
                     failed[impl] = f"time budget: ~{predicted:.0f} s predicted, {budget - elapsed:.0f} s left"
                     results[impl][n] = dict(status="skipped", error=failed[impl])
@@ -270,8 +280,8 @@ def main(argv=None):
         machine=dict(platform=platform.platform(), processor=cpu_name(), python=platform.python_version(), torch=torch.__version__,
                      threads=torch.get_num_threads(), cpus=os.cpu_count()),
         note="time_s: median of the timed steps (glibc's default malloc); peak_bytes: peak resident "
-             "memory of one more step minus the resident size before it, with glibc's malloc "
-             "handing freed memory back at once",
+             "memory of one step minus the resident size before it, in another process whose glibc "
+             "malloc hands freed memory back at once",
         results=[dict(impl=impl, n_positions=n, n_tokens=n // (R + 1), **res)
                  for impl in args.impls for n, res in sorted(results[impl].items())],
         longest_ok=longest,
