@@ -131,7 +131,7 @@ def _add_run_options(p: argparse.ArgumentParser, defaults) -> None:
                    "(float16: CUDA only, with a gradient scaler)")
     g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute each layer in the backward instead of keeping its activations: "
-                   "less memory at a long --seq-len, up to about 1.4x the time, the same results "
+                   "less memory at a long --seq-len, about 1.2-1.6x the time, the same results "
                    "(default: off)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
