@@ -23,7 +23,7 @@ for reuse (the timed steps run with the default: handing memory back costs time)
 contender fails at some N (memory,
 timeout or the time budget), it is skipped at larger N.
 
-    python benchmarks/bench_transformer.py                  # N = 512 .. 32768, ~10 min budget
+    python benchmarks/bench_transformer.py                  # N = 512 .. 32768, ~15 min budget
     python benchmarks/bench_transformer.py --quick          # N = 256, 512, 1024
     python benchmarks/bench_transformer.py --n 1024 4096 --impls kernel dense --out /tmp/t.json
     python benchmarks/bench_transformer.py --impls kernel kernel-ckpt   # what checkpointing saves
@@ -189,7 +189,7 @@ def main(argv=None):
                     help="timed steps per configuration (median); default 3 up to N=2048, else 1")
     ap.add_argument("--mem-cap-gb", type=float, default=8.0, help="address-space growth allowed per run (0 = none)")
     ap.add_argument("--time-budget", type=float, default=None,
-                    help="seconds for the whole run (default 540, quick 120); a configuration predicted "
+                    help="seconds for the whole run (default 900, quick 120); a configuration predicted "
                          "to overrun it is skipped")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per configuration")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
@@ -210,7 +210,7 @@ def main(argv=None):
         if n <= 0 or n % (R + 1):
             ap.error(f"--n values must be positive multiples of R+1={R + 1}, got {n}")
     sizes = sorted(set(sizes))
-    budget = args.time_budget if args.time_budget is not None else (120.0 if args.quick else 540.0)
+    budget = args.time_budget if args.time_budget is not None else (120.0 if args.quick else 900.0)
 
     def repeats_for(n):
         if args.repeats is not None:
