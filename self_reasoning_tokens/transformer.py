@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from functools import partial
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -325,17 +326,22 @@ class Transformer(Module):
         return True
 
     @staticmethod
-    def _layer(attn, ff, x, reasoning, dense_masks):
-        # one layer without its kv cache: what a checkpointed forward recomputes
-        x = x + attn(x, reasoning, dense_masks=dense_masks)
-        return x + ff(x)
+    def _layer(attn, ff, x, reasoning, cache, dense_masks, need_cache):
+        # one layer: x and its kv cache (None unless need_cache, so that a training forward keeps
+        # no k and v alive, and what a checkpointed forward recomputes is the layer alone)
+        out = attn(x, reasoning, cache=cache, return_cache=need_cache, dense_masks=dense_masks)
+        attn_out, kv = out if need_cache else (out, None)
+        x = x + attn_out
+        return x + ff(x), kv
 
     def transform(self, x, reasoning=None, caches: Optional[List[KVCache]] = None, need_caches=True):
         # x (b, n, dim) -> logits (b, n, num_tokens), and the layers' kv caches (b, h, m, d)
         # (None for each layer when not need_caches: then the layers may be checkpointed)
         caches = default(caches, [None] * len(self.layers))
         new_caches = []
-        checkpointing = not need_caches and self._checkpointing_now()
+        layer = self._layer
+        if not need_caches and self._checkpointing_now():
+            layer = partial(checkpoint, self._layer, use_reentrant=False)
 
         # dense impls: the (n, m) masks are built once per call and shared by all layers
         dense_masks = None
@@ -344,16 +350,7 @@ class Transformer(Module):
             dense_masks = dense_reasoning_masks(reasoning, n, m, self.layers[0][0].heads, x.device)
 
         for (attn, ff), cache in zip(self.layers, caches):
-            if not need_caches and not exists(cache):
-                if checkpointing:
-                    x = checkpoint(self._layer, attn, ff, x, reasoning, dense_masks, use_reentrant=False)
-                else:
-                    x = self._layer(attn, ff, x, reasoning, dense_masks)
-                new_caches.append(None)
-                continue
-            attn_out, kv = attn(x, reasoning, cache=cache, return_cache=True, dense_masks=dense_masks)
-            x = x + attn_out
-            x = x + ff(x)
+            x, kv = layer(attn, ff, x, reasoning, cache, dense_masks, need_caches)
             new_caches.append(kv)
 
         return self.to_logits(self.norm(x)), new_caches

@@ -202,13 +202,12 @@ def test_activation_checkpointing_under_torch_func_runs_without_it_and_says_so()
 
 
 CHECKPOINT_MEMORY_SCRIPT = test_ops.RSS_HELPERS + textwrap.dedent("""
-    import ctypes
-    try:  # glibc: hand freed memory back at once, so that the peak counts live memory only
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 * 1024)   # M_MMAP_THRESHOLD (fixed: no dynamic growth to 32 MiB)
-        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+    import os
+    # the benchmarks' glibc setting: freed memory is handed back at once, so that the peak
+    # counts live memory only
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(srt.__file__)), "benchmarks"))
+    from _memory import return_freed_memory_to_os
+    return_freed_memory_to_os()
     checkpointing, seq, R = sys.argv[1] == "1", int(sys.argv[2]), 3
     torch.manual_seed(0)
     model = srt.Transformer(dim=256, num_tokens=256, depth=4, heads=4, dim_head=64, max_seq_len=seq,
